@@ -1,0 +1,305 @@
+//! The running agent: the BPF thread (ring buffer → assembler → store), the discovery loop,
+//! and the state the HTTP API reads.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use libbpf_rs::RingBufferBuilder;
+
+use crate::assemble::{Assembler, AssemblerConfig, AssemblerStats};
+use crate::config::Config;
+use crate::discovery::{self, DiscoveryConfig, Snapshot};
+use crate::loader::{AttachedProg, TargetSet, L7, STAT_NAMES};
+use crate::probe::ProbeReport;
+use crate::record::RequestRecord;
+use crate::stats::{route_of, Aggregator, AggregatorConfig, Labels};
+
+/// Finished requests: the recent ones for the API, and the aggregates.
+pub struct Store {
+    pub recent: VecDeque<Arc<RequestRecord>>,
+    cap: usize,
+    pub agg: Aggregator,
+}
+
+impl Store {
+    pub fn new(cap: usize, agg: Aggregator) -> Store {
+        Store {
+            recent: VecDeque::with_capacity(cap.min(4096)),
+            cap,
+            agg,
+        }
+    }
+
+    pub fn push(&mut self, rec: RequestRecord, now_s: u64) {
+        let labels = Labels {
+            namespace: rec.namespace.clone().unwrap_or_default(),
+            pod: rec.pod.clone().unwrap_or_default(),
+            model: rec.model.clone().unwrap_or_default(),
+            route: route_of(rec.path.as_deref()),
+        };
+        self.agg.record(&rec, labels, now_s);
+        if self.recent.len() == self.cap {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(Arc::new(rec));
+    }
+}
+
+/// Agent health, refreshed by the BPF thread.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub bpf: [u64; STAT_NAMES.len()],
+    pub events_read: u64,
+    pub decode_errors: u64,
+    pub assembler: AssemblerStats,
+}
+
+pub struct Shared {
+    pub store: Mutex<Store>,
+    pub health: Mutex<Health>,
+    pub snapshot: RwLock<Snapshot>,
+    pub probe: ProbeReport,
+    pub programs: RwLock<Vec<AttachedProg>>,
+    pub ready: AtomicBool,
+    pub stop: AtomicBool,
+    pub started: Instant,
+    bpf_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    pub fn new(cfg: &Config, probe: ProbeReport) -> Arc<Shared> {
+        let agg = Aggregator::new(AggregatorConfig {
+            max_label_sets: cfg.max_label_sets,
+            ..Default::default()
+        });
+        Arc::new(Shared {
+            store: Mutex::new(Store::new(cfg.recent_requests, agg)),
+            health: Mutex::new(Health::default()),
+            snapshot: RwLock::new(Snapshot::default()),
+            probe,
+            programs: RwLock::new(Vec::new()),
+            ready: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            started: Instant::now(),
+            bpf_thread: Mutex::new(None),
+        })
+    }
+
+    /// Labels a finished record from discovery and stores it.
+    fn accept(&self, mut recs: Vec<RequestRecord>) {
+        if recs.is_empty() {
+            return;
+        }
+        {
+            let snap = self.snapshot.read().expect("snapshot lock");
+            for r in &mut recs {
+                if let Some(m) = snap.meta(r.pid, r.cgroup_id) {
+                    r.namespace.clone_from(&m.namespace);
+                    r.pod.clone_from(&m.pod);
+                    r.container.clone_from(&m.container);
+                }
+            }
+        }
+        let now = unix_now();
+        let mut store = self.store.lock().expect("store lock");
+        for r in recs {
+            store.push(r, now);
+        }
+    }
+}
+
+pub fn discovery_config(cfg: &Config) -> DiscoveryConfig {
+    DiscoveryConfig {
+        proc_root: cfg.discovery.proc_root.clone(),
+        signatures: discovery::signatures(&cfg.discovery.extra_signatures),
+        auto: cfg.discovery.auto,
+        pids: cfg.discovery.target_pids.clone(),
+        cgroups: cfg.discovery.target_cgroups.clone(),
+    }
+}
+
+/// Starts the BPF thread and waits until its programs are attached (or failed).
+pub fn start_bpf(
+    cfg: &Config,
+    shared: Arc<Shared>,
+    targets: mpsc::Receiver<TargetSet>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
+    let ringbuf_bytes = cfg.ringbuf_bytes;
+    let asm_cfg = AssemblerConfig {
+        max_conns: cfg.max_connections,
+        ..Default::default()
+    };
+    let handle = std::thread::Builder::new()
+        .name("llmslo-bpf".into())
+        .spawn(move || {
+            if let Err(e) = bpf_thread(ringbuf_bytes, asm_cfg, &shared, targets, &ready_tx) {
+                let _ = ready_tx.try_send(Err(e));
+            }
+        })?;
+    ready_rx
+        .recv()
+        .context("BPF thread died during start-up")??;
+    Ok(handle)
+}
+
+fn bpf_thread(
+    ringbuf_bytes: u32,
+    asm_cfg: AssemblerConfig,
+    shared: &Shared,
+    targets: mpsc::Receiver<TargetSet>,
+    ready: &mpsc::SyncSender<Result<()>>,
+) -> Result<()> {
+    let mut l7 = L7::load(ringbuf_bytes)?;
+    *shared.programs.write().expect("programs lock") = l7.progs.clone();
+    let asm = RefCell::new(Assembler::new(asm_cfg));
+    let pending: RefCell<Vec<RequestRecord>> = RefCell::new(Vec::with_capacity(256));
+    let counters = RefCell::new((0u64, 0u64)); // (events read, decode errors)
+    let mut builder = RingBufferBuilder::new();
+    builder.add(&l7.skel.maps.events, |data: &[u8]| {
+        match crate::ringbuf::decode(data) {
+            Ok(ev) => {
+                counters.borrow_mut().0 += 1;
+                let mut p = pending.borrow_mut();
+                asm.borrow_mut().on_event(&ev, &mut |r| p.push(r));
+            }
+            Err(e) => {
+                counters.borrow_mut().1 += 1;
+                tracing::debug!(error = %e, "undecodable ring buffer record");
+            }
+        }
+        0
+    })?;
+    let rb = builder.build()?;
+    if let Ok(set) = targets.try_recv() {
+        l7.targets.apply(&set)?;
+    }
+    shared.ready.store(true, Ordering::SeqCst);
+    let _ = ready.try_send(Ok(()));
+    tracing::info!("BPF programs attached; tracing");
+
+    let mut last_housekeeping = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Err(e) = rb.poll(Duration::from_millis(50)) {
+            tracing::warn!(error = %e, "ring buffer poll failed");
+        }
+        shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+        while let Ok(set) = targets.try_recv() {
+            if let Err(e) = l7.targets.apply(&set) {
+                tracing::warn!(error = %e, "could not update target maps");
+            }
+        }
+        if last_housekeeping.elapsed() >= Duration::from_millis(500) {
+            last_housekeeping = Instant::now();
+            asm.borrow_mut()
+                .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));
+            shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+            let (read, bad) = *counters.borrow();
+            let mut h = shared.health.lock().expect("health lock");
+            h.bpf = l7.stats.read();
+            h.events_read = read;
+            h.decode_errors = bad;
+            h.assembler = asm.borrow().stats().clone();
+        }
+    }
+    // Drain what is left so nothing read is dropped on shutdown.
+    let _ = rb.consume();
+    shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+    tracing::info!("BPF thread stopped; detaching programs");
+    Ok(())
+}
+
+/// Rescans /proc and cgroups every interval and hands changed target sets to the BPF thread.
+pub fn discovery_loop(
+    cfg: DiscoveryConfig,
+    interval: Duration,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<TargetSet>,
+) {
+    let mut last: Option<TargetSet> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let snap = discovery::scan(&cfg);
+        if last.as_ref() != Some(&snap.set) {
+            tracing::info!(tgids = ?snap.set.tgids, cgroups = ?snap.set.cgroups, "targets changed");
+            last = Some(snap.set.clone());
+            if tx.send(snap.set.clone()).is_err() {
+                return;
+            }
+        }
+        *shared.snapshot.write().expect("snapshot lock") = snap;
+        let deadline = Instant::now() + interval;
+        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(interval));
+        }
+    }
+}
+
+/// Runs discovery, the BPF thread and the HTTP server until SIGTERM or SIGINT, then stops
+/// everything and detaches the programs.
+pub async fn run_until_signal(cfg: Config) -> Result<()> {
+    let shared = start(&cfg)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, "serving /metrics and /api/v1");
+    let stop = shared.clone();
+    axum::serve(listener, crate::api::router(shared.clone()))
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            stop.stop.store(true, Ordering::SeqCst);
+        })
+        .await?;
+    shared.stop.store(true, Ordering::SeqCst);
+    if let Some(h) = shared.bpf_thread.lock().expect("thread lock").take() {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Starts discovery and the BPF thread; returns once programs are attached.
+pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
+    let shared = Shared::new(cfg, crate::probe::run());
+    let (tx, rx) = mpsc::channel();
+    // The first scan runs before the programs attach, so targets are in place from the start.
+    let dcfg = discovery_config(cfg);
+    let first = discovery::scan(&dcfg);
+    tx.send(first.set.clone()).ok();
+    *shared.snapshot.write().expect("snapshot lock") = first;
+    let h = start_bpf(cfg, shared.clone(), rx)?;
+    *shared.bpf_thread.lock().expect("thread lock") = Some(h);
+    let interval = Duration::from_millis(cfg.discovery.interval_ms.max(50));
+    let s2 = shared.clone();
+    std::thread::Builder::new()
+        .name("llmslo-discovery".into())
+        .spawn(move || discovery_loop(dcfg, interval, s2, tx))?;
+    Ok(shared)
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

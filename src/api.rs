@@ -1,0 +1,281 @@
+//! HTTP surface: `/metrics` (Prometheus), the JSON API under `/api/v1/`, and health probes.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::agent::{unix_now, Shared};
+use crate::assemble::UnparsedReason;
+use crate::loader::STAT_NAMES;
+use crate::stats::{write_counter, write_gauge};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/requests", get(requests))
+        .route("/api/v1/breakdown", get(breakdown))
+        .route("/api/v1/targets", get(targets))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(shared)
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BPF programs not attached yet\n",
+        )
+            .into_response()
+    }
+}
+
+/// Parses "90s", "5m", "1h", "300" (seconds).
+pub fn parse_window(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last()? {
+        (i, 's') => (&s[..i], 1),
+        (i, 'm') => (&s[..i], 60),
+        (i, 'h') => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().filter(|&n| n > 0).map(|n| n * mul)
+}
+
+fn bad_request(msg: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn requests(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return bad_request("limit must be a non-negative integer".into()),
+    };
+    let pod = q.get("pod");
+    let model = q.get("model");
+    let store = s.store.lock().expect("store lock");
+    let out: Vec<_> = store
+        .recent
+        .iter()
+        .rev()
+        .filter(|r| pod.is_none_or(|p| r.pod.as_ref() == Some(p)))
+        .filter(|r| model.is_none_or(|m| r.model.as_ref() == Some(m)))
+        .take(limit)
+        .cloned()
+        .collect();
+    drop(store);
+    Json(json!({ "requests": out })).into_response()
+}
+
+async fn breakdown(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let window = match q.get("window").map(|w| parse_window(w)) {
+        None => 300,
+        Some(Some(w)) => w,
+        Some(None) => return bad_request("window must look like 60s, 5m or 1h".into()),
+    };
+    let group_by: Vec<&str> = q
+        .get("group_by")
+        .map(|g| g.split(',').filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    if let Some(bad) = group_by
+        .iter()
+        .find(|g| !["namespace", "pod", "model", "route"].contains(g))
+    {
+        return bad_request(format!(
+            "cannot group by {bad:?}: use namespace, pod, model, route"
+        ));
+    }
+    let v = s
+        .store
+        .lock()
+        .expect("store lock")
+        .agg
+        .breakdown(unix_now(), window, &group_by);
+    Json(v).into_response()
+}
+
+async fn targets(State(s): State<Arc<Shared>>) -> Response {
+    let snap = s.snapshot.read().expect("snapshot lock").targets.clone();
+    let programs = s.programs.read().expect("programs lock").clone();
+    Json(json!({
+        "kernel": s.probe.kernel,
+        "hooks": s.probe.features,
+        "programs": programs,
+        "targets": snap,
+        "cni": null,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let mut out = String::with_capacity(64 * 1024);
+    s.store
+        .lock()
+        .expect("store lock")
+        .agg
+        .render(unix_now(), &mut out);
+    render_health(&s, &mut out);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+fn render_health(s: &Shared, out: &mut String) {
+    let h = s.health.lock().expect("health lock").clone();
+    let stat = |name: &str| {
+        STAT_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| h.bpf[i])
+            .unwrap_or(0)
+    };
+    write_counter(
+        out,
+        "llmslo_agent_events_read_total",
+        "Events read from the ring buffer.",
+        &[(&[], h.events_read as f64)],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_events_lost_total",
+        "Events lost before userspace could assemble them, by cause.",
+        &[
+            (&[("cause", "ringbuf_full")], stat("ringbuf_full") as f64),
+            (
+                &[("cause", "active_map_full")],
+                stat("active_map_full") as f64,
+            ),
+            (&[("cause", "conn_map_full")], stat("conn_map_full") as f64),
+            (&[("cause", "decode_error")], h.decode_errors as f64),
+        ],
+    );
+    let names: Vec<[(&str, &str); 1]> = STAT_NAMES.iter().map(|n| [("counter", *n)]).collect();
+    let rows: Vec<(&[(&str, &str)], f64)> = names
+        .iter()
+        .zip(h.bpf.iter())
+        .map(|(l, v)| (&l[..], *v as f64))
+        .collect();
+    write_counter(
+        out,
+        "llmslo_agent_bpf_counter_total",
+        "Raw per-CPU counters of the BPF programs, summed.",
+        &rows,
+    );
+    let reasons: Vec<[(&str, &str); 1]> = UnparsedReason::ALL
+        .iter()
+        .map(|r| [("reason", r.name())])
+        .collect();
+    let rows: Vec<(&[(&str, &str)], f64)> = reasons
+        .iter()
+        .zip(h.assembler.unparsed.iter())
+        .map(|(l, v)| (&l[..], *v as f64))
+        .collect();
+    write_counter(
+        out,
+        "llmslo_agent_requests_unparsed_total",
+        "Connections or requests the agent could not parse, by reason.",
+        &rows,
+    );
+    write_counter(
+        out,
+        "llmslo_agent_requests_assembled_total",
+        "Requests assembled from kernel events.",
+        &[(&[], h.assembler.requests as f64)],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_requests_aborted_total",
+        "Requests whose response never completed.",
+        &[(&[], h.assembler.aborted as f64)],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_connections_evicted_total",
+        "Tracked connections evicted at the cap.",
+        &[(&[], h.assembler.conns_evicted as f64)],
+    );
+    write_gauge(
+        out,
+        "llmslo_agent_connections_active",
+        "Connections tracked now.",
+        &[(&[], h.assembler.conns_active as f64)],
+    );
+    let n_targets = s.snapshot.read().expect("snapshot lock").targets.len();
+    write_gauge(
+        out,
+        "llmslo_agent_targets",
+        "Processes and cgroups traced now.",
+        &[(&[], n_targets as f64)],
+    );
+    let (series, retained) = {
+        let st = s.store.lock().expect("store lock");
+        (st.agg.label_sets(), st.recent.len())
+    };
+    write_gauge(
+        out,
+        "llmslo_agent_label_sets",
+        "Distinct request label sets.",
+        &[(&[], series as f64)],
+    );
+    write_gauge(
+        out,
+        "llmslo_agent_records_retained",
+        "Finished requests kept for /api/v1/requests.",
+        &[(&[], retained as f64)],
+    );
+    write_gauge(
+        out,
+        "llmslo_agent_ready",
+        "1 when the BPF programs are attached.",
+        &[(&[], f64::from(u8::from(s.ready.load(Ordering::Relaxed))))],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP llmslo_agent_uptime_seconds Seconds since the agent started."
+    );
+    let _ = writeln!(out, "# TYPE llmslo_agent_uptime_seconds gauge");
+    let _ = writeln!(
+        out,
+        "llmslo_agent_uptime_seconds {:.3}",
+        s.started.elapsed().as_secs_f64()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows() {
+        assert_eq!(parse_window("5m"), Some(300));
+        assert_eq!(parse_window("90s"), Some(90));
+        assert_eq!(parse_window("1h"), Some(3600));
+        assert_eq!(parse_window("300"), Some(300));
+        assert_eq!(parse_window("0"), None);
+        assert_eq!(parse_window("m"), None);
+        assert_eq!(parse_window("5x"), None);
+        assert_eq!(parse_window(""), None);
+    }
+}

@@ -1,0 +1,190 @@
+//! The response side of a connection: what the server writes. Pairs responses with the
+//! oldest unanswered request, skips interim responses, frames the body and routes it to SSE
+//! event detection or a usage scan, and completes the request when the body ends.
+
+use super::super::body::{self, Body};
+use super::super::http::{self, HeadStep};
+use super::super::scan::{Hit, KeyScan};
+use super::super::sse::{Sse, SseItem};
+use super::super::{AssemblerConfig, UnparsedReason};
+use super::{emit, Conn, Io, Mode, Pending, RespState, Sink};
+use crate::record::Ts;
+
+impl Conn {
+    /// `edges`: whether `data` starts / ends the syscall's payload.
+    pub(super) fn write(
+        &mut self,
+        mut data: &[u8],
+        edges: (bool, bool),
+        io: &Io,
+        cfg: &AssemblerConfig,
+        sink: &mut Sink<'_>,
+    ) {
+        while !data.is_empty() {
+            if self.mode != Mode::Http {
+                return;
+            }
+            // Bytes with no request to answer: a response to a request we never saw.
+            let Some(front) = self.fifo.front_mut() else {
+                return self.reset_response();
+            };
+            match &mut self.resp {
+                RespState::Head => {
+                    if self.resp_head.is_empty() {
+                        self.resp_head_ts = io.enter;
+                    }
+                    let n = match self.resp_head.feed(data, cfg.max_head_bytes) {
+                        HeadStep::Need => {
+                            front.rec.response_bytes =
+                                front.rec.response_bytes.saturating_add(data.len() as u64);
+                            front.rec.timestamps.set(Ts::RespLast, io.exit);
+                            return;
+                        }
+                        HeadStep::TooLarge => {
+                            return self.fail(UnparsedReason::HeaderTooLarge, sink)
+                        }
+                        HeadStep::Done(n) => n,
+                    };
+                    front.rec.response_bytes = front.rec.response_bytes.saturating_add(n as u64);
+                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    let head = if self.resp_head.is_empty() {
+                        &data[..n]
+                    } else {
+                        self.resp_head.bytes()
+                    };
+                    let parsed = http::parse_response(head);
+                    self.resp_head.clear();
+                    data = &data[n..];
+                    let Some(h) = parsed else {
+                        return self.fail(UnparsedReason::MalformedResponse, sink);
+                    };
+                    if h.status == 101 || (front.connect && (200..300).contains(&h.status)) {
+                        // The connection now speaks another protocol; this request is done.
+                        front.rec.status = Some(h.status);
+                        front.rec.timestamps.set(Ts::RespFirst, self.resp_head_ts);
+                        self.complete_front(sink);
+                        return self.abort(sink);
+                    }
+                    if h.status < 200 {
+                        continue;
+                    }
+                    front.rec.status = Some(h.status);
+                    front.rec.streaming = h.event_stream;
+                    front.rec.timestamps.set(Ts::RespFirst, self.resp_head_ts);
+                    match Body::new(h.framing(front.head_method)) {
+                        None => self.complete_front(sink),
+                        Some(body) => {
+                            self.resp = RespState::Body(body);
+                            self.sse.reset();
+                            self.body_scan.reset();
+                        }
+                    }
+                }
+                RespState::Body(body) => {
+                    let Ok(st) = body.step(data) else {
+                        return self.fail(UnparsedReason::ChunkedFraming, sink);
+                    };
+                    front.rec.response_bytes =
+                        front.rec.response_bytes.saturating_add(st.consumed as u64);
+                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    if !st.data.is_empty() {
+                        deliver(&mut self.sse, &mut self.body_scan, front, st.data, io.enter);
+                    }
+                    data = &data[st.consumed..];
+                    if st.done {
+                        self.complete_front(sink);
+                    }
+                }
+                RespState::Lost => {
+                    if edges.0 && body::starts_with_size_line(data) {
+                        // One event per chunk is the norm, so a chunk start is an event start.
+                        self.resp = RespState::Body(Body::Chunked(Default::default()));
+                        self.sse.reset();
+                        continue;
+                    }
+                    front.rec.response_bytes =
+                        front.rec.response_bytes.saturating_add(data.len() as u64);
+                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    // The last chunk and the terminator ending the payload end the body.
+                    if edges.1 && data.ends_with(b"\r\n0\r\n\r\n") {
+                        self.complete_front(sink);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn write_gap(&mut self, n: u64, io: &Io, sink: &mut Sink<'_>) {
+        if self.mode != Mode::Http {
+            return;
+        }
+        let Some(front) = self.fifo.front_mut() else {
+            return self.reset_response();
+        };
+        let body = match &mut self.resp {
+            RespState::Body(body) => body,
+            RespState::Head => return self.fail(UnparsedReason::Truncated, sink),
+            RespState::Lost => {
+                front.rec.response_bytes = front.rec.response_bytes.saturating_add(n);
+                return;
+            }
+        };
+        let Ok((used, done)) = body.skip(n) else {
+            // Only chunk framing can be lost in a gap.
+            front.rec.response_bytes = front.rec.response_bytes.saturating_add(n);
+            front.rec.timestamps.set(Ts::RespLast, io.exit);
+            self.resp = RespState::Lost;
+            self.sse.skip();
+            return;
+        };
+        front.rec.response_bytes = front.rec.response_bytes.saturating_add(used);
+        front.rec.timestamps.set(Ts::RespLast, io.exit);
+        self.sse.skip();
+        self.body_scan.reset();
+        if done {
+            self.complete_front(sink);
+            if used < n {
+                if self.fifo.is_empty() {
+                    self.reset_response();
+                } else {
+                    self.fail(UnparsedReason::Truncated, sink);
+                }
+            }
+        }
+    }
+
+    fn complete_front(&mut self, sink: &mut Sink<'_>) {
+        self.reset_response();
+        if let Some(p) = self.fifo.pop_front() {
+            emit(&self.ident, p, false, sink);
+        }
+    }
+}
+
+/// Routes decoded response body bytes: SSE framing for event streams, a key scan otherwise.
+fn deliver(sse: &mut Sse, body_scan: &mut KeyScan, p: &mut Pending, data: &[u8], ts: u64) {
+    if p.rec.streaming {
+        sse.feed(data, &mut |it| match it {
+            SseItem::Model(m) => p.model_fallback(m),
+            SseItem::Event(e) => {
+                if e.token {
+                    p.token(ts);
+                }
+                if e.completion_tokens.is_some() {
+                    p.completion_tokens = e.completion_tokens;
+                }
+                if e.prompt_tokens.is_some() {
+                    p.rec.prompt_tokens = e.prompt_tokens;
+                }
+            }
+        });
+    } else {
+        body_scan.feed(data, &mut |h| match h {
+            Hit::Model(m) => p.model_fallback(m),
+            Hit::CompletionTokens(n) => p.completion_tokens = Some(n),
+            Hit::PromptTokens(n) => p.rec.prompt_tokens = Some(n),
+            Hit::Content => {}
+        });
+    }
+}

@@ -1,0 +1,545 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* Request/response bytes and timing of target servers' TCP sockets, from syscall
+ * tracepoints: accept, read/write family, close; and socket readiness from sock/sk_data_ready.
+ * Untargeted processes pay one or two hash lookups and leave. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "llmslo.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define EPIPE 32
+#define ECONNRESET 104
+#define ETIMEDOUT 110
+
+/* Set by userspace before attach: skip the cgroup lookup while no cgroup is targeted. */
+__u32 n_cgroup_targets = 0;
+
+/* Keep the shared types in BTF so the skeleton's `types` module exports them to Rust. */
+struct llmslo_event _event = {};
+enum llmslo_stat _stat = LLMSLO_ST_EVENTS;
+enum llmslo_event_kind _kind = LLMSLO_EV_ACCEPT;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} target_tgids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} target_cgroups SEC(".maps");
+
+enum io_kind { IO_FLAT = 0, IO_IOV = 1, IO_ACCEPT = 2 };
+
+struct active_io {
+	__u64 ts_enter;
+	__u64 sk;
+	__u64 buf; /* flat buffer or struct iovec array */
+	__u32 fd;
+	__u32 iovcnt;
+	__u16 kind;    /* LLMSLO_EV_* */
+	__u16 io;      /* enum io_kind */
+};
+
+/* One in-flight traced syscall per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct active_io);
+} active SEC(".maps");
+
+struct conn_info {
+	__u64 queued_ts; /* first sk_data_ready since the last read, 0 when consumed */
+};
+
+/* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+struct listen_key {
+	__u32 netns;
+	__u32 port;
+};
+
+/* (netns, local port) pairs on which targets accepted connections: lets sk_data_ready stamp
+ * the first request of a connection before the server has accepted it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct listen_key);
+	__type(value, __u8);
+} listen_ports SEC(".maps");
+
+struct scratch {
+	struct llmslo_event_hdr hdr;
+	/* Twice the head cap so that every bounded copy is provably in range. */
+	__u8 data[2 * LLMSLO_HEAD_CAP];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_buf SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LLMSLO_ST_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 * 1024 * 1024);
+} events SEC(".maps");
+
+/* The compiler may drop a bound it can prove redundant, leaving the verifier without it. These
+ * force the clamp/mask onto the very register that is then used. */
+static __always_inline __u64 clamp_to(__u64 v, __u64 max)
+{
+	asm volatile("" : "+r"(v));
+	if (v > max)
+		v = max;
+	asm volatile("" : "+r"(v));
+	return v;
+}
+
+static __always_inline __u64 head_off(__u64 v)
+{
+	asm volatile("%0 &= 4095" : "+r"(v)); /* LLMSLO_HEAD_CAP - 1 */
+	return v;
+}
+
+static __always_inline void bump(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline bool is_target(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (bpf_map_lookup_elem(&target_tgids, &tgid))
+		return true;
+	if (!n_cgroup_targets)
+		return false;
+	__u64 cg = bpf_get_current_cgroup_id();
+	return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
+}
+
+/* current->files->fdt->fd[fd] → struct sock, for TCP over IPv4/IPv6 only. */
+static __always_inline struct sock *fd_to_sock(__u32 fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return NULL;
+	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return NULL;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return NULL;
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return NULL;
+	return sk;
+}
+
+static __always_inline struct listen_key listen_key_of(struct sock *sk)
+{
+	struct listen_key k = {
+		.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum),
+		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+	};
+	return k;
+}
+
+static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_io *a, struct sock *sk,
+				     __s64 ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	h->ts_enter = a->ts_enter;
+	h->ts_exit = bpf_ktime_get_ns();
+	h->sock_id = (__u64)sk;
+	h->queued_ts = 0;
+	h->cgroup_id = bpf_get_current_cgroup_id();
+	h->ret = ret;
+	h->tgid = id >> 32;
+	h->tid = (__u32)id;
+	h->fd = a->fd;
+	h->head_len = 0;
+	h->tail_len = 0;
+	h->kind = a->kind;
+	h->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	h->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	h->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	__builtin_memset(h->laddr, 0, sizeof(h->laddr));
+	__builtin_memset(h->raddr, 0, sizeof(h->raddr));
+	if (h->family == AF_INET) {
+		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(h->laddr, &l, 4);
+		__builtin_memcpy(h->raddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&h->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&h->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+static __always_inline int submit(struct scratch *s)
+{
+	__u64 n = clamp_to(s->hdr.head_len + s->hdr.tail_len, LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP);
+	if (bpf_ringbuf_output(&events, s, sizeof(s->hdr) + n, 0)) {
+		bump(LLMSLO_ST_RB_FULL);
+		return 0;
+	}
+	bump(LLMSLO_ST_EVENTS);
+	return 0;
+}
+
+/* Copies the first HEAD_CAP and the last TAIL_CAP of `n` bytes of a flat user buffer. */
+static __always_inline void copy_flat(struct scratch *s, __u64 buf, __u64 n)
+{
+	__u64 h = clamp_to(n, LLMSLO_HEAD_CAP);
+	if (bpf_probe_read_user(s->data, h, (void *)buf)) {
+		bump(LLMSLO_ST_COPY_FAIL);
+		return;
+	}
+	s->hdr.head_len = h;
+	if (n > LLMSLO_HEAD_CAP) {
+		__u64 rest = n - LLMSLO_HEAD_CAP;
+		__u64 t = clamp_to(rest, LLMSLO_TAIL_CAP);
+		if (!bpf_probe_read_user(s->data + LLMSLO_HEAD_CAP, t, (void *)(buf + n - t)))
+			s->hdr.tail_len = t;
+		if (rest > LLMSLO_TAIL_CAP)
+			bump(LLMSLO_ST_TRUNCATED);
+	}
+}
+
+/* The same over an iovec array: head across up to MAX_IOV vectors, tail from the last one. */
+static __always_inline void copy_iov(struct scratch *s, __u64 iovp, __u32 iovcnt, __u64 n)
+{
+	struct iovec *iovs = (struct iovec *)iovp;
+	__u64 pos = 0;	/* payload bytes covered by the vectors seen so far */
+	__u32 off = 0;	/* bytes copied into data[] */
+	__u64 last_base = 0, last_len = 0;
+	for (int i = 0; i < LLMSLO_MAX_IOV; i++) {
+		if (i >= iovcnt || pos >= n)
+			break;
+		struct iovec iov;
+		if (bpf_probe_read_user(&iov, sizeof(iov), &iovs[i])) {
+			bump(LLMSLO_ST_COPY_FAIL);
+			break;
+		}
+		__u64 len = iov.iov_len;
+		if (len > n - pos)
+			len = n - pos;
+		if (len == 0)
+			continue;
+		if (off < LLMSLO_HEAD_CAP) {
+			__u64 c = clamp_to(len, LLMSLO_HEAD_CAP - off);
+			c = clamp_to(c, LLMSLO_HEAD_CAP);
+			if (bpf_probe_read_user(s->data + head_off(off), c, iov.iov_base)) {
+				bump(LLMSLO_ST_COPY_FAIL);
+				break;
+			}
+			off += c;
+		}
+		last_base = (__u64)iov.iov_base;
+		last_len = len;
+		pos += len;
+	}
+	s->hdr.head_len = off;
+	if (n <= off)
+		return;
+	/* Bytes were left uncopied. A tail is only meaningful if the vectors we walked cover all
+	 * n bytes, so that the last one ends where the payload ends. */
+	if (pos != n || last_len == 0)
+		return;
+	__u64 t = n - off;
+	if (t > last_len)
+		t = last_len;
+	t = clamp_to(t, LLMSLO_TAIL_CAP);
+	if (!bpf_probe_read_user(s->data + head_off(off), t, (void *)(last_base + last_len - t)))
+		s->hdr.tail_len = t;
+	if (n - off > t)
+		bump(LLMSLO_ST_TRUNCATED);
+}
+
+static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
+{
+	if (!is_target())
+		return 0;
+	struct sock *sk = fd_to_sock(fd);
+	if (!sk)
+		return 0;
+	struct active_io a = {
+		.ts_enter = bpf_ktime_get_ns(),
+		.sk = (__u64)sk,
+		.buf = buf,
+		.fd = fd,
+		.iovcnt = iovcnt,
+		.kind = kind,
+		.io = io,
+	};
+	__u64 id = bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+		bump(LLMSLO_ST_ACTIVE_FULL);
+	return 0;
+}
+
+static __always_inline int exit_io(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct active_io *ap = bpf_map_lookup_elem(&active, &id);
+	if (!ap)
+		return 0;
+	struct active_io a = *ap;
+	bpf_map_delete_elem(&active, &id);
+
+	if (ret <= 0) {
+		/* EAGAIN/EINTR are the normal life of non-blocking servers; only hard errors say the
+		 * peer is gone. A 0-byte read (EOF) is followed by close, which we see. */
+		if (ret != -EPIPE && ret != -ECONNRESET && ret != -ETIMEDOUT)
+			return 0;
+		bump(LLMSLO_ST_SYSCALL_ERR);
+	}
+	struct sock *sk = (struct sock *)a.sk;
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
+	if (!s)
+		return 0;
+	fill_hdr(&s->hdr, &a, sk, ret);
+
+	__u64 key = a.sk;
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	if (ci) {
+		if (a.kind == LLMSLO_EV_READ) {
+			s->hdr.queued_ts = ci->queued_ts;
+			ci->queued_ts = 0;
+		}
+	} else {
+		struct conn_info fresh = {};
+		if (bpf_map_update_elem(&conns, &key, &fresh, BPF_ANY))
+			bump(LLMSLO_ST_CONN_FULL);
+	}
+	if (ret > 0) {
+		if (a.io == IO_IOV)
+			copy_iov(s, a.buf, a.iovcnt, ret);
+		else
+			copy_flat(s, a.buf, ret);
+	}
+	return submit(s);
+}
+
+/* ---- read family ---- */
+SEC("tracepoint/syscalls/sys_enter_read")
+int enter_read(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
+}
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
+}
+SEC("tracepoint/syscalls/sys_enter_readv")
+int enter_readv(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_READ, IO_IOV);
+}
+
+static __always_inline int enter_msg(struct trace_event_raw_sys_enter *ctx, __u16 kind)
+{
+	struct user_msghdr msg;
+	if (!is_target())
+		return 0;
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)ctx->args[1]))
+		return 0;
+	return enter_io(ctx->args[0], (__u64)msg.msg_iov, msg.msg_iovlen, kind, IO_IOV);
+}
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_msg(ctx, LLMSLO_EV_READ);
+}
+
+/* ---- write family ---- */
+SEC("tracepoint/syscalls/sys_enter_write")
+int enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
+}
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
+}
+SEC("tracepoint/syscalls/sys_enter_writev")
+int enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_WRITE, IO_IOV);
+}
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_msg(ctx, LLMSLO_EV_WRITE);
+}
+
+#define EXIT(name)                                                   \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                   \
+	int exit_##name(struct trace_event_raw_sys_exit *ctx)        \
+	{                                                            \
+		return exit_io(ctx->ret);                            \
+	}
+EXIT(read)
+EXIT(recvfrom)
+EXIT(readv)
+EXIT(recvmsg)
+EXIT(write)
+EXIT(sendto)
+EXIT(writev)
+EXIT(sendmsg)
+
+/* ---- accept ---- */
+static __always_inline int enter_accept_common(void)
+{
+	if (!is_target())
+		return 0;
+	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .kind = LLMSLO_EV_ACCEPT, .io = IO_ACCEPT };
+	__u64 id = bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+		bump(LLMSLO_ST_ACTIVE_FULL);
+	return 0;
+}
+
+static __always_inline int exit_accept_common(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct active_io *ap = bpf_map_lookup_elem(&active, &id);
+	if (!ap)
+		return 0;
+	struct active_io a = *ap;
+	bpf_map_delete_elem(&active, &id);
+	if (ret < 0)
+		return 0;
+	struct sock *sk = fd_to_sock(ret);
+	if (!sk)
+		return 0;
+	a.fd = ret;
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
+	if (!s)
+		return 0;
+	fill_hdr(&s->hdr, &a, sk, 0);
+
+	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
+	__u64 key = (__u64)sk;
+	struct conn_info fresh = {};
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0) {
+		/* inserted: nothing was stamped yet */
+	}
+	struct listen_key lk = listen_key_of(sk);
+	__u8 one = 1;
+	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
+	return submit(s);
+}
+
+SEC("tracepoint/syscalls/sys_enter_accept")
+int enter_accept(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_accept_common();
+}
+SEC("tracepoint/syscalls/sys_enter_accept4")
+int enter_accept4(struct trace_event_raw_sys_enter *ctx)
+{
+	return enter_accept_common();
+}
+SEC("tracepoint/syscalls/sys_exit_accept")
+int exit_accept(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept_common(ctx->ret);
+}
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int exit_accept4(struct trace_event_raw_sys_exit *ctx)
+{
+	return exit_accept_common(ctx->ret);
+}
+
+/* ---- close ---- */
+SEC("tracepoint/syscalls/sys_enter_close")
+int enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!is_target())
+		return 0;
+	__u32 fd = ctx->args[0];
+	struct sock *sk = fd_to_sock(fd);
+	if (!sk)
+		return 0;
+	__u64 key = (__u64)sk;
+	if (!bpf_map_lookup_elem(&conns, &key))
+		return 0;
+	bpf_map_delete_elem(&conns, &key);
+	__u32 zero = 0;
+	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
+	if (!s)
+		return 0;
+	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .fd = fd, .kind = LLMSLO_EV_CLOSE };
+	fill_hdr(&s->hdr, &a, sk, 0);
+	return submit(s);
+}
+
+/* ---- data readiness: the request's bytes reached the server's socket ---- */
+SEC("tracepoint/sock/sk_data_ready")
+int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	__u64 key = (__u64)ctx->skaddr;
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	if (ci) {
+		if (!ci->queued_ts)
+			ci->queued_ts = bpf_ktime_get_ns();
+		return 0;
+	}
+	struct sock *sk = (struct sock *)ctx->skaddr;
+	/* A listening socket is woken for new connections, not data: skip it. */
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == 10 /* TCP_LISTEN */)
+		return 0;
+	struct listen_key lk = listen_key_of(sk);
+	if (!bpf_map_lookup_elem(&listen_ports, &lk))
+		return 0;
+	struct conn_info fresh = { .queued_ts = bpf_ktime_get_ns() };
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+		bump(LLMSLO_ST_CONN_FULL);
+	return 0;
+}

@@ -1,0 +1,111 @@
+//! Agent configuration: a YAML file (as a ConfigMap would hold it) overlaid by CLI flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of /metrics and the JSON API. Loopback by default: expose it deliberately.
+    pub listen: SocketAddr,
+    pub discovery: DiscoveryCfg,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ringbuf_bytes: u32,
+    /// Finished requests kept for /api/v1/requests.
+    pub recent_requests: usize,
+    /// Distinct (namespace, pod, model, route) label sets before overflow goes to "other".
+    pub max_label_sets: usize,
+    /// Connections tracked by the assembler before the least recently used is evicted.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryCfg {
+    /// Find inference servers by command line.
+    pub auto: bool,
+    /// The host's /proc (mount it into the container and point here).
+    pub proc_root: PathBuf,
+    /// Extra command-line signatures besides the built-in ones.
+    pub extra_signatures: Vec<String>,
+    pub target_pids: Vec<u32>,
+    /// cgroup v2 paths, absolute or relative to the cgroup2 mount.
+    pub target_cgroups: Vec<PathBuf>,
+    pub interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:9464".parse().expect("literal"),
+            discovery: DiscoveryCfg::default(),
+            ringbuf_bytes: 16 << 20,
+            recent_requests: 10_000,
+            max_label_sets: 200,
+            max_connections: 65_536,
+        }
+    }
+}
+
+impl Default for DiscoveryCfg {
+    fn default() -> Self {
+        DiscoveryCfg {
+            auto: true,
+            proc_root: "/proc".into(),
+            extra_signatures: vec![],
+            target_pids: vec![],
+            target_cgroups: vec![],
+            interval_ms: 1000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config =
+            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.ringbuf_bytes.is_power_of_two() && self.ringbuf_bytes >= 4096,
+            "ringbuf_bytes must be a power of two >= 4096 (got {})",
+            self.ringbuf_bytes
+        );
+        anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
+        anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_yaml_and_rejects_typos() {
+        let c: Config = serde_yaml::from_str(
+            "listen: 0.0.0.0:9464\ndiscovery:\n  extra_signatures: [my-server]\n  target_cgroups: [kubepods.slice]\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9464);
+        assert_eq!(c.discovery.extra_signatures, vec!["my-server"]);
+        assert!(c.discovery.auto);
+        assert!(serde_yaml::from_str::<Config>("lisen: 1").is_err());
+        let bad = Config {
+            ringbuf_bytes: 1000,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

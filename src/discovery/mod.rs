@@ -1,0 +1,403 @@
+//! Node-local discovery: which processes are inference servers, which cgroups the user named,
+//! and what each one is called (pod, container) — from /proc and cgroupfs alone.
+
+pub mod cgroup;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::loader::TargetSet;
+pub use cgroup::{cgroup2_mount, cgroup_id, parse_kube_cgroup, KubeCgroup};
+
+/// Command-line signatures of inference servers (DESIGN.md §5). Matched against argv[0]'s
+/// basename and, for interpreters, against the module or script they run.
+pub const DEFAULT_SIGNATURES: &[&str] = &[
+    "vllm",
+    "sglang",
+    "text-generation-launcher",
+    "text-generation-server",
+    "tritonserver",
+    "llama-server",
+    "llama_cpp.server",
+    "ollama",
+    "lmdeploy",
+    "trtllm-serve",
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveryConfig {
+    /// Where the host's /proc is (in a container: the host's /proc mounted somewhere).
+    pub proc_root: PathBuf,
+    pub signatures: Vec<String>,
+    /// Disable command-line matching (only explicit pids/cgroups are traced).
+    pub auto: bool,
+    pub pids: Vec<u32>,
+    /// cgroup v2 paths: absolute, or relative to the cgroup2 mount.
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// One traced process or cgroup as `/api/v1/targets` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Target {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Why it is traced: "signature:<sig>", "pid", "cgroup".
+    pub reason: String,
+    pub cgroup_path: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub pod_uid: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Labels for records of one process or cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub targets: Vec<Target>,
+    pub set: TargetSet,
+    pub by_tgid: BTreeMap<u32, Meta>,
+    pub by_cgroup: BTreeMap<u64, Meta>,
+}
+
+impl Snapshot {
+    pub fn meta(&self, tgid: u32, cgroup_id: u64) -> Option<&Meta> {
+        self.by_tgid
+            .get(&tgid)
+            .or_else(|| self.by_cgroup.get(&cgroup_id))
+    }
+}
+
+/// Does this command line belong to an inference server? Returns the matching signature.
+pub fn match_signature<'a>(argv: &[&str], signatures: &'a [String]) -> Option<&'a str> {
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    let argv0 = base(argv.first()?);
+    let interpreted = argv0.starts_with("python") || argv0 == "uv" || argv0 == "node";
+    signatures.iter().map(String::as_str).find(|sig| {
+        if argv0 == *sig || argv0.starts_with(&format!("{sig}-")) && sig.contains('-') {
+            return true;
+        }
+        // `python -m vllm.entrypoints.openai.api_server`, `python -m sglang.launch_server`,
+        // `python /usr/bin/vllm serve`, `python -m llama_cpp.server`: what the interpreter runs
+        // is the `-m` module or the first non-flag argument, never a later flag's value.
+        interpreted
+            && interpreted_entry(argv).is_some_and(|a| {
+                let a = base(a);
+                a == *sig || a.starts_with(&format!("{sig}.")) || a.starts_with(&format!("{sig}_"))
+            })
+    })
+}
+
+/// The module (`-m mod`) or script an interpreter command line runs.
+fn interpreted_entry<'a>(argv: &[&'a str]) -> Option<&'a str> {
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        if *a == "-m" {
+            return it.next().copied();
+        }
+        if let Some(m) = a.strip_prefix("-m") {
+            return Some(m);
+        }
+        if !a.starts_with('-') {
+            return Some(a);
+        }
+    }
+    None
+}
+
+/// The (netns inode, port) pairs on which `pid` has listening TCP sockets. Lets the kernel stamp
+/// `sock_queued` for a connection's first request, which arrives before the server accepts it.
+pub fn listen_ports(proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = proc_root.join(pid.to_string());
+    let mut out = BTreeSet::new();
+    let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
+        return out;
+    };
+    let inodes: BTreeSet<u64> = std::fs::read_dir(dir.join("fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some(l)
+        })
+        .collect();
+    if inodes.is_empty() {
+        return out;
+    }
+    for table in ["net/tcp", "net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(table)) else {
+            continue;
+        };
+        out.extend(
+            parse_listeners(&text, &inodes)
+                .into_iter()
+                .map(|port| (ns.ino() as u32, port)),
+        );
+    }
+    out
+}
+
+/// Local ports of LISTEN (state 0A) rows of /proc/net/tcp{,6} whose socket inode is in `inodes`.
+pub fn parse_listeners(table: &str, inodes: &BTreeSet<u64>) -> Vec<u16> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            (*f.get(3)? == "0A" && inodes.contains(&inode)).then_some(port)
+        })
+        .collect()
+}
+
+fn read_cmdline(proc_root: &Path, pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then_some(args)
+}
+
+fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
+    let c = std::fs::read_to_string(proc_root.join(pid.to_string()).join("comm")).ok()?;
+    Some(c.trim_end().to_string())
+}
+
+/// The process's cgroup v2 path ("0::/path").
+pub fn proc_cgroup_path(proc_root: &Path, pid: u32) -> Option<String> {
+    let s = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+}
+
+/// Kubernetes sets HOSTNAME to the pod name in every container; read only that variable.
+fn pod_name_from_env(proc_root: &Path, pid: u32) -> Option<String> {
+    let env = std::fs::read(proc_root.join(pid.to_string()).join("environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|kv| {
+        kv.strip_prefix(b"HOSTNAME=")
+            .map(|v| String::from_utf8_lossy(v).chars().take(253).collect())
+    })
+}
+
+fn meta_for(kube: Option<&KubeCgroup>, pod_name: Option<String>) -> Meta {
+    Meta {
+        namespace: None,
+        pod: pod_name.or_else(|| kube.map(|k| k.pod_uid.clone())),
+        container: kube.and_then(|k| {
+            k.container_id
+                .as_ref()
+                .map(|c| c.chars().take(12).collect())
+        }),
+    }
+}
+
+/// One full scan: explicit pids and cgroups plus command-line matches.
+pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let cg_mount = cgroup2_mount();
+    let mut wanted_pids: BTreeMap<u32, String> =
+        cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
+    if cfg.auto {
+        if let Ok(dir) = std::fs::read_dir(&cfg.proc_root) {
+            for ent in dir.flatten() {
+                let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Some(argv) = read_cmdline(&cfg.proc_root, pid) else {
+                    continue;
+                };
+                let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+                if let Some(sig) = match_signature(&refs, &cfg.signatures) {
+                    wanted_pids
+                        .entry(pid)
+                        .or_insert_with(|| format!("signature:{sig}"));
+                }
+            }
+        }
+    }
+    for (pid, reason) in wanted_pids {
+        if !cfg.proc_root.join(pid.to_string()).exists() {
+            continue;
+        }
+        let cg_path = proc_cgroup_path(&cfg.proc_root, pid);
+        let kube = cg_path.as_deref().and_then(parse_kube_cgroup);
+        let meta = meta_for(
+            kube.as_ref(),
+            kube.as_ref()
+                .and_then(|_| pod_name_from_env(&cfg.proc_root, pid)),
+        );
+        let cg_id = match (&cg_mount, &cg_path) {
+            (Some(m), Some(p)) => cgroup_id(&m.join(p.trim_start_matches('/'))),
+            _ => None,
+        };
+        snap.set.tgids.insert(pid);
+        snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+        snap.by_tgid.insert(pid, meta.clone());
+        snap.targets.push(Target {
+            pid: Some(pid),
+            comm: read_comm(&cfg.proc_root, pid),
+            reason,
+            cgroup_path: cg_path,
+            cgroup_id: cg_id,
+            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
+            pod: meta.pod,
+            namespace: meta.namespace,
+            container: meta.container,
+        });
+    }
+    for path in &cfg.cgroups {
+        // "/kubepods.slice/..." as /proc/<pid>/cgroup shows it, or a full filesystem path.
+        let full = if let Some(m) = cg_mount.as_ref().filter(|m| !path.starts_with(m)) {
+            m.join(path.strip_prefix("/").unwrap_or(path))
+        } else if cg_mount.is_some() {
+            path.clone()
+        } else {
+            tracing::warn!(path = %path.display(), "no cgroup2 mount found; cannot target cgroup");
+            continue;
+        };
+        let Some(id) = cgroup_id(&full) else {
+            tracing::warn!(path = %full.display(), "target cgroup does not exist (yet)");
+            continue;
+        };
+        let rel = cg_mount
+            .as_ref()
+            .and_then(|m| full.strip_prefix(m).ok())
+            .map(|p| format!("/{}", p.display()))
+            .unwrap_or_else(|| full.display().to_string());
+        let kube = parse_kube_cgroup(&rel);
+        let meta = meta_for(kube.as_ref(), None);
+        snap.set.cgroups.insert(id);
+        for pid in cgroup_pids(&full) {
+            snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+        }
+        snap.by_cgroup.insert(id, meta.clone());
+        snap.targets.push(Target {
+            pid: None,
+            comm: None,
+            reason: "cgroup".into(),
+            cgroup_path: Some(rel),
+            cgroup_id: Some(id),
+            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
+            pod: meta.pod,
+            namespace: meta.namespace,
+            container: meta.container,
+        });
+    }
+    snap
+}
+
+fn cgroup_pids(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Signatures: the defaults plus the user's.
+pub fn signatures(extra: &[String]) -> Vec<String> {
+    let mut s: BTreeSet<String> = DEFAULT_SIGNATURES.iter().map(|s| s.to_string()).collect();
+    s.extend(extra.iter().cloned());
+    s.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sigs() -> Vec<String> {
+        signatures(&[])
+    }
+
+    #[test]
+    fn matches_real_server_command_lines() {
+        let s = sigs();
+        let m = |a: &[&str]| match_signature(a, &s).map(str::to_string);
+        assert_eq!(
+            m(&["/usr/local/bin/vllm", "serve", "m"]).as_deref(),
+            Some("vllm")
+        );
+        assert_eq!(
+            m(&["python3", "-m", "vllm.entrypoints.openai.api_server"]).as_deref(),
+            Some("vllm")
+        );
+        assert_eq!(
+            m(&["python", "-m", "sglang.launch_server", "--model", "x"]).as_deref(),
+            Some("sglang")
+        );
+        assert_eq!(
+            m(&["text-generation-launcher", "--model-id", "x"]).as_deref(),
+            Some("text-generation-launcher")
+        );
+        assert_eq!(
+            m(&["/opt/tritonserver/bin/tritonserver"]).as_deref(),
+            Some("tritonserver")
+        );
+        assert_eq!(
+            m(&["./llama-server", "-m", "a.gguf"]).as_deref(),
+            Some("llama-server")
+        );
+        assert_eq!(
+            m(&["python3", "-m", "llama_cpp.server"]).as_deref(),
+            Some("llama_cpp.server")
+        );
+        assert_eq!(m(&["/bin/ollama", "serve"]).as_deref(), Some("ollama"));
+        assert_eq!(
+            m(&["python", "-m", "lmdeploy", "serve"]).as_deref(),
+            Some("lmdeploy")
+        );
+        assert_eq!(m(&["trtllm-serve", "x"]).as_deref(), Some("trtllm-serve"));
+    }
+
+    #[test]
+    fn does_not_match_bystanders() {
+        let s = sigs();
+        assert_eq!(match_signature(&["nginx", "-g", "daemon off;"], &s), None);
+        assert_eq!(
+            match_signature(&["python3", "app.py", "--model", "vllm"], &s),
+            None
+        );
+        assert_eq!(match_signature(&["vim", "vllm.py"], &s), None);
+        assert_eq!(match_signature(&["grep", "vllm"], &s), None);
+    }
+
+    #[test]
+    fn parses_listening_sockets() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:1F41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 100 0 0 10 0\n\
+   2: 0200F40A:1F40 0100F40A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0\n";
+        let inodes: BTreeSet<u64> = [4242, 4243].into();
+        assert_eq!(parse_listeners(t, &inodes), vec![8000]);
+    }
+
+    #[test]
+    fn finds_this_process_by_pid() {
+        let cfg = DiscoveryConfig {
+            proc_root: "/proc".into(),
+            pids: vec![std::process::id()],
+            ..Default::default()
+        };
+        let snap = scan(&cfg);
+        assert!(snap.set.tgids.contains(&std::process::id()));
+        assert_eq!(snap.targets[0].reason, "pid");
+    }
+}

@@ -1,0 +1,16 @@
+//! llm-slo-agent: kernel-level latency and SLO observability for LLM inference servers.
+//! Follow one request: `bpf/l7.bpf.c` → `ringbuf` → `assemble` → `stats` → `api`.
+
+pub mod agent;
+pub mod api;
+pub mod assemble;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod event;
+pub mod loader;
+pub mod probe;
+pub mod record;
+pub mod ringbuf;
+pub mod skel;
+pub mod stats;

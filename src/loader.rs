@@ -1,0 +1,241 @@
+//! Loads and attaches the L7 BPF programs, owns their maps, and applies target-set changes.
+//! One thread owns this (libbpf objects are not shared); others talk to it through channels.
+
+use std::collections::BTreeSet;
+use std::mem::MaybeUninit;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject};
+
+use crate::skel::l7::{types, L7Skel, L7SkelBuilder};
+
+/// Per-CPU counter names, in `enum llmslo_stat` order (pinned by a test against the skeleton).
+pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
+    "events",
+    "ringbuf_full",
+    "active_map_full",
+    "copy_failed",
+    "sock_resolve_failed",
+    "conn_map_full",
+    "syscall_error",
+    "payload_truncated",
+];
+
+/// What the agent traces: processes by tgid and cgroups by cgroup v2 id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetSet {
+    pub tgids: BTreeSet<u32>,
+    pub cgroups: BTreeSet<u64>,
+    /// (netns inode, port) of the targets' listening sockets.
+    pub listen: BTreeSet<(u32, u16)>,
+}
+
+/// An attached program, for `/api/v1/targets` and `probe`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttachedProg {
+    pub name: String,
+    pub section: String,
+    pub attached: bool,
+    pub error: Option<String>,
+}
+
+pub struct L7 {
+    pub skel: L7Skel<'static>,
+    _links: Vec<Link>,
+    pub progs: Vec<AttachedProg>,
+    /// Owned handles, usable while the ring buffer borrows `skel`.
+    pub targets: TargetMaps,
+    pub stats: StatsMap,
+}
+
+/// The kernel-side target filter.
+pub struct TargetMaps {
+    tgids: MapHandle,
+    cgroups: MapHandle,
+    listen: MapHandle,
+    /// `n_cgroup_targets` in the object's mmapped .bss: lets untargeted tasks skip a lookup.
+    n_cgroups: &'static mut u32,
+    applied: TargetSet,
+}
+
+/// The per-CPU drop/submit counters.
+pub struct StatsMap(MapHandle);
+
+impl L7 {
+    /// Opens, loads and attaches every program. A program whose hook is missing on this kernel
+    /// is reported and skipped unless it is essential (the syscall tracepoints are).
+    pub fn load(ringbuf_bytes: u32) -> Result<L7> {
+        crate::probe::ensure_mounts();
+        bump_memlock_rlimit();
+        // The skeleton borrows its OpenObject for its whole life; one per load, kept alive.
+        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = L7SkelBuilder::default()
+            .open(obj)
+            .context("opening the L7 BPF object")?;
+        open.maps
+            .events
+            .set_max_entries(ringbuf_bytes)
+            .context("sizing the ring buffer")?;
+        let skel = open.load().map_err(|e| {
+            anyhow::anyhow!(
+                "loading BPF programs failed: {e}. Run as root or grant CAP_BPF, CAP_PERFMON and \
+                 CAP_SYS_RESOURCE; the kernel needs BTF (/sys/kernel/btf/vmlinux)"
+            )
+        })?;
+        let mut links = Vec::new();
+        let mut progs = Vec::new();
+        for prog in skel.object().progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            let section = prog.section().to_string_lossy().into_owned();
+            match prog.attach() {
+                Ok(link) => {
+                    links.push(link);
+                    progs.push(AttachedProg {
+                        name,
+                        section,
+                        attached: true,
+                        error: None,
+                    });
+                }
+                Err(e) => {
+                    let essential = section.contains("syscalls/");
+                    if essential {
+                        bail!(
+                            "attaching {name} ({section}) failed: {e}. Is tracefs mounted \
+                             (mount -t tracefs tracefs /sys/kernel/tracing)?"
+                        );
+                    }
+                    tracing::warn!(%name, %section, error = %e, "optional hook not attached");
+                    progs.push(AttachedProg {
+                        name,
+                        section,
+                        attached: false,
+                        error: Some(e.to_string()),
+                    });
+                }
+            }
+        }
+        let mut skel = skel;
+        let bss = skel
+            .maps
+            .bss_data
+            .take()
+            .context("BPF object has no mmapped .bss")?;
+        let targets = TargetMaps {
+            tgids: MapHandle::try_from(&skel.maps.target_tgids)?,
+            cgroups: MapHandle::try_from(&skel.maps.target_cgroups)?,
+            listen: MapHandle::try_from(&skel.maps.listen_ports)?,
+            n_cgroups: &mut bss.n_cgroup_targets,
+            applied: TargetSet::default(),
+        };
+        let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
+        Ok(L7 {
+            skel,
+            _links: links,
+            progs,
+            targets,
+            stats,
+        })
+    }
+}
+
+impl TargetMaps {
+    /// Makes the kernel's target maps equal to `want`.
+    pub fn apply(&mut self, want: &TargetSet) -> Result<()> {
+        for t in self.applied.tgids.difference(&want.tgids) {
+            let _ = self.tgids.delete(&t.to_ne_bytes());
+        }
+        for t in want.tgids.difference(&self.applied.tgids) {
+            self.tgids
+                .update(&t.to_ne_bytes(), &[1], MapFlags::ANY)
+                .with_context(|| format!("adding target tgid {t}"))?;
+        }
+        for c in self.applied.cgroups.difference(&want.cgroups) {
+            let _ = self.cgroups.delete(&c.to_ne_bytes());
+        }
+        for c in want.cgroups.difference(&self.applied.cgroups) {
+            self.cgroups
+                .update(&c.to_ne_bytes(), &[1], MapFlags::ANY)
+                .with_context(|| format!("adding target cgroup {c}"))?;
+        }
+        // Listening ports are only added: the kernel also learns them at accept(), and the LRU
+        // map forgets stale ones by itself.
+        for (netns, port) in want.listen.difference(&self.applied.listen) {
+            let key = [netns.to_ne_bytes(), u32::from(*port).to_ne_bytes()].concat();
+            if let Err(e) = self.listen.update(&key, &[1], MapFlags::ANY) {
+                tracing::debug!(error = %e, "listen port not added");
+            }
+        }
+        // SAFETY: a plain aligned u32 in memory the kernel shares with the program; a torn
+        // read is impossible for an aligned 32-bit store.
+        unsafe { std::ptr::write_volatile(self.n_cgroups, want.cgroups.len() as u32) };
+        self.applied = want.clone();
+        Ok(())
+    }
+}
+
+impl StatsMap {
+    /// Sums the per-CPU counters.
+    pub fn read(&self) -> [u64; STAT_NAMES.len()] {
+        let mut out = [0u64; STAT_NAMES.len()];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let key = (i as u32).to_ne_bytes();
+            if let Ok(Some(per_cpu)) = self.0.lookup_percpu(&key, MapFlags::ANY) {
+                *slot = per_cpu
+                    .iter()
+                    .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                    .map(u64::from_ne_bytes)
+                    .sum();
+            }
+        }
+        out
+    }
+}
+
+fn bump_memlock_rlimit() {
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones ignore it.
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_names_match_the_c_enum() {
+        use types::llmslo_stat as S;
+        assert_eq!(STAT_NAMES.len(), S::LLMSLO_ST_MAX.0 as usize);
+        assert_eq!(STAT_NAMES[S::LLMSLO_ST_RB_FULL.0 as usize], "ringbuf_full");
+        assert_eq!(
+            STAT_NAMES[S::LLMSLO_ST_TRUNCATED.0 as usize],
+            "payload_truncated"
+        );
+        assert_eq!(
+            STAT_NAMES[S::LLMSLO_ST_SYSCALL_ERR.0 as usize],
+            "syscall_error"
+        );
+    }
+
+    #[test]
+    fn event_layout_is_pinned() {
+        use std::mem::{offset_of, size_of};
+        use types::llmslo_event_hdr as H;
+        assert_eq!(size_of::<H>(), 128);
+        assert_eq!(offset_of!(H, ts_enter), 0);
+        assert_eq!(offset_of!(H, queued_ts), 24);
+        assert_eq!(offset_of!(H, ret), 40);
+        assert_eq!(offset_of!(H, head_len), 60);
+        assert_eq!(offset_of!(H, kind), 68);
+        assert_eq!(offset_of!(H, laddr), 76);
+        assert_eq!(offset_of!(H, comm), 108);
+        assert_eq!(size_of::<types::llmslo_event>(), 128 + 4096 + 512);
+    }
+}

@@ -1,0 +1,126 @@
+//! Ring-buffer records → `SockEvent`: check the length, decode the header, hand it over.
+
+use crate::event::{sockaddr, EventKind, SockEvent};
+use crate::skel::l7::types::{llmslo_event_hdr, llmslo_event_kind as K};
+
+/// Why a ring-buffer record was rejected (counted, never fatal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record shorter than the event header")]
+    Short,
+    #[error("payload lengths exceed the record")]
+    BadLengths,
+    #[error("unknown event kind")]
+    UnknownKind,
+}
+
+// SAFETY: llmslo_event_hdr is a repr(C) struct of integers and byte arrays; any bit pattern is valid.
+unsafe impl plain::Plain for llmslo_event_hdr {}
+
+/// Decodes one record. `data` is the ring buffer's bytes; the event borrows them.
+pub fn decode(data: &[u8]) -> Result<SockEvent<'_>, DecodeError> {
+    let hdr_len = std::mem::size_of::<llmslo_event_hdr>();
+    if data.len() < hdr_len {
+        return Err(DecodeError::Short);
+    }
+    let mut h = llmslo_event_hdr::default();
+    plain::copy_from_bytes(&mut h, &data[..hdr_len]).map_err(|_| DecodeError::Short)?;
+    let payload = &data[hdr_len..];
+    let (hl, tl) = (h.head_len as usize, h.tail_len as usize);
+    if hl.checked_add(tl).is_none_or(|n| n > payload.len()) {
+        return Err(DecodeError::BadLengths);
+    }
+    let kind = match K(u32::from(h.kind)) {
+        K::LLMSLO_EV_ACCEPT => EventKind::Accept,
+        K::LLMSLO_EV_READ => EventKind::Read,
+        K::LLMSLO_EV_WRITE => EventKind::Write,
+        K::LLMSLO_EV_CLOSE => EventKind::Close,
+        _ => return Err(DecodeError::UnknownKind),
+    };
+    let comm_end = h.comm.iter().position(|&c| c == 0).unwrap_or(h.comm.len());
+    // The comm bytes live inside `data` at a fixed offset; borrow them rather than copy.
+    let comm_off = std::mem::offset_of!(llmslo_event_hdr, comm);
+    let comm = std::str::from_utf8(&data[comm_off..comm_off + comm_end]).unwrap_or("?");
+    Ok(SockEvent {
+        kind,
+        ts_enter: h.ts_enter,
+        ts_exit: h.ts_exit,
+        sock_id: h.sock_id,
+        queued_ts: (h.queued_ts != 0).then_some(h.queued_ts),
+        tgid: h.tgid,
+        tid: h.tid,
+        fd: h.fd,
+        cgroup_id: h.cgroup_id,
+        ret: h.ret,
+        local: sockaddr(h.family, &h.laddr, h.lport),
+        remote: sockaddr(h.family, &h.raddr, h.rport),
+        comm,
+        head: &payload[..hl],
+        tail: &payload[hl..hl + tl],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(h: &llmslo_event_hdr, payload: &[u8]) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain repr(C) value.
+        let bytes = unsafe { plain::as_bytes(h) };
+        [bytes, payload].concat()
+    }
+
+    #[test]
+    fn decodes_a_read() {
+        let mut h = llmslo_event_hdr {
+            kind: 2,
+            family: 2,
+            lport: 8000,
+            rport: 40000,
+            ret: 7,
+            head_len: 4,
+            tail_len: 2,
+            queued_ts: 5,
+            ..Default::default()
+        };
+        h.laddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        h.raddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        h.comm[..4].copy_from_slice(&[b'v' as i8, b'l' as i8, b'l' as i8, b'm' as i8]);
+        let d = raw(&h, b"POSTxy");
+        let e = decode(&d).unwrap();
+        assert_eq!(e.kind, EventKind::Read);
+        assert_eq!(e.head, b"POST");
+        assert_eq!(e.tail, b"xy");
+        assert_eq!(e.gap(), 1);
+        assert_eq!(e.comm, "vllm");
+        assert_eq!(e.queued_ts, Some(5));
+        assert_eq!(e.local.to_string(), "10.0.0.2:8000");
+        assert_eq!(e.remote.to_string(), "10.0.0.1:40000");
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(decode(&[0u8; 10]).unwrap_err(), DecodeError::Short);
+        let h = llmslo_event_hdr {
+            kind: 2,
+            head_len: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            decode(&raw(&h, b"abc")).unwrap_err(),
+            DecodeError::BadLengths
+        );
+        let h = llmslo_event_hdr {
+            kind: 99,
+            ..Default::default()
+        };
+        assert_eq!(decode(&raw(&h, b"")).unwrap_err(), DecodeError::UnknownKind);
+        let h = llmslo_event_hdr {
+            kind: 2,
+            head_len: u32::MAX,
+            tail_len: 2,
+            ..Default::default()
+        };
+        assert_eq!(decode(&raw(&h, b"")).unwrap_err(), DecodeError::BadLengths);
+    }
+}

@@ -1,0 +1,315 @@
+//! Sliding-window latency data of one label set: a ring of time slots, each holding HDR
+//! histograms (µs) and exact sums per metric, plus running 1m/5m aggregates so that a query
+//! reads one histogram instead of merging up to 31 slots.
+
+use crate::record::Stage;
+use hdrhistogram::Histogram;
+
+pub(crate) const TTFT: usize = 0;
+pub(crate) const ITL: usize = 1;
+pub(crate) const TPOT: usize = 2;
+pub(crate) const E2E: usize = 3;
+/// Stage `s` lives at `STAGE0 + s as usize`.
+pub(crate) const STAGE0: usize = 4;
+pub(crate) const N_STAGES: usize = Stage::ALL.len();
+pub(crate) const N_METRICS: usize = STAGE0 + N_STAGES;
+
+/// Per-bucket counts: a 10 s slot cannot reach 2^32 in one bucket, and u32 halves the
+/// memory that dominates the agent's footprint (aggregates saturate rather than wrap).
+pub(crate) type Count = u32;
+
+/// 1 h: longer values are clamped so one bogus timestamp cannot grow a histogram (and the
+/// memory of every slot it is merged into) without bound.
+const MAX_US: u64 = 3_600_000_000;
+
+/// What one slot (or a merge of slots) knows.
+#[derive(Clone)]
+pub(crate) struct SlotData {
+    /// Created on first use: most label sets never see most stages.
+    pub hists: [Option<Histogram<Count>>; N_METRICS],
+    /// Exact sums (ns) for means; HDR means are only as exact as its buckets.
+    pub sum_ns: [u64; N_METRICS],
+    /// Stage time of records that also have an E2E: the numerator of `share_of_e2e`, so that
+    /// aborted requests (stages but no E2E) cannot push shares past 1.
+    pub stage_e2e_ns: [u64; N_STAGES],
+    pub requests: u64,
+}
+
+impl Default for SlotData {
+    fn default() -> Self {
+        SlotData {
+            hists: std::array::from_fn(|_| None),
+            sum_ns: [0; N_METRICS],
+            stage_e2e_ns: [0; N_STAGES],
+            requests: 0,
+        }
+    }
+}
+
+impl SlotData {
+    pub fn observe(&mut self, m: usize, ns: u64, sig_figs: u8) {
+        let us = ns.saturating_add(500).div_euclid(1000).min(MAX_US);
+        let h = self.hists[m]
+            .get_or_insert_with(|| Histogram::new(sig_figs).expect("sig_figs validated"));
+        // Not `saturating_record`: that clamps to the current size instead of growing.
+        if h.record(us).is_ok() {
+            self.sum_ns[m] = self.sum_ns[m].saturating_add(ns);
+        }
+    }
+
+    /// Empties the slot but keeps its histograms' memory for reuse.
+    fn reset(&mut self) {
+        for h in self.hists.iter_mut().flatten() {
+            h.reset();
+        }
+        self.sum_ns = [0; N_METRICS];
+        self.stage_e2e_ns = [0; N_STAGES];
+        self.requests = 0;
+    }
+
+    pub fn add(&mut self, o: &SlotData) {
+        for (mine, theirs) in self.hists.iter_mut().zip(&o.hists) {
+            let Some(theirs) = theirs.as_ref().filter(|h| !h.is_empty()) else {
+                continue;
+            };
+            match mine {
+                // Auto-resizing histograms cannot refuse an addend.
+                Some(h) => h.add(theirs).expect("auto-resize"),
+                None => *mine = Some(theirs.clone()),
+            }
+        }
+        for (a, b) in self.sum_ns.iter_mut().zip(&o.sum_ns) {
+            *a = a.saturating_add(*b);
+        }
+        for (a, b) in self.stage_e2e_ns.iter_mut().zip(&o.stage_e2e_ns) {
+            *a = a.saturating_add(*b);
+        }
+        self.requests = self.requests.saturating_add(o.requests);
+    }
+
+    /// Removes `o`, which must have been added before; false when it was not (the caller
+    /// then rebuilds instead of trusting a corrupted aggregate).
+    fn subtract(&mut self, o: &SlotData) -> bool {
+        let mut ok = true;
+        for (mine, theirs) in self.hists.iter_mut().zip(&o.hists) {
+            let Some(theirs) = theirs.as_ref().filter(|h| !h.is_empty()) else {
+                continue;
+            };
+            ok &= match mine {
+                Some(h) if h.high() >= theirs.max() => h.subtract(theirs).is_ok(),
+                _ => false,
+            };
+        }
+        for (a, b) in self.sum_ns.iter_mut().zip(&o.sum_ns) {
+            ok &= *a >= *b;
+            *a = a.saturating_sub(*b);
+        }
+        for (a, b) in self.stage_e2e_ns.iter_mut().zip(&o.stage_e2e_ns) {
+            ok &= *a >= *b;
+            *a = a.saturating_sub(*b);
+        }
+        ok &= self.requests >= o.requests;
+        self.requests = self.requests.saturating_sub(o.requests);
+        ok
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.hists
+            .iter()
+            .flatten()
+            .map(|h| h.distinct_values() * std::mem::size_of::<Count>())
+            .sum()
+    }
+}
+
+struct Slot {
+    /// Slot index (`now_s / slot_secs`) whose data this holds; `u64::MAX` when none.
+    index: u64,
+    data: SlotData,
+}
+
+/// A running sum of the slots `cur - n_back ..= cur`.
+struct Agg {
+    n_back: u64,
+    data: SlotData,
+}
+
+pub(crate) struct Window {
+    /// Empty until the first record and again after the label set sat idle for a whole
+    /// ring, so idle label sets hold no histogram memory.
+    ring: Vec<Slot>,
+    slots: usize,
+    sig_figs: u8,
+    /// Newest slot index seen; records never go behind it.
+    cur: Option<u64>,
+    aggs: [Agg; 2],
+}
+
+impl Window {
+    /// `n_backs`: full slots behind the current one in each aggregate, each `< slots`.
+    pub fn new(slots: usize, sig_figs: u8, n_backs: [u64; 2]) -> Window {
+        debug_assert!(n_backs.iter().all(|&n| n < slots as u64));
+        Window {
+            ring: Vec::new(),
+            slots,
+            sig_figs,
+            cur: None,
+            aggs: n_backs.map(|n_back| Agg {
+                n_back,
+                data: SlotData::default(),
+            }),
+        }
+    }
+
+    /// Moves the window to slot `idx`, dropping what falls out of each aggregate.
+    pub fn advance(&mut self, idx: u64) {
+        let slots = self.slots as u64;
+        let Some(cur) = self.cur else {
+            self.cur = Some(idx);
+            return;
+        };
+        // A jump past the whole ring (idle label set, or the wall clock stepped back further
+        // than the ring) leaves nothing in any window.
+        if idx.abs_diff(cur) >= slots {
+            self.ring = Vec::new();
+            for a in &mut self.aggs {
+                a.data = SlotData::default();
+            }
+            self.cur = Some(idx);
+            return;
+        }
+        if idx <= cur {
+            // Small backward clock steps: keep recording into the newest slot.
+            return;
+        }
+        let mut ok = true;
+        for i in cur + 1..=idx {
+            for a in &mut self.aggs {
+                let Some(gone) = i.checked_sub(a.n_back + 1) else {
+                    continue;
+                };
+                if let Some(slot) = self.ring.get(gone as usize % self.slots.max(1)) {
+                    if slot.index == gone {
+                        ok &= a.data.subtract(&slot.data);
+                    }
+                }
+            }
+        }
+        self.cur = Some(idx);
+        if !ok {
+            self.rebuild_aggs();
+        }
+    }
+
+    fn rebuild_aggs(&mut self) {
+        let cur = self.cur.unwrap_or(0);
+        for a in &mut self.aggs {
+            a.data = SlotData::default();
+            for s in &self.ring {
+                if s.index <= cur && cur - s.index <= a.n_back {
+                    a.data.add(&s.data);
+                }
+            }
+        }
+    }
+
+    /// Applies `f` to the current slot and to both aggregates (call `advance` first).
+    pub fn record(&mut self, f: impl Fn(&mut SlotData, u8)) {
+        let cur = self.cur.expect("advance before record");
+        if self.ring.is_empty() {
+            self.ring = (0..self.slots)
+                .map(|_| Slot {
+                    index: u64::MAX,
+                    data: SlotData::default(),
+                })
+                .collect();
+        }
+        let slot = &mut self.ring[cur as usize % self.slots];
+        if slot.index != cur {
+            // Its old data already left every aggregate when the window moved past it.
+            slot.data.reset();
+            slot.index = cur;
+        }
+        f(&mut slot.data, self.sig_figs);
+        for a in &mut self.aggs {
+            f(&mut a.data, self.sig_figs);
+        }
+    }
+
+    /// The aggregate `w` (0: 1m, 1: 5m).
+    pub fn agg(&self, w: usize) -> &SlotData {
+        &self.aggs[w].data
+    }
+
+    /// Adds the slots `cur - n_back ..= cur` to `acc`, from an aggregate when one matches.
+    pub fn add_into(&self, n_back: u64, acc: &mut SlotData) {
+        if let Some(a) = self.aggs.iter().find(|a| a.n_back == n_back) {
+            acc.add(&a.data);
+            return;
+        }
+        let Some(cur) = self.cur else { return };
+        for s in &self.ring {
+            if s.index <= cur && cur - s.index <= n_back {
+                acc.add(&s.data);
+            }
+        }
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        let slots: usize = self.ring.iter().map(|s| s.data.heap_bytes()).sum();
+        let aggs: usize = self.aggs.iter().map(|a| a.data.heap_bytes()).sum();
+        slots + aggs + self.ring.capacity() * std::mem::size_of::<Slot>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(w: &mut Window, idx: u64, ms: u64) {
+        w.advance(idx);
+        w.record(|d, sf| {
+            d.requests += 1;
+            d.observe(TTFT, ms * 1_000_000, sf);
+        });
+    }
+
+    #[test]
+    fn aggregates_follow_the_ring() {
+        let mut w = Window::new(31, 2, [6, 30]);
+        for idx in 100..200 {
+            rec(&mut w, idx, idx);
+            // Invariant: each aggregate equals the merge of its slots.
+            for (i, n) in [6u64, 30].into_iter().enumerate() {
+                let mut acc = SlotData::default();
+                for s in &w.ring {
+                    if s.index <= idx && idx - s.index <= n {
+                        acc.add(&s.data);
+                    }
+                }
+                assert_eq!(acc.requests, w.agg(i).requests);
+                assert_eq!(acc.requests, (n + 1).min(idx - 99));
+                assert_eq!(acc.sum_ns[TTFT], w.agg(i).sum_ns[TTFT]);
+                let (x, y) = (&acc.hists[TTFT], &w.agg(i).hists[TTFT]);
+                let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+                assert_eq!((x.len(), x.min(), x.max()), (y.len(), y.min(), y.max()));
+                assert_eq!(x.value_at_quantile(0.9), y.value_at_quantile(0.9));
+            }
+        }
+    }
+
+    #[test]
+    fn idle_label_set_frees_memory_and_backward_clock_is_tolerated() {
+        let mut w = Window::new(31, 2, [6, 30]);
+        rec(&mut w, 10, 5);
+        assert!(w.heap_bytes() > 0);
+        w.advance(10 + 31);
+        assert_eq!(w.heap_bytes(), 0);
+        assert_eq!(w.agg(1).requests, 0);
+        rec(&mut w, 41, 5);
+        rec(&mut w, 39, 5); // small step back: lands in the newest slot
+        assert_eq!(w.agg(0).requests, 2);
+        rec(&mut w, 5, 5); // far back: starts over
+        assert_eq!(w.agg(1).requests, 1);
+    }
+}

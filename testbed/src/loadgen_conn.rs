@@ -1,0 +1,286 @@
+//! One client connection of the load generator: blocking socket, incremental response
+//! parsing (status line, Content-Length or chunked body, SSE events), and a timestamp
+//! right after every read() so each byte's arrival time is known.
+
+use crate::http::{self, BodyFraming, ChunkedDecoder, Head, SseParser};
+use crate::loadgen::ClientRecord;
+use crate::mono_ns;
+use anyhow::{bail, Context, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Whether the connection can carry the next request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    KeepAlive,
+    Close,
+}
+
+pub(crate) struct Conn {
+    stream: TcpStream,
+    pub local_port: u16,
+    /// Received but not yet consumed bytes (the start of a pipelined response).
+    buf: Vec<u8>,
+    /// When the read that delivered `buf` returned.
+    buf_ns: u64,
+    seq: u32,
+}
+
+fn remaining(deadline: Instant) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("deadline reached");
+    }
+    Ok(left)
+}
+
+impl Conn {
+    pub fn connect(target: SocketAddr, deadline: Instant) -> Result<Conn> {
+        let stream =
+            TcpStream::connect_timeout(&target, remaining(deadline)?.min(Duration::from_secs(5)))
+                .with_context(|| format!("connect {target}"))?;
+        // Requests must leave in one segment when written, as a real client's do.
+        stream.set_nodelay(true)?;
+        let local_port = stream.local_addr()?.port();
+        Ok(Conn {
+            stream,
+            local_port,
+            buf: Vec::new(),
+            buf_ns: 0,
+            seq: 0,
+        })
+    }
+
+    pub fn next_seq(&mut self) -> u32 {
+        self.seq += 1;
+        self.seq - 1
+    }
+
+    pub fn send(&mut self, data: &[u8], deadline: Instant) -> Result<()> {
+        self.stream.set_write_timeout(Some(remaining(deadline)?))?;
+        self.stream.write_all(data)?;
+        Ok(())
+    }
+
+    /// Read into the buffer; returns bytes read (0 = peer closed) and when.
+    fn fill(&mut self, deadline: Instant) -> Result<(usize, u64)> {
+        let mut tmp = [0u8; 64 * 1024];
+        loop {
+            self.stream.set_read_timeout(Some(remaining(deadline)?))?;
+            match self.stream.read(&mut tmp) {
+                Ok(n) => {
+                    let t = mono_ns();
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    if n > 0 {
+                        self.buf_ns = t;
+                    }
+                    return Ok((n, t));
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    bail!("deadline reached while reading")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Read one response into `rec`. With `abort_after`, close (Outcome::Close) once
+    /// that many SSE events have arrived.
+    pub fn read_response(
+        &mut self,
+        rec: &mut ClientRecord,
+        abort_after: Option<usize>,
+        deadline: Instant,
+    ) -> Result<Outcome> {
+        let mut st = RespState::default();
+        // Bytes left over from the previous response arrived with the previous read.
+        let mut t = self.buf_ns;
+        if !self.buf.is_empty() {
+            rec.first_byte_ns = Some(t);
+        }
+        loop {
+            let complete = st.advance(&self.buf, t, rec)?;
+            if complete {
+                rec.end_ns = Some(t);
+                rec.response_bytes = st.pos as u64;
+                self.buf.drain(..st.pos);
+                let close = st.head.as_ref().is_some_and(|h| h.wants_close())
+                    || st.framing == Some(BodyFraming::UntilClose);
+                return Ok(if close {
+                    Outcome::Close
+                } else {
+                    Outcome::KeepAlive
+                });
+            }
+            if abort_after.is_some_and(|k| rec.events.len() >= k) {
+                rec.aborted = true;
+                rec.response_bytes = st.pos as u64;
+                return Ok(Outcome::Close);
+            }
+            let (n, at) = self.fill(deadline)?;
+            t = at;
+            if n == 0 {
+                if st.framing == Some(BodyFraming::UntilClose) {
+                    st.eof = true;
+                    continue;
+                }
+                bail!("server closed the connection mid-response");
+            }
+            rec.first_byte_ns.get_or_insert(t);
+        }
+    }
+}
+
+/// Parsing progress through one response inside the connection buffer.
+#[derive(Default)]
+struct RespState {
+    head: Option<Head>,
+    framing: Option<BodyFraming>,
+    /// Bytes of the buffer that belong to this response so far.
+    pos: usize,
+    chunked: ChunkedDecoder,
+    length_left: usize,
+    sse: Option<SseParser>,
+    /// Non-SSE body, parsed for usage at the end.
+    body: Vec<u8>,
+    eof: bool,
+}
+
+impl RespState {
+    /// Consume what `buf` holds beyond `pos`, all of which arrived by time `t`.
+    /// True once the response is complete.
+    fn advance(&mut self, buf: &[u8], t: u64, rec: &mut ClientRecord) -> Result<bool> {
+        if self.head.is_none() {
+            let Some(head) = http::parse_head(&buf[self.pos..])? else {
+                return Ok(false);
+            };
+            let status = head.status()?;
+            if status / 100 == 1 {
+                // Interim response (100 Continue): skip it, the real one follows.
+                self.pos += head.len;
+                return self.advance(buf, t, rec);
+            }
+            rec.status = status;
+            self.pos += head.len;
+            let framing = head.response_framing(status)?;
+            if let BodyFraming::Length(n) = framing {
+                self.length_left = n;
+            }
+            let is_sse = head.header("content-type").is_some_and(|c| {
+                c.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
+            self.sse = is_sse.then(SseParser::default);
+            self.framing = Some(framing);
+            self.head = Some(head);
+        }
+        let framing = self.framing.expect("set with head");
+        let mut payload = Vec::new();
+        let done = match framing {
+            BodyFraming::None => true,
+            BodyFraming::Length(_) => {
+                let n = self.length_left.min(buf.len() - self.pos);
+                payload.extend_from_slice(&buf[self.pos..self.pos + n]);
+                self.pos += n;
+                self.length_left -= n;
+                self.length_left == 0
+            }
+            BodyFraming::Chunked => {
+                self.pos += self.chunked.feed(&buf[self.pos..], &mut payload)?;
+                self.chunked.is_done()
+            }
+            BodyFraming::UntilClose => {
+                payload.extend_from_slice(&buf[self.pos..]);
+                self.pos = buf.len();
+                self.eof
+            }
+        };
+        self.take_payload(&payload, t, rec);
+        if done && self.sse.is_none() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.body) {
+                rec.completion_tokens = v["usage"]["completion_tokens"].as_u64();
+                rec.prompt_tokens = v["usage"]["prompt_tokens"].as_u64();
+            }
+        }
+        Ok(done)
+    }
+
+    fn take_payload(&mut self, payload: &[u8], t: u64, rec: &mut ClientRecord) {
+        let Some(sse) = self.sse.as_mut() else {
+            self.body.extend_from_slice(payload);
+            return;
+        };
+        sse.feed(payload, |data| {
+            let info = http::classify_event(data);
+            rec.events.push((t, info.content));
+            if info.content && rec.ttft_ns.is_none() {
+                rec.ttft_ns = Some(t.saturating_sub(rec.send_ns));
+            }
+            if info.completion_tokens.is_some() {
+                rec.completion_tokens = info.completion_tokens;
+                rec.prompt_tokens = info.prompt_tokens;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed a response in pieces with increasing timestamps, as reads would.
+    fn parse_in_pieces(wire: &[u8], step: usize) -> (ClientRecord, usize) {
+        let mut st = RespState::default();
+        let mut rec = ClientRecord::default();
+        let mut have = 0;
+        loop {
+            have = (have + step).min(wire.len());
+            if st.advance(&wire[..have], have as u64, &mut rec).unwrap() {
+                return (rec, st.pos);
+            }
+            assert!(have < wire.len(), "incomplete");
+        }
+    }
+
+    #[test]
+    fn chunked_sse_response() {
+        let ev = |s: &str| http::chunk(format!("data: {s}\n\n").as_bytes());
+        let mut wire = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        wire.extend(ev(
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+        ));
+        wire.extend(ev(r#"{"choices":[{"delta":{"content":"a"}}]}"#));
+        wire.extend(ev(r#"{"choices":[{"delta":{"content":"b"}}]}"#));
+        wire.extend(ev(
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        ));
+        wire.extend(ev("[DONE]"));
+        wire.extend_from_slice(http::LAST_CHUNK);
+        let total = wire.len();
+        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n"); // next pipelined response
+        for step in [1, 7, 100, 10_000] {
+            let (rec, pos) = parse_in_pieces(&wire, step);
+            assert_eq!(pos, total);
+            assert_eq!(rec.status, 200);
+            let kinds: Vec<bool> = rec.events.iter().map(|e| e.1).collect();
+            assert_eq!(kinds, vec![false, true, true, false, false]);
+            assert_eq!(rec.completion_tokens, Some(2));
+            assert!(rec.events.windows(2).all(|w| w[0].0 <= w[1].0));
+        }
+    }
+
+    #[test]
+    fn content_length_json() {
+        let body = br#"{"usage":{"prompt_tokens":4,"completion_tokens":9}}"#;
+        let mut wire =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        wire.extend_from_slice(body);
+        let (rec, pos) = parse_in_pieces(&wire, 5);
+        assert_eq!(pos, wire.len());
+        assert_eq!(rec.completion_tokens, Some(9));
+        assert!(rec.events.is_empty());
+    }
+}

@@ -1,0 +1,267 @@
+//! Per-request work of the synthetic server: route, queue, prefill, decode, and the
+//! timed writes whose CLOCK_MONOTONIC stamps make up the ground-truth log.
+
+use crate::http;
+use crate::mono_ns;
+use crate::synth::{Request, Server, ServerRecord, WriteMode};
+use crate::synth_plan::{self, Event, PlannedWrite, RouteKind};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub(crate) fn simple_response(
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+    close: bool,
+    request_id: Option<&str>,
+) -> Vec<u8> {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nserver: llmslo-synth\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    push_common_headers(&mut head, close, request_id);
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+fn push_common_headers(head: &mut String, close: bool, request_id: Option<&str>) {
+    if let Some(id) = request_id {
+        head.push_str(&format!("x-request-id: {id}\r\n"));
+    }
+    if close {
+        head.push_str("connection: close\r\n");
+    }
+    head.push_str("\r\n");
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Unknown",
+    }
+}
+
+/// Serve one request; false when the connection must close (a write failed).
+pub(crate) async fn handle(
+    srv: &Server,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    req: Request,
+    close: bool,
+) -> bool {
+    let mut parts = req.head.start_line.split(' ');
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or("").to_string();
+    let request_id = req.head.header("x-request-id").map(str::to_string);
+    let mut rec = ServerRecord {
+        request_id: request_id.clone(),
+        peer: peer.to_string(),
+        method: method.clone(),
+        path: path.clone(),
+        read_first_ns: req.read_first_ns,
+        read_done_ns: req.read_done_ns,
+        body_bytes: req.body.len() as u64,
+        ..Default::default()
+    };
+    let rid = request_id.as_deref();
+    let known = [
+        "/health",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+    ];
+    let ok = match (method.as_str(), path.as_str()) {
+        ("GET", "/health") => send_simple(stream, &mut rec, 200, "", close, rid).await,
+        ("GET", "/v1/models") => {
+            let body = serde_json::json!({"object": "list", "data": [{"id": srv.args.model, "object": "model", "owned_by": "llmslo"}]});
+            send_simple(stream, &mut rec, 200, &body.to_string(), close, rid).await
+        }
+        ("POST", "/v1/chat/completions") => {
+            generate(srv, stream, &mut rec, &req, RouteKind::Chat, close).await
+        }
+        ("POST", "/v1/completions") => {
+            generate(srv, stream, &mut rec, &req, RouteKind::Completions, close).await
+        }
+        (_, p) if known.contains(&p) => {
+            send_simple(
+                stream,
+                &mut rec,
+                405,
+                r#"{"detail":"Method Not Allowed"}"#,
+                close,
+                rid,
+            )
+            .await
+        }
+        _ => {
+            send_simple(
+                stream,
+                &mut rec,
+                404,
+                r#"{"detail":"Not Found"}"#,
+                close,
+                rid,
+            )
+            .await
+        }
+    };
+    srv.log(&rec);
+    ok
+}
+
+/// Time a single write: returns false (and marks the record aborted) on failure.
+async fn timed_write(stream: &mut TcpStream, rec: &mut ServerRecord, data: &[u8]) -> Option<u64> {
+    let t = mono_ns();
+    match stream.write_all(data).await {
+        Ok(()) => Some(t),
+        Err(_) => {
+            rec.aborted = true;
+            None
+        }
+    }
+}
+
+async fn send_simple(
+    stream: &mut TcpStream,
+    rec: &mut ServerRecord,
+    status: u16,
+    body: &str,
+    close: bool,
+    rid: Option<&str>,
+) -> bool {
+    rec.status = status;
+    let resp = simple_response(status, "application/json", body.as_bytes(), close, rid);
+    let Some(t) = timed_write(stream, rec, &resp).await else {
+        return false;
+    };
+    rec.resp_first_ns = Some(t);
+    rec.resp_last_ns = Some(t);
+    true
+}
+
+/// Sleep until `at` with sub-millisecond precision. tokio's timer wheel rounds up to
+/// whole milliseconds, which would bunch tokens at small `--decode-ms`; so the timer
+/// covers all but the last 2 ms and a blocking-pool thread sleeps the rest.
+async fn sleep_until(at: Instant) {
+    let coarse = Duration::from_millis(2);
+    if at.saturating_duration_since(Instant::now()) > coarse {
+        tokio::time::sleep_until(at - coarse).await;
+    }
+    let rest = at.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+}
+
+async fn generate(
+    srv: &Server,
+    stream: &mut TcpStream,
+    rec: &mut ServerRecord,
+    req: &Request,
+    route: RouteKind,
+    close: bool,
+) -> bool {
+    let args = &srv.args;
+    let rid = rec.request_id.clone();
+    let params = match synth_plan::parse_params(&req.body, route) {
+        Ok(p) => p,
+        Err(e) => {
+            let body = serde_json::json!({"error": {"message": format!("{e:#}"), "type": "BadRequestError"}});
+            return send_simple(stream, rec, 400, &body.to_string(), close, rid.as_deref()).await;
+        }
+    };
+    let model = params.model.clone().unwrap_or_else(|| args.model.clone());
+    let tokens = params.max_tokens.unwrap_or(args.tokens);
+    rec.model = Some(model.clone());
+    rec.stream = params.stream;
+    rec.tokens = tokens;
+    rec.prompt_bytes = params.prompt_bytes;
+    rec.prompt_tokens = (params.prompt_bytes / 4).max(1);
+    rec.status = 200;
+    let split = args.write_mode == WriteMode::Split;
+
+    if params.stream {
+        // Like vLLM behind uvicorn: the status line goes out as soon as the handler
+        // starts, before the request waits for the engine.
+        let mut head = String::from(
+            "HTTP/1.1 200 OK\r\nserver: llmslo-synth\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n",
+        );
+        push_common_headers(&mut head, close, rid.as_deref());
+        let Some(t) = timed_write(stream, rec, head.as_bytes()).await else {
+            return false;
+        };
+        rec.resp_first_ns = Some(t);
+    }
+
+    // Queueing: a fixed delay, then FIFO for one of `concurrency` slots (tokio's
+    // semaphore is fair), then prefill proportional to the prompt size.
+    sleep_until(Instant::now() + Duration::from_secs_f64(args.queue_delay_ms / 1e3)).await;
+    let _permit = srv.sem.acquire().await.expect("semaphore never closed");
+    let prefill_us = args.prefill_us_per_kb * req.body.len() as f64 / 1024.0;
+    sleep_until(Instant::now() + Duration::from_secs_f64(prefill_us / 1e6)).await;
+
+    let t0 = Instant::now();
+    let decode = Duration::from_secs_f64(args.decode_ms / 1e3);
+    let n = srv.next_id.fetch_add(1, Ordering::Relaxed);
+    let ctx = synth_plan::GenContext {
+        id: n,
+        model: &model,
+        route,
+        tokens,
+        prompt_tokens: rec.prompt_tokens,
+    };
+
+    if !params.stream {
+        sleep_until(t0 + decode * tokens as u32).await;
+        let body = synth_plan::full_body(&ctx);
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\nserver: llmslo-synth\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        push_common_headers(&mut head, close, rid.as_deref());
+        let mut writes = vec![head.into_bytes()];
+        if split {
+            writes.push(body);
+        } else {
+            writes[0].extend_from_slice(&body);
+        }
+        for w in &writes {
+            let Some(t) = timed_write(stream, rec, w).await else {
+                return false;
+            };
+            rec.resp_first_ns.get_or_insert(t);
+            rec.resp_last_ns = Some(t);
+        }
+        return true;
+    }
+
+    let events: Vec<Event> = synth_plan::stream_events(&ctx, params.include_usage, decode);
+    let plan: Vec<PlannedWrite> = synth_plan::plan_writes(&events, args.write_mode);
+    for w in &plan {
+        sleep_until(t0 + w.at).await;
+        let Some(t) = timed_write(stream, rec, &w.data).await else {
+            return false;
+        };
+        for _ in 0..w.content_starts {
+            rec.token_start_ns.push(t);
+        }
+        for _ in 0..w.content_ends {
+            rec.token_ns.push(t);
+        }
+    }
+    let Some(t) = timed_write(stream, rec, http::LAST_CHUNK).await else {
+        return false;
+    };
+    rec.resp_last_ns = Some(t);
+    true
+}

@@ -1,0 +1,205 @@
+//! Shared pieces of the kernel tests: the root/BPF gate, the agent as a child process, and a
+//! tiny HTTP client for its API.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when the test may use the kernel. Without root it skips loudly, unless
+/// LLMSLO_REQUIRE_BPF=1 (CI), where it fails.
+pub fn kernel_tests_enabled(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("LLMSLO_REQUIRE_BPF").as_deref() == Ok("1") {
+        panic!("{test}: LLMSLO_REQUIRE_BPF=1 but not running as root: cannot load BPF programs");
+    }
+    eprintln!("\n!!! SKIPPING {test}: needs root to load BPF and build network namespaces !!!\n");
+    false
+}
+
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The agent running as a child process; SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log =
+            std::env::temp_dir().join(format!("llmslo-agent-{}-{port}.log", std::process::id()));
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawning the agent");
+        let mut a = Agent { child, addr, log };
+        a.wait_ready(Duration::from_secs(30));
+        a
+    }
+
+    fn wait_ready(&mut self, within: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("agent exited during start-up ({st}):\n{}", self.log_text());
+            }
+            if let Ok((200, _)) = http_get(self.addr, "/readyz") {
+                return;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "agent not ready after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        let (code, body) = http_get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get(path)).unwrap()
+    }
+
+    /// Polls /api/v1/requests until `pred` holds for the record list or the time is up.
+    pub fn wait_requests(
+        &self,
+        within: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let t0 = Instant::now();
+        loop {
+            let v = self.get_json("/api/v1/requests?limit=100000");
+            let recs = v["requests"].as_array().cloned().unwrap_or_default();
+            if pred(&recs) || t0.elapsed() > within {
+                return recs;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        // SAFETY: kill with a valid pid of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// GET over a fresh connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Runs `promtool check metrics` on an exposition; panics with its complaints.
+pub fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool missing: make test installs Debian's prometheus package");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub mod node;

@@ -1,0 +1,58 @@
+//! A pod of the testbed with the synthetic server in it, for the kernel tests.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use testbed::{CgroupDriver, Pod, PodCgroup, PodProcess, ServerRecord};
+
+pub const PORT: u16 = 8000;
+
+pub struct ServerPod {
+    // Field order is drop order: the server dies before its cgroup and netns go.
+    pub server: PodProcess,
+    pub cg: PodCgroup,
+    pub pod: Pod,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+/// A pod (netns + kubelet-style cgroup) running the synthetic server. `arg0` is what the
+/// server's command line says it is (e.g. "vllm" for discovery by signature).
+pub fn server_pod(name: &str, driver: CgroupDriver, arg0: &str, server_args: &[&str]) -> ServerPod {
+    let pod = Pod::create(name).expect("creating pod netns");
+    let cg = PodCgroup::create(driver, "burstable").expect("creating pod cgroup");
+    let log = std::env::temp_dir().join(format!(
+        "llmslo-synth-{}-{}.jsonl",
+        std::process::id(),
+        pod.netns_name()
+    ));
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new(super::agent_bin());
+    cmd.arg0(arg0)
+        .arg("synth-server")
+        .args(["--listen", &format!("0.0.0.0:{PORT}"), "--log"])
+        .arg(&log)
+        .args(server_args)
+        .env("HOSTNAME", name)
+        .stdout(std::process::Stdio::null());
+    let server = pod
+        .spawn(cmd, Some(&cg))
+        .expect("spawning the synthetic server");
+    pod.wait_for_port(PORT, Duration::from_secs(10))
+        .expect("server listening");
+    ServerPod {
+        server,
+        cg,
+        pod,
+        log,
+        name: name.to_string(),
+    }
+}
+
+impl ServerPod {
+    pub fn server_log(&self) -> Vec<ServerRecord> {
+        testbed::read_server_log(&self.log).expect("reading server log")
+    }
+}

@@ -1,0 +1,432 @@
+//! Kernel tests of the request lifecycle (issue: L7): a synthetic OpenAI-compatible server in a
+//! testbed pod, a load generator in the root netns, and the agent as a separate process. The
+//! agent's numbers are checked against both ends of the wire.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::node::{server_pod, ServerPod, PORT};
+use common::{kernel_tests_enabled, promtool_check, Agent};
+use serde_json::Value;
+use testbed::{CgroupDriver, ClientRecord, LoadConfig};
+
+const MARKER: &str = "PRIVATE-MARKER-7f3a9c1e";
+
+fn agent_for(sp: &ServerPod) -> Agent {
+    Agent::start(&["--no-auto", "--target-cgroup", sp.cg.cgroup_path()])
+}
+
+/// Agent records of one pod's server, per client port, in request order.
+fn records_by_port(recs: &[Value], sp: &ServerPod) -> BTreeMap<u16, Vec<Value>> {
+    let dst = format!("{}:{PORT}", sp.pod.ip());
+    let mut m: BTreeMap<u16, Vec<Value>> = BTreeMap::new();
+    for r in recs.iter().filter(|r| r["dst"] == dst.as_str()) {
+        let port = r["src"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        m.entry(port).or_default().push(r.clone());
+    }
+    for v in m.values_mut() {
+        v.sort_by_key(|r| r["start_ns"].as_u64().unwrap_or(0));
+    }
+    m
+}
+
+/// Pairs each client request with the agent's record of it: same connection, same position.
+fn pair<'a>(
+    client: &'a [ClientRecord],
+    agent: &BTreeMap<u16, Vec<Value>>,
+) -> Vec<(&'a ClientRecord, Option<Value>)> {
+    client
+        .iter()
+        .map(|c| {
+            let r = agent
+                .get(&c.local_port)
+                .and_then(|v| v.get(c.seq_on_conn as usize))
+                .cloned();
+            (c, r)
+        })
+        .collect()
+}
+
+fn ms(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn within(agent_ms: f64, truth_ms: f64, abs_ms: f64, rel: f64) -> bool {
+    (agent_ms - truth_ms).abs() <= abs_ms + rel * truth_ms.abs()
+}
+
+fn stage_sum_in_e2e(r: &Value) -> f64 {
+    r["stages"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "tcp_handshake" && *k != "accept_wait")
+        .map(|(_, v)| v.as_f64().unwrap())
+        .sum()
+}
+
+#[test]
+fn streaming_accuracy_against_both_ends_of_the_wire() {
+    if !kernel_tests_enabled("streaming_accuracy_against_both_ends_of_the_wire") {
+        return;
+    }
+    let sp = server_pod(
+        "acc",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &[
+            "--decode-ms",
+            "3",
+            "--queue-delay-ms",
+            "1",
+            "--prefill-us-per-kb",
+            "200",
+        ],
+    );
+    let agent = agent_for(&sp);
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.connections = 20;
+    cfg.requests = 2000;
+    cfg.streaming_ratio = 1.0;
+    cfg.prompt_bytes = vec![200, 3000];
+    cfg.max_tokens = Some(8);
+    cfg.marker = Some(MARKER.into());
+    cfg.deadline = Duration::from_secs(120);
+    let client = testbed::loadgen::run(&cfg).expect("load");
+    assert_eq!(client.len(), 2000);
+    assert!(
+        client.iter().all(|c| c.status == 200 && c.error.is_none()),
+        "client errors"
+    );
+
+    let recs = agent.wait_requests(Duration::from_secs(30), |r| r.len() >= 2000);
+    let by_port = records_by_port(&recs, &sp);
+    let captured: usize = by_port.values().map(Vec::len).sum();
+    assert_eq!(captured, 2000, "every request captured, none extra");
+    assert_eq!(by_port.len(), 20, "20 keep-alive connections");
+
+    let server: BTreeMap<String, _> = sp
+        .server_log()
+        .into_iter()
+        .filter_map(|s| s.request_id.clone().map(|id| (id, s)))
+        .collect();
+    let mut bad = Vec::new();
+    let mut ttft_diff = Vec::new();
+    for (c, r) in pair(&client, &by_port) {
+        let r = r.expect("paired record");
+        let s = &server[&c.request_id.to_string()];
+        let client_ttft = c.ttft_ns.unwrap() as f64 / 1e6;
+        let client_e2e = (c.end_ns.unwrap() - c.send_ns) as f64 / 1e6;
+        let ttft = ms(&r["ttft_ms"]).unwrap();
+        let e2e = ms(&r["e2e_ms"]).unwrap();
+        ttft_diff.push(client_ttft - ttft);
+        if !within(ttft, client_ttft, 1.0, 0.02) {
+            bad.push(format!(
+                "req {}: ttft agent {ttft:.3} client {client_ttft:.3}",
+                c.request_id
+            ));
+        }
+        if !within(e2e, client_e2e, 1.0, 0.02) {
+            bad.push(format!(
+                "req {}: e2e agent {e2e:.3} client {client_e2e:.3}",
+                c.request_id
+            ));
+        }
+        if r["output_events"].as_u64() != Some(s.token_ns.len() as u64) {
+            bad.push(format!(
+                "req {}: events agent {} server {}",
+                c.request_id,
+                r["output_events"],
+                s.token_ns.len()
+            ));
+        }
+        if r["output_tokens"].as_u64() != Some(s.tokens) {
+            bad.push(format!(
+                "req {}: tokens agent {} server {}",
+                c.request_id, r["output_tokens"], s.tokens
+            ));
+        }
+        let itl: Vec<f64> = r["itl_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let truth: Vec<f64> = s
+            .token_ns
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as f64 / 1e6)
+            .collect();
+        if itl.len() != truth.len() || itl.iter().zip(&truth).any(|(a, t)| (a - t).abs() > 0.5) {
+            bad.push(format!(
+                "req {}: itl agent {itl:?} server {truth:?}",
+                c.request_id
+            ));
+        }
+        let sum = stage_sum_in_e2e(&r);
+        if (sum - e2e).abs() > 0.01 * e2e {
+            bad.push(format!(
+                "req {}: stages sum {sum:.3} != e2e {e2e:.3}",
+                c.request_id
+            ));
+        }
+        for st in ["socket_wait", "request_read", "queue_prefill", "decode"] {
+            if r["stages"][st].as_f64().is_none_or(|v| v < 0.0) {
+                bad.push(format!(
+                    "req {}: stage {st} missing: {}",
+                    c.request_id, r["stages"]
+                ));
+            }
+        }
+        if r["model"] != "synth-llm"
+            || r["status"] != 200
+            || r["streaming"] != true
+            || r["method"] != "POST"
+            || r["path"] != "/v1/chat/completions"
+        {
+            bad.push(format!(
+                "req {}: fields {} {} {} {} {}",
+                c.request_id, r["model"], r["status"], r["streaming"], r["method"], r["path"]
+            ));
+        }
+        if r["origin"] != "sock_queued" && r["origin"] != "read_first" {
+            bad.push(format!("req {}: origin {}", c.request_id, r["origin"]));
+        }
+    }
+    ttft_diff.sort_by(f64::total_cmp);
+    let q = |p: f64| ttft_diff[((ttft_diff.len() - 1) as f64 * p) as usize];
+    eprintln!(
+        "client TTFT - agent TTFT (ms): min {:.3} p50 {:.3} p99 {:.3} max {:.3}",
+        q(0.0),
+        q(0.5),
+        q(0.99),
+        q(1.0)
+    );
+    assert!(
+        bad.is_empty(),
+        "{} mismatches, first 20:\n{}",
+        bad.len(),
+        bad[..bad.len().min(20)].join("\n")
+    );
+
+    // The aggregates: exposition valid for Prometheus, quantiles and breakdown present.
+    let metrics = agent.get("/metrics");
+    promtool_check(&metrics);
+    for name in [
+        "llmslo_requests_total{",
+        "llmslo_ttft_seconds_bucket{",
+        "llmslo_itl_seconds_bucket{",
+        "llmslo_tpot_seconds_bucket{",
+        "llmslo_e2e_seconds_bucket{",
+        "llmslo_stage_seconds_bucket{",
+        "llmslo_latency_quantile_seconds{",
+        "llmslo_agent_events_lost_total{",
+        "llmslo_agent_requests_unparsed_total{",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    let lost: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("llmslo_agent_events_lost_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(lost, 0.0, "no event lost at this load");
+    let bd = agent.get_json("/api/v1/breakdown?window=5m&group_by=model");
+    let g = &bd["groups"][0];
+    assert_eq!(g["count"], 2000, "{bd}");
+    assert!(g["metrics"]["ttft_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let share: f64 = g["stages"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|s| s["share_of_e2e"].as_f64())
+        .sum();
+    assert!((share - 1.0).abs() < 0.01, "stage shares sum to 1: {share}");
+
+    // Privacy: the prompt text never leaves the agent.
+    for path in [
+        "/metrics",
+        "/api/v1/requests?limit=100000",
+        "/api/v1/breakdown",
+        "/api/v1/targets",
+    ] {
+        assert!(
+            !agent.get(path).contains(MARKER),
+            "prompt text leaked into {path}"
+        );
+    }
+    assert!(
+        !agent.log_text().contains(MARKER),
+        "prompt text leaked into the agent log"
+    );
+}
+
+#[test]
+fn non_streaming_pipelined_aborted_large_and_untargeted() {
+    if !kernel_tests_enabled("non_streaming_pipelined_aborted_large_and_untargeted") {
+        return;
+    }
+    let sp = server_pod(
+        "mix",
+        CgroupDriver::Cgroupfs,
+        "llmslo-synth-server",
+        &["--decode-ms", "1"],
+    );
+    let other = server_pod(
+        "other",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "1"],
+    );
+    let agent = agent_for(&sp);
+    let base = LoadConfig::new(sp.pod.addr(PORT));
+
+    // Non-streaming.
+    let mut cfg = base.clone();
+    cfg.connections = 4;
+    cfg.requests = 40;
+    cfg.streaming_ratio = 0.0;
+    cfg.request_id_base = 1000;
+    let ns = testbed::loadgen::run(&cfg).unwrap();
+    // Pipelined: two requests in flight back to back on each connection.
+    let mut cfg = base.clone();
+    cfg.connections = 2;
+    cfg.requests = 40;
+    cfg.pipeline = true;
+    cfg.request_id_base = 2000;
+    let pl = testbed::loadgen::run(&cfg).unwrap();
+    // Clients that disconnect mid-stream.
+    let mut cfg = base.clone();
+    cfg.connections = 2;
+    cfg.requests = 10;
+    cfg.max_tokens = Some(64);
+    cfg.abort_after_events = Some(3);
+    cfg.abort_ratio = 1.0;
+    cfg.request_id_base = 3000;
+    let ab = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        ab.iter().all(|c| c.aborted),
+        "the load generator aborted every request"
+    );
+    // A 1 MiB prompt.
+    let mut cfg = base.clone();
+    cfg.requests = 3;
+    cfg.prompt_bytes = vec![1 << 20];
+    cfg.request_id_base = 4000;
+    let big = testbed::loadgen::run(&cfg).unwrap();
+    // An untargeted server gets traffic too.
+    let mut cfg = LoadConfig::new(other.pod.addr(PORT));
+    cfg.requests = 20;
+    cfg.connections = 2;
+    testbed::loadgen::run(&cfg).unwrap();
+
+    let total = ns.len() + pl.len() + ab.len() + big.len();
+    let recs = agent.wait_requests(Duration::from_secs(20), |r| r.len() >= total);
+    let by_port = records_by_port(&recs, &sp);
+
+    let check = |what: &str,
+                 client: &[ClientRecord],
+                 f: &dyn Fn(&ClientRecord, &Value) -> Option<String>| {
+        let mut bad = Vec::new();
+        for (c, r) in pair(client, &by_port) {
+            match r {
+                None => bad.push(format!("{what} req {}: not recorded", c.request_id)),
+                Some(r) => bad.extend(f(c, &r)),
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{what}: {} problems:\n{}",
+            bad.len(),
+            bad[..bad.len().min(10)].join("\n")
+        );
+    };
+    check("non-streaming", &ns, &|c, r| {
+        let e2e = (c.end_ns? - c.send_ns) as f64 / 1e6;
+        let ok = r["streaming"] == false
+            && r["status"] == 200
+            && r["ttft_ms"].is_null()
+            && r["output_tokens"].as_u64() == c.completion_tokens
+            && within(r["e2e_ms"].as_f64()?, e2e, 1.0, 0.02)
+            && r["stages"]["inference"].as_f64().is_some();
+        (!ok).then(|| format!("req {}: {r} client e2e {e2e}", c.request_id))
+    });
+    check("pipelined", &pl, &|c, r| {
+        let ok = r["status"] == 200
+            && r["output_events"].as_u64() == Some(c.content_times().len() as u64)
+            && r["aborted"] == false;
+        (!ok).then(|| format!("req {}: {r}", c.request_id))
+    });
+    check("aborted", &ab, &|c, r| {
+        let ok = r["aborted"] == true
+            && r["e2e_ms"].is_null()
+            && r["output_events"].as_u64().unwrap_or(0) >= 1;
+        (!ok).then(|| format!("req {}: {r}", c.request_id))
+    });
+    check("1 MiB prompt", &big, &|c, r| {
+        let ok = r["request_bytes"].as_u64() == Some(c.request_bytes as u64)
+            && r["model"] == "synth-llm"
+            && r["status"] == 200;
+        (!ok).then(|| {
+            format!(
+                "req {}: request_bytes {} client {} model {}",
+                c.request_id, r["request_bytes"], c.request_bytes, r["model"]
+            )
+        })
+    });
+    let other_dst = format!("{}:{PORT}", other.pod.ip());
+    assert!(
+        !recs.iter().any(|r| r["dst"] == other_dst.as_str()),
+        "an untargeted server was recorded"
+    );
+}
+
+#[test]
+fn finds_servers_by_command_line_and_labels_them() {
+    if !kernel_tests_enabled("finds_servers_by_command_line_and_labels_them") {
+        return;
+    }
+    let sp = server_pod(
+        "vllm-demo-0",
+        CgroupDriver::Systemd,
+        "vllm",
+        &["--decode-ms", "1"],
+    );
+    let agent = Agent::start(&[]);
+    let t = agent.get_json("/api/v1/targets");
+    let targets = t["targets"].as_array().unwrap();
+    let mine = targets
+        .iter()
+        .find(|x| x["pid"].as_u64() == Some(u64::from(sp.server.pid())))
+        .unwrap_or_else(|| panic!("server pid {} not among targets: {t}", sp.server.pid()));
+    assert_eq!(mine["reason"], "signature:vllm");
+    assert_eq!(mine["pod_uid"], sp.cg.pod_uid());
+    assert_eq!(mine["pod"], "vllm-demo-0");
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.requests = 10;
+    testbed::loadgen::run(&cfg).unwrap();
+    let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 10);
+    let mine: Vec<_> = recs
+        .iter()
+        .filter(|r| r["dst"] == format!("{}:{PORT}", sp.pod.ip()).as_str())
+        .collect();
+    assert_eq!(mine.len(), 10);
+    assert!(mine.iter().all(|r| r["pod"] == "vllm-demo-0"
+        && r["container"]
+            .as_str()
+            .is_some_and(|c| sp.cg.container_id().starts_with(c))));
+    let metrics = agent.get("/metrics");
+    assert!(
+        metrics.contains("pod=\"vllm-demo-0\""),
+        "metrics carry the pod label"
+    );
+}
