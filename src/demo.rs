@@ -124,7 +124,7 @@ pub fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<()> {
                 _ = &mut signal => break,
                 _ = tick.tick() => {
                     let bd = shared.store.lock().expect("store lock").agg.breakdown(unix_now(), 60, &["pod", "model"]);
-                    print_summary(&bd);
+                    print_summary(&bd, shared.started.elapsed().as_secs_f64().clamp(1.0, 60.0));
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) { break; }
                 }
             }
@@ -146,7 +146,8 @@ fn q(v: &Value, metric: &str, p: &str) -> String {
         .map_or("-".into(), |x| format!("{x:.1}"))
 }
 
-fn print_summary(bd: &Value) {
+/// `window_s`: how much of the 60 s window the demo has lived through (for the rate).
+fn print_summary(bd: &Value, window_s: f64) {
     println!(
         "{:<28} {:>6} {:>15} {:>13} {:>15}  top stage (share of E2E)",
         "pod / model (last 60 s)", "req/s", "TTFT p50/p99", "ITL p50/p99", "E2E p50/p99"
@@ -157,7 +158,7 @@ fn print_summary(bd: &Value) {
             g["key"]["pod"].as_str().unwrap_or("?"),
             g["key"]["model"].as_str().unwrap_or("?")
         );
-        let rate = g["count"].as_f64().unwrap_or(0.0) / 60.0;
+        let rate = g["count"].as_f64().unwrap_or(0.0) / window_s;
         let top = g["stages"]
             .as_object()
             .and_then(|s| {
