@@ -15,6 +15,7 @@ use crate::assemble::{Assembler, AssemblerConfig, AssemblerStats};
 use crate::config::Config;
 use crate::discovery::{self, DiscoveryConfig, Snapshot};
 use crate::loader::{AttachedProg, TargetSet, L7, STAT_NAMES};
+use crate::netpath::{AttachedHook, NetPath};
 use crate::probe::ProbeReport;
 use crate::record::RequestRecord;
 use crate::stats::{route_of, Aggregator, AggregatorConfig, Labels};
@@ -65,6 +66,7 @@ pub struct Shared {
     pub snapshot: RwLock<Snapshot>,
     pub probe: ProbeReport,
     pub programs: RwLock<Vec<AttachedProg>>,
+    pub hooks: RwLock<Vec<AttachedHook>>,
     pub ready: AtomicBool,
     pub stop: AtomicBool,
     pub started: Instant,
@@ -96,6 +98,7 @@ impl Shared {
             snapshot: RwLock::new(Snapshot::default()),
             probe,
             programs: RwLock::new(Vec::new()),
+            hooks: RwLock::new(Vec::new()),
             ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             started: Instant::now(),
@@ -133,6 +136,12 @@ pub fn discovery_config(cfg: &Config) -> DiscoveryConfig {
         auto: cfg.discovery.auto,
         pids: cfg.discovery.target_pids.clone(),
         cgroups: cfg.discovery.target_cgroups.clone(),
+        net: crate::discovery::net::NetCfg {
+            enabled: cfg.network.enabled,
+            node_devices: cfg.network.node_devices.clone(),
+            pod_veth_prefixes: cfg.network.pod_veth_prefixes.clone(),
+            auto_pod_veths: cfg.network.auto_pod_veths,
+        },
     }
 }
 
@@ -144,6 +153,7 @@ pub fn start_bpf(
 ) -> Result<std::thread::JoinHandle<()>> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
+    let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
         max_conns: cfg.max_connections,
         ..Default::default()
@@ -151,7 +161,8 @@ pub fn start_bpf(
     let handle = std::thread::Builder::new()
         .name("llmslo-bpf".into())
         .spawn(move || {
-            if let Err(e) = bpf_thread(ringbuf_bytes, asm_cfg, &shared, targets, &ready_tx) {
+            if let Err(e) = bpf_thread(network, ringbuf_bytes, asm_cfg, &shared, targets, &ready_tx)
+            {
                 let _ = ready_tx.try_send(Err(e));
             }
         })?;
@@ -162,6 +173,7 @@ pub fn start_bpf(
 }
 
 fn bpf_thread(
+    network: bool,
     ringbuf_bytes: u32,
     asm_cfg: AssemblerConfig,
     shared: &Shared,
@@ -169,7 +181,23 @@ fn bpf_thread(
     ready: &mpsc::SyncSender<Result<()>>,
 ) -> Result<()> {
     let mut l7 = L7::load(ringbuf_bytes)?;
-    *shared.programs.write().expect("programs lock") = l7.progs.clone();
+    let mut progs = l7.progs.clone();
+    let mut netpath = if network {
+        let tcx = shared.probe.has("tcx");
+        match NetPath::load(&l7.skel, tcx, shared.probe.has("netfilter_link")) {
+            Ok(n) => {
+                progs.extend(n.progs.clone());
+                Some(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "network-path programs not loaded: network stages absent");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    *shared.programs.write().expect("programs lock") = progs;
     let asm = RefCell::new(Assembler::new(asm_cfg));
     let pending: RefCell<Vec<RequestRecord>> = RefCell::new(Vec::with_capacity(256));
     let counters = RefCell::new((0u64, 0u64)); // (events read, decode errors)
@@ -189,8 +217,16 @@ fn bpf_thread(
         0
     })?;
     let rb = builder.build()?;
+    let apply = |set: &TargetSet, l7: &mut L7, np: &mut Option<NetPath>| -> Result<()> {
+        l7.targets.apply(set)?;
+        if let Some(np) = np.as_mut() {
+            np.apply(&set.hooks);
+            *shared.hooks.write().expect("hooks lock") = np.hooks.clone();
+        }
+        Ok(())
+    };
     if let Ok(set) = targets.try_recv() {
-        l7.targets.apply(&set)?;
+        apply(&set, &mut l7, &mut netpath)?;
     }
     shared.ready.store(true, Ordering::SeqCst);
     let _ = ready.try_send(Ok(()));
@@ -203,7 +239,7 @@ fn bpf_thread(
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
         while let Ok(set) = targets.try_recv() {
-            if let Err(e) = l7.targets.apply(&set) {
+            if let Err(e) = apply(&set, &mut l7, &mut netpath) {
                 tracing::warn!(error = %e, "could not update target maps");
             }
         }
@@ -223,6 +259,7 @@ fn bpf_thread(
     // Drain what is left so nothing read is dropped on shutdown.
     let _ = rb.consume();
     shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+    drop(netpath);
     tracing::info!("BPF thread stopped; detaching programs");
     Ok(())
 }

@@ -114,11 +114,13 @@ async fn breakdown(
 async fn targets(State(s): State<Arc<Shared>>) -> Response {
     let snap = s.snapshot.read().expect("snapshot lock").targets.clone();
     let programs = s.programs.read().expect("programs lock").clone();
+    let hooks = s.hooks.read().expect("hooks lock").clone();
     Json(json!({
         "kernel": s.probe.kernel,
         "hooks": s.probe.features,
         "programs": programs,
         "targets": snap,
+        "interfaces": hooks,
         "cni": null,
     }))
     .into_response()

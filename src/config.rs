@@ -20,6 +20,35 @@ pub struct Config {
     pub max_label_sets: usize,
     /// Connections tracked by the assembler before the least recently used is evicted.
     pub max_connections: usize,
+    pub network: NetworkCfg,
+}
+
+/// Packet-path hooks (network stages).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkCfg {
+    /// Attach tc/netfilter programs at all (off: server-side stages only).
+    pub enabled: bool,
+    /// Node ingress devices; empty: the device of the default route.
+    pub node_devices: Vec<String>,
+    /// Name prefixes of pods' host-side veths.
+    pub pod_veth_prefixes: Vec<String>,
+    /// Also hook other interfaces whose peer is in another network namespace.
+    pub auto_pod_veths: bool,
+}
+
+impl Default for NetworkCfg {
+    fn default() -> Self {
+        NetworkCfg {
+            enabled: true,
+            node_devices: vec![],
+            pod_veth_prefixes: crate::discovery::net::DEFAULT_POD_VETH_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            auto_pod_veths: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +75,7 @@ impl Default for Config {
             recent_requests: 10_000,
             max_label_sets: 200,
             max_connections: 65_536,
+            network: NetworkCfg::default(),
         }
     }
 }

@@ -41,6 +41,38 @@ pub struct SockEvent<'a> {
     /// When `head.len() + tail.len() < ret`, the bytes in between were not copied: a gap.
     pub head: &'a [u8],
     pub tail: &'a [u8],
+    /// Packet-path and TCP-lifecycle stamps the kernel joined to this syscall.
+    pub net: NetStamps,
+}
+
+/// Stamps from the packet hooks and TCP tracepoints (DESIGN.md §3), as carried by one event:
+/// reads carry the request's arrival (node_in, nat_done, pod_in), writes the latest response
+/// departure (pod_out, node_out), accepts the handshake (syn, established).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStamps {
+    pub syn: Option<u64>,
+    pub established: Option<u64>,
+    pub node_in: Option<u64>,
+    pub nat_done: Option<u64>,
+    pub pod_in: Option<u64>,
+    pub pod_out: Option<u64>,
+    pub node_out: Option<u64>,
+}
+
+impl NetStamps {
+    /// From the kernel's `net_ts` array (enum llmslo_net_ts order); 0 means not seen.
+    pub fn from_array(a: &[u64; 8]) -> NetStamps {
+        let o = |v: u64| (v != 0).then_some(v);
+        NetStamps {
+            syn: o(a[0]),
+            established: o(a[1]),
+            node_in: o(a[2]),
+            nat_done: o(a[3]),
+            pod_in: o(a[4]),
+            pod_out: o(a[5]),
+            node_out: o(a[6]),
+        }
+    }
 }
 
 impl SockEvent<'_> {

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod discovery;
 pub mod event;
 pub mod loader;
+pub mod netpath;
 pub mod probe;
 pub mod record;
 pub mod ringbuf;

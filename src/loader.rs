@@ -20,6 +20,9 @@ pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
     "conn_map_full",
     "syscall_error",
     "payload_truncated",
+    "flow_map_full",
+    "packet_unparsed",
+    "retransmit_ignored",
 ];
 
 /// What the agent traces: processes by tgid and cgroups by cgroup v2 id.
@@ -29,6 +32,8 @@ pub struct TargetSet {
     pub cgroups: BTreeSet<u64>,
     /// (netns inode, port) of the targets' listening sockets.
     pub listen: BTreeSet<(u32, u16)>,
+    /// Interfaces that get packet hooks.
+    pub hooks: Vec<crate::netpath::HookSpec>,
 }
 
 /// An attached program, for `/api/v1/targets` and `probe`.
@@ -54,6 +59,7 @@ pub struct TargetMaps {
     tgids: MapHandle,
     cgroups: MapHandle,
     listen: MapHandle,
+    ports: MapHandle,
     /// `n_cgroup_targets` in the object's mmapped .bss: lets untargeted tasks skip a lookup.
     n_cgroups: &'static mut u32,
     applied: TargetSet,
@@ -126,6 +132,7 @@ impl L7 {
             tgids: MapHandle::try_from(&skel.maps.target_tgids)?,
             cgroups: MapHandle::try_from(&skel.maps.target_cgroups)?,
             listen: MapHandle::try_from(&skel.maps.listen_ports)?,
+            ports: MapHandle::try_from(&skel.maps.target_ports)?,
             n_cgroups: &mut bss.n_cgroup_targets,
             applied: TargetSet::default(),
         };
@@ -165,6 +172,9 @@ impl TargetMaps {
             let key = [netns.to_ne_bytes(), u32::from(*port).to_ne_bytes()].concat();
             if let Err(e) = self.listen.update(&key, &[1], MapFlags::ANY) {
                 tracing::debug!(error = %e, "listen port not added");
+            }
+            if let Err(e) = self.ports.update(&port.to_ne_bytes(), &[1], MapFlags::ANY) {
+                tracing::debug!(error = %e, "target port not added");
             }
         }
         // SAFETY: a plain aligned u32 in memory the kernel shares with the program; a torn
@@ -228,7 +238,7 @@ mod tests {
     fn event_layout_is_pinned() {
         use std::mem::{offset_of, size_of};
         use types::llmslo_event_hdr as H;
-        assert_eq!(size_of::<H>(), 128);
+        assert_eq!(size_of::<H>(), 128 + 64);
         assert_eq!(offset_of!(H, ts_enter), 0);
         assert_eq!(offset_of!(H, queued_ts), 24);
         assert_eq!(offset_of!(H, ret), 40);
@@ -236,6 +246,8 @@ mod tests {
         assert_eq!(offset_of!(H, kind), 68);
         assert_eq!(offset_of!(H, laddr), 76);
         assert_eq!(offset_of!(H, comm), 108);
-        assert_eq!(size_of::<types::llmslo_event>(), 128 + 4096 + 512);
+        assert_eq!(offset_of!(H, net_ts), 128);
+        assert_eq!(size_of::<types::llmslo_event>(), 192 + 4096 + 512);
+        assert_eq!(size_of::<types::llmslo_flow_key>(), 40);
     }
 }

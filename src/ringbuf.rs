@@ -1,6 +1,6 @@
 //! Ring-buffer records → `SockEvent`: check the length, decode the header, hand it over.
 
-use crate::event::{sockaddr, EventKind, SockEvent};
+use crate::event::{sockaddr, EventKind, NetStamps, SockEvent};
 use crate::skel::l7::types::{llmslo_event_hdr, llmslo_event_kind as K};
 
 /// Why a ring-buffer record was rejected (counted, never fatal).
@@ -57,6 +57,7 @@ pub fn decode(data: &[u8]) -> Result<SockEvent<'_>, DecodeError> {
         comm,
         head: &payload[..hl],
         tail: &payload[hl..hl + tl],
+        net: NetStamps::from_array(&h.net_ts),
     })
 }
 

@@ -21,3 +21,25 @@ pub mod l7 {
 pub mod probe {
     include!(concat!(env!("OUT_DIR"), "/probe.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    dead_code,
+    unused
+)]
+pub mod tcp {
+    include!(concat!(env!("OUT_DIR"), "/tcp.skel.rs"));
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    dead_code,
+    unused
+)]
+pub mod netpath {
+    include!(concat!(env!("OUT_DIR"), "/netpath.skel.rs"));
+}

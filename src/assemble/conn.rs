@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::event::{EventKind, SockEvent};
+use crate::event::{EventKind, NetStamps, SockEvent};
 use crate::record::{RequestRecord, Ts};
 
 use super::body::Body;
@@ -47,6 +47,7 @@ struct Io {
     enter: u64,
     exit: u64,
     queued: Option<u64>,
+    net: NetStamps,
     tgid: u32,
     cgroup: u64,
 }
@@ -56,6 +57,8 @@ struct Io {
 struct Start {
     read_first: u64,
     queued: Option<u64>,
+    /// Packet-path stamps of the request's first packet (from the read of its first byte).
+    net: NetStamps,
     bytes: u64,
     tgid: u32,
     cgroup: u64,
@@ -117,6 +120,8 @@ pub(crate) struct Conn {
     ident: Ident,
     mode: Mode,
     accepted: Option<u64>,
+    /// The handshake's stamps, from the accept event.
+    handshake: NetStamps,
     /// Reads still allowed to be skipped while waiting for one that starts a request.
     resync: u8,
     seen_request: bool,
@@ -164,6 +169,7 @@ impl Conn {
             },
             mode: Mode::Fresh,
             accepted: None,
+            handshake: NetStamps::default(),
             resync: 0,
             seen_request: false,
             next_seq: 0,
@@ -185,6 +191,11 @@ impl Conn {
         self.clear();
         self.mode = Mode::Fresh;
         self.accepted = accepted.then_some(ev.ts_exit);
+        self.handshake = if accepted {
+            ev.net
+        } else {
+            NetStamps::default()
+        };
         self.resync = if accepted { 0 } else { RESYNC_READS };
         self.seen_request = false;
         self.next_seq = 0;
@@ -293,6 +304,28 @@ impl Conn {
         }
         if let (true, Some(a)) = (st.first_on_conn, self.accepted) {
             rec.timestamps.set(Ts::Accepted, a);
+            // The handshake precedes the accept; anything later is a stale flow entry.
+            for (t, v) in [
+                (Ts::Syn, self.handshake.syn),
+                (Ts::Established, self.handshake.established),
+            ] {
+                if let Some(v) = v.filter(|&v| v <= a) {
+                    rec.timestamps.set(t, v);
+                }
+            }
+        }
+        // The request's first packet at each hop: only stamps taken before the server read it,
+        // in path order, belong to this request.
+        let mut bound = st.queued.unwrap_or(st.read_first).min(st.read_first);
+        for (t, v) in [
+            (Ts::PodIn, st.net.pod_in),
+            (Ts::NatDone, st.net.nat_done),
+            (Ts::NodeIn, st.net.node_in),
+        ] {
+            if let Some(v) = v.filter(|&v| v <= bound) {
+                rec.timestamps.set(t, v);
+                bound = v;
+            }
         }
         Pending {
             seq,
@@ -341,6 +374,7 @@ impl Conn {
             enter: ev.ts_enter,
             exit: ev.ts_exit,
             queued: ev.queued_ts,
+            net: ev.net,
             tgid: ev.tgid,
             cgroup: ev.cgroup_id,
         };
@@ -415,4 +449,18 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
         sink.stats.aborted += 1;
     }
     (sink.out)(rec);
+}
+
+/// The response's last byte left the server in this write: resp_last, and where the packets
+/// that carried it were seen leaving the pod and the node (stamps older than the write belong
+/// to an earlier response and are dropped).
+fn set_resp_last(rec: &mut RequestRecord, io: &Io) {
+    rec.timestamps.set(Ts::RespLast, io.exit);
+    let mut bound = io.enter;
+    for (t, v) in [(Ts::PodOut, io.net.pod_out), (Ts::NodeOut, io.net.node_out)] {
+        if let Some(v) = v.filter(|&v| v >= bound) {
+            rec.timestamps.set(t, v);
+            bound = v;
+        }
+    }
 }

@@ -17,6 +17,8 @@ pub(super) struct Sim {
     pub(super) t: u64,
     /// `queued_ts` for the next read.
     pub(super) queued: Option<u64>,
+    /// Packet-path stamps for the next event.
+    pub(super) net: Option<crate::event::NetStamps>,
 }
 
 impl Sim {
@@ -29,6 +31,7 @@ impl Sim {
             recs: Vec::new(),
             t: 1_000_000,
             queued: None,
+            net: None,
         }
     }
 
@@ -65,6 +68,7 @@ impl Sim {
             comm: "vllm-server",
             head,
             tail,
+            net: self.net.take().unwrap_or_default(),
         };
         let recs = &mut self.recs;
         self.a.on_event(&ev, &mut |r| recs.push(r));
@@ -314,4 +318,49 @@ fn chunked_request_body() {
         (s.recs[0].model.as_deref(), s.recs[0].request_bytes),
         (Some("m7"), req.len() as u64)
     );
+}
+
+#[test]
+fn network_stamps_join_the_request_in_path_order() {
+    use crate::event::NetStamps;
+    let mut s = Sim::new();
+    s.net = Some(NetStamps {
+        syn: Some(10),
+        established: Some(20),
+        ..Default::default()
+    });
+    s.accept(SOCK);
+    let t = s.t;
+    s.queued = Some(t - 100);
+    // A stale pod_in (after sock_queued) must be dropped; node_in and nat_done kept.
+    s.net = Some(NetStamps {
+        node_in: Some(t - 500),
+        nat_done: Some(t - 400),
+        pod_in: Some(t - 50),
+        ..Default::default()
+    });
+    let req = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.ev(EventKind::Read, SOCK, req.len() as i64, req, b"");
+    let w = s.t;
+    s.net = Some(NetStamps {
+        pod_out: Some(w + 3),
+        node_out: Some(w + 5),
+        ..Default::default()
+    });
+    let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    s.ev(EventKind::Write, SOCK, resp.len() as i64, resp, b"");
+    assert_eq!(s.recs.len(), 1);
+    let ts = &s.recs[0].timestamps;
+    assert_eq!(ts.get(Ts::Syn), Some(10));
+    assert_eq!(ts.get(Ts::Established), Some(20));
+    assert_eq!(ts.get(Ts::NodeIn), Some(t - 500));
+    assert_eq!(ts.get(Ts::NatDone), Some(t - 400));
+    assert_eq!(
+        ts.get(Ts::PodIn),
+        None,
+        "a stamp after sock_queued is not this request's"
+    );
+    assert_eq!(ts.get(Ts::PodOut), Some(w + 3));
+    assert_eq!(ts.get(Ts::NodeOut), Some(w + 5));
+    assert_eq!(s.recs[0].origin, Some("node_in"));
 }

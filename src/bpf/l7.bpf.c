@@ -6,13 +6,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
-#include "llmslo.h"
+#include "maps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-#define AF_INET 2
-#define AF_INET6 10
-#define IPPROTO_TCP 6
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define EPIPE 32
@@ -26,6 +22,9 @@ __u32 n_cgroup_targets = 0;
 struct llmslo_event _event = {};
 enum llmslo_stat _stat = LLMSLO_ST_EVENTS;
 enum llmslo_event_kind _kind = LLMSLO_EV_ACCEPT;
+enum llmslo_net_ts _net = LLMSLO_NET_SYN;
+struct llmslo_flow _flow = {};
+struct llmslo_flow_key _flow_key = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -61,32 +60,6 @@ struct {
 	__type(value, struct active_io);
 } active SEC(".maps");
 
-struct conn_info {
-	__u64 queued_ts; /* first sk_data_ready since the last read, 0 when consumed */
-};
-
-/* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, struct conn_info);
-} conns SEC(".maps");
-
-struct listen_key {
-	__u32 netns;
-	__u32 port;
-};
-
-/* (netns, local port) pairs on which targets accepted connections: lets sk_data_ready stamp
- * the first request of a connection before the server has accepted it. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1024);
-	__type(key, struct listen_key);
-	__type(value, __u8);
-} listen_ports SEC(".maps");
-
 struct scratch {
 	struct llmslo_event_hdr hdr;
 	/* Twice the head cap so that every bounded copy is provably in range. */
@@ -99,13 +72,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct scratch);
 } scratch_buf SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LLMSLO_ST_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -127,13 +93,6 @@ static __always_inline __u64 head_off(__u64 v)
 {
 	asm volatile("%0 &= 4095" : "+r"(v)); /* LLMSLO_HEAD_CAP - 1 */
 	return v;
-}
-
-static __always_inline void bump(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
-	if (v)
-		*v += 1;
 }
 
 static __always_inline bool is_target(void)
@@ -213,6 +172,33 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 		BPF_CORE_READ_INTO(&h->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	__builtin_memset(h->net_ts, 0, sizeof(h->net_ts));
+}
+
+/* Moves the packet-path stamps of this socket's flow into the event: request-side stamps are
+ * consumed by reads (the next request's first packet sets them again), response-side ones are
+ * copied on writes, connection-setup ones on accept. */
+static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, struct sock *sk, __u16 kind)
+{
+	struct llmslo_flow_key k;
+	sock_flow_key(sk, &k);
+	struct llmslo_flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (!f)
+		return;
+	if (kind == LLMSLO_EV_READ) {
+		h->net_ts[LLMSLO_NET_NODE_IN] = f->ts[LLMSLO_NET_NODE_IN];
+		h->net_ts[LLMSLO_NET_NAT_DONE] = f->ts[LLMSLO_NET_NAT_DONE];
+		h->net_ts[LLMSLO_NET_POD_IN] = f->ts[LLMSLO_NET_POD_IN];
+		f->ts[LLMSLO_NET_NODE_IN] = 0;
+		f->ts[LLMSLO_NET_NAT_DONE] = 0;
+		f->ts[LLMSLO_NET_POD_IN] = 0;
+	} else if (kind == LLMSLO_EV_WRITE) {
+		h->net_ts[LLMSLO_NET_POD_OUT] = f->ts[LLMSLO_NET_POD_OUT];
+		h->net_ts[LLMSLO_NET_NODE_OUT] = f->ts[LLMSLO_NET_NODE_OUT];
+	} else if (kind == LLMSLO_EV_ACCEPT) {
+		h->net_ts[LLMSLO_NET_SYN] = f->ts[LLMSLO_NET_SYN];
+		h->net_ts[LLMSLO_NET_ESTABLISHED] = f->ts[LLMSLO_NET_ESTABLISHED];
+	}
 }
 
 static __always_inline int submit(struct scratch *s)
@@ -357,6 +343,7 @@ static __always_inline int exit_io(long ret)
 			copy_iov(s, a.buf, a.iovcnt, ret);
 		else
 			copy_flat(s, a.buf, ret);
+		take_flow_stamps(&s->hdr, sk, a.kind);
 	}
 	return submit(s);
 }
@@ -471,6 +458,9 @@ static __always_inline int exit_accept_common(long ret)
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
+	__u16 port = lk.port;
+	bpf_map_update_elem(&target_ports, &port, &one, BPF_ANY);
+	take_flow_stamps(&s->hdr, sk, LLMSLO_EV_ACCEPT);
 	return submit(s);
 }
 

@@ -10,6 +10,19 @@
 #define LLMSLO_TAIL_CAP 512
 #define LLMSLO_MAX_IOV 8
 
+/* Packet-path and TCP-lifecycle timestamps that reach userspace on a read (request side) or a
+ * write (response side) event: indices into llmslo_event_hdr.net_ts. 0 means not seen. */
+enum llmslo_net_ts {
+	LLMSLO_NET_SYN = 0,         /* first SYN of the connection at the node ingress hook */
+	LLMSLO_NET_ESTABLISHED = 1, /* server-side socket reached ESTABLISHED */
+	LLMSLO_NET_NODE_IN = 2,     /* first request packet since the previous read, node ingress */
+	LLMSLO_NET_NAT_DONE = 3,    /* the same packet after DNAT (netfilter, after the nat hook) */
+	LLMSLO_NET_POD_IN = 4,      /* the same packet entering the pod (host side of its veth) */
+	LLMSLO_NET_POD_OUT = 5,     /* latest response packet leaving the pod (writes) */
+	LLMSLO_NET_NODE_OUT = 6,    /* latest response packet leaving the node (writes) */
+	LLMSLO_NET_MAX = 8,
+};
+
 enum llmslo_event_kind {
 	LLMSLO_EV_ACCEPT = 1, /* accept/accept4 returned a TCP socket fd */
 	LLMSLO_EV_READ = 2,   /* read/readv/recvfrom/recvmsg returned bytes (or a hard error) */
@@ -27,7 +40,10 @@ enum llmslo_stat {
 	LLMSLO_ST_CONN_FULL = 5,     /* connection map insert failed */
 	LLMSLO_ST_SYSCALL_ERR = 6,   /* traced syscall returned a hard error (EPIPE, ECONNRESET, ...) */
 	LLMSLO_ST_TRUNCATED = 7,     /* payload longer than the copy limits (bytes counted, not copied) */
-	LLMSLO_ST_MAX = 8,
+	LLMSLO_ST_FLOW_FULL = 8,     /* packet-path flow map insert failed */
+	LLMSLO_ST_PKT_PARSE = 9,     /* a packet at a hook could not be parsed (counted, passed) */
+	LLMSLO_ST_RETRANSMIT = 10,   /* retransmitted request segments ignored for timestamps */
+	LLMSLO_ST_MAX = 11,
 };
 
 struct llmslo_event_hdr {
@@ -49,6 +65,28 @@ struct llmslo_event_hdr {
 	__u8 laddr[16];  /* local address; IPv4 uses the first 4 bytes */
 	__u8 raddr[16];  /* remote address */
 	char comm[16];
+	__u64 net_ts[LLMSLO_NET_MAX]; /* enum llmslo_net_ts */
+};
+
+/* A TCP flow as the server's socket sees it: saddr/sport the client, daddr/dport the server.
+ * Packet hooks store stamps under this key (after undoing DNAT); syscalls consume them. */
+struct llmslo_flow_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* host order */
+	__u16 dport;
+	__u16 family;
+	__u16 pad;
+};
+
+/* Request-direction hops that filter retransmits by sequence number. */
+enum llmslo_hop { LLMSLO_HOP_NODE = 0, LLMSLO_HOP_NAT = 1, LLMSLO_HOP_POD = 2, LLMSLO_HOP_MAX = 4 };
+
+struct llmslo_flow {
+	__u64 ts[LLMSLO_NET_MAX];
+	__u32 seq_end[LLMSLO_HOP_MAX]; /* highest request sequence end seen per hop (0: none) */
+	__u32 retransmits;             /* tcp_retransmit_skb on the server's socket */
+	__u32 pad;
 };
 
 struct llmslo_event {

@@ -2,6 +2,7 @@
 //! and what each one is called (pod, container) — from /proc and cgroupfs alone.
 
 pub mod cgroup;
+pub mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub struct DiscoveryConfig {
     pub pids: Vec<u32>,
     /// cgroup v2 paths: absolute, or relative to the cgroup2 mount.
     pub cgroups: Vec<PathBuf>,
+    pub net: net::NetCfg,
 }
 
 /// One traced process or cgroup as `/api/v1/targets` shows it.
@@ -264,6 +266,10 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
             namespace: meta.namespace,
             container: meta.container,
         });
+    }
+    if cfg.net.enabled {
+        let route = std::fs::read_to_string(cfg.proc_root.join("net/route")).ok();
+        snap.set.hooks = net::plan(&cfg.net, &net::list_links(), route.as_deref());
     }
     for path in &cfg.cgroups {
         // "/kubepods.slice/..." as /proc/<pid>/cgroup shows it, or a full filesystem path.

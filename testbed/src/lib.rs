@@ -57,7 +57,10 @@ pub fn skip_unless_root(test: &str) -> bool {
             if std::env::var("LLMSLO_REQUIRE_BPF").as_deref() == Ok("1") {
                 panic!("{test}: LLMSLO_REQUIRE_BPF=1 but {e:#}");
             }
-            eprintln!("!!!!!!!! SKIPPED {test}: {e:#} !!!!!!!!");
+            // Written to the stderr handle, not via eprintln!, which libtest captures
+            // and hides for passing tests: a skip must be visible in every run.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "!!!!!!!! SKIPPED {test}: {e:#} !!!!!!!!");
             true
         }
     }
@@ -89,12 +92,22 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether a process with this pid exists (kill(pid, 0)); EPERM still means it exists.
+/// Whether a process with this pid is running (kill(pid, 0); EPERM still means it
+/// exists). A zombie counts as dead: its resources are gone, and where init does not
+/// reap (some sandboxes), a crashed test's pid would otherwise look alive forever.
 pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     // SAFETY: signal 0 only checks for existence; nothing is delivered.
     let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // State is the first field after the parenthesised comm (which may contain spaces).
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z') | Some('X'))
 }

@@ -279,17 +279,30 @@ fn crashed_run_is_cleaned_up() {
     if skip_unless_root("crashed_run_is_cleaned_up") {
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
+    // Read its stdout only up to our line: the orphaned server keeps the helper's
+    // pipes open, so waiting for EOF would hang.
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_helper", "--nocapture", "--test-threads=1"])
         .env("LLMSLO_CRASH_HELPER", "1")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success(), "helper should have aborted");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("CRASH "))
-        .unwrap_or_else(|| panic!("{stdout}"));
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    // libtest prints "test crash_helper ... " on the same line first.
+    while !line.contains("CRASH ") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "helper printed nothing"
+        );
+    }
+    assert!(
+        !child.wait().unwrap().success(),
+        "helper should have aborted"
+    );
+    let line = line.trim().split_once("CRASH ").unwrap().1.to_string();
     let parts: Vec<&str> = line.split(' ').collect();
     let (ns, veth, cg, server) = (Path::new(parts[0]), parts[1], Path::new(parts[2]), parts[3]);
     // The crash left everything behind, the server still running in the pod.

@@ -32,6 +32,7 @@ impl Conn {
                         self.start = Some(Start {
                             read_first: io.exit,
                             queued: io.queued.filter(|&q| q <= io.exit),
+                            net: io.net,
                             bytes: 0,
                             tgid: io.tgid,
                             cgroup: io.cgroup,

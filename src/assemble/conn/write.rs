@@ -7,7 +7,7 @@ use super::super::http::{self, HeadStep};
 use super::super::scan::{Hit, KeyScan};
 use super::super::sse::{Sse, SseItem};
 use super::super::{AssemblerConfig, UnparsedReason};
-use super::{emit, Conn, Io, Mode, Pending, RespState, Sink};
+use super::{emit, set_resp_last, Conn, Io, Mode, Pending, RespState, Sink};
 use crate::record::Ts;
 
 impl Conn {
@@ -37,7 +37,7 @@ impl Conn {
                         HeadStep::Need => {
                             front.rec.response_bytes =
                                 front.rec.response_bytes.saturating_add(data.len() as u64);
-                            front.rec.timestamps.set(Ts::RespLast, io.exit);
+                            set_resp_last(&mut front.rec, io);
                             return;
                         }
                         HeadStep::TooLarge => {
@@ -46,7 +46,7 @@ impl Conn {
                         HeadStep::Done(n) => n,
                     };
                     front.rec.response_bytes = front.rec.response_bytes.saturating_add(n as u64);
-                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    set_resp_last(&mut front.rec, io);
                     let head = if self.resp_head.is_empty() {
                         &data[..n]
                     } else {
@@ -86,7 +86,7 @@ impl Conn {
                     };
                     front.rec.response_bytes =
                         front.rec.response_bytes.saturating_add(st.consumed as u64);
-                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    set_resp_last(&mut front.rec, io);
                     if !st.data.is_empty() {
                         deliver(&mut self.sse, &mut self.body_scan, front, st.data, io.enter);
                     }
@@ -104,7 +104,7 @@ impl Conn {
                     }
                     front.rec.response_bytes =
                         front.rec.response_bytes.saturating_add(data.len() as u64);
-                    front.rec.timestamps.set(Ts::RespLast, io.exit);
+                    set_resp_last(&mut front.rec, io);
                     // The last chunk and the terminator ending the payload end the body.
                     if edges.1 && data.ends_with(b"\r\n0\r\n\r\n") {
                         self.complete_front(sink);
@@ -133,13 +133,13 @@ impl Conn {
         let Ok((used, done)) = body.skip(n) else {
             // Only chunk framing can be lost in a gap.
             front.rec.response_bytes = front.rec.response_bytes.saturating_add(n);
-            front.rec.timestamps.set(Ts::RespLast, io.exit);
+            set_resp_last(&mut front.rec, io);
             self.resp = RespState::Lost;
             self.sse.skip();
             return;
         };
         front.rec.response_bytes = front.rec.response_bytes.saturating_add(used);
-        front.rec.timestamps.set(Ts::RespLast, io.exit);
+        set_resp_last(&mut front.rec, io);
         self.sse.skip();
         self.body_scan.reset();
         if done {

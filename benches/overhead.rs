@@ -1,0 +1,950 @@
+//! What the agent costs the server it watches, measured from the client side.
+//!
+//! A testbed pod (netns + kubelet-style cgroup) runs the synthetic streaming server; the
+//! load generator drives it from the root netns. First the server's saturation throughput
+//! is found (closed loop). Then, at 70 % of it, OPEN-LOOP blocks alternate without and with
+//! the agent (`llm-slo-agent run --no-auto --target-cgroup <pod>`, started before and
+//! SIGTERMed after each "on" block), each block replaying the same seeded Poisson schedule.
+//! Per block: client-side p50/p99 of TTFT, ITL and E2E; then on ÷ off per pair of blocks.
+//! Then closed-loop saturated throughput, off and on, interleaved. Agent cost: its CPU time
+//! (utime+stime, /proc/<pid>/stat) per request and per event, and the BPF programs' own run
+//! time from `kernel.bpf_stats_enabled` + `bpftool prog show -j`.
+//!
+//! Needs root (skips loudly otherwise). Prints a markdown report; with LLMSLO_BENCH_WRITE=1
+//! rewrites the results section of docs/BENCHMARKS.md. Knobs (env): LLMSLO_BENCH_PAIRS (4),
+//! LLMSLO_BENCH_BLOCK_S (8), LLMSLO_BENCH_SAT_PAIRS (3), LLMSLO_BENCH_SAT_S (5),
+//! LLMSLO_BENCH_LOAD (0.7). Everything is bounded to about 6 minutes and cleaned up on
+//! error, panic and Ctrl-C (pods, agent, synthetic server, the bpf_stats sysctl).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use testbed::{CgroupDriver, ClientRecord, LoadConfig, Pod, PodCgroup, PodProcess};
+
+const PORT: u16 = 8000;
+/// Whole-run budget: blocks that would not fit are skipped (and the report says so).
+const BUDGET: Duration = Duration::from_secs(330);
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    pairs: usize,
+    block_s: f64,
+    sat_pairs: usize,
+    sat_s: f64,
+    load: f64,
+    decode_ms: f64,
+    tokens: u64,
+    prompt_bytes: usize,
+    sat_conns: usize,
+    open_conns: usize,
+    seed: u64,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        Settings {
+            pairs: env_or("LLMSLO_BENCH_PAIRS", 4usize).max(1),
+            block_s: env_or("LLMSLO_BENCH_BLOCK_S", 8.0f64).max(1.0),
+            sat_pairs: env_or("LLMSLO_BENCH_SAT_PAIRS", 3usize).max(1),
+            sat_s: env_or("LLMSLO_BENCH_SAT_S", 5.0f64).max(1.0),
+            load: env_or("LLMSLO_BENCH_LOAD", 0.7f64).clamp(0.05, 1.0),
+            decode_ms: 2.0,
+            tokens: 16,
+            prompt_bytes: 400,
+            sat_conns: 64,
+            open_conns: 128,
+            seed: 42,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cleanup guards: everything undoes itself on Drop (normal return, error, panic).
+
+/// Enables `kernel.bpf_stats_enabled` and restores the previous value on Drop.
+struct BpfStats {
+    prev: String,
+}
+
+impl BpfStats {
+    fn enable() -> Result<BpfStats> {
+        let prev = std::fs::read_to_string(BPF_STATS)
+            .context("reading kernel.bpf_stats_enabled")?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats { prev })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS, &self.prev) {
+            eprintln!("!!! could not restore kernel.bpf_stats_enabled={}: {e}", self.prev);
+        }
+    }
+}
+
+/// The synthetic server in a testbed pod. Field order is drop order: the server dies
+/// before its cgroup and netns go.
+struct ServerPod {
+    server: PodProcess,
+    cg: PodCgroup,
+    pod: Pod,
+}
+
+fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent"))
+}
+
+fn server_pod(s: &Settings) -> Result<ServerPod> {
+    let pod = Pod::create("bench").context("creating the pod netns")?;
+    let cg = PodCgroup::create(CgroupDriver::Systemd, "burstable").context("pod cgroup")?;
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg0("llmslo-synth-server")
+        .arg("synth-server")
+        .args(["--listen", &format!("0.0.0.0:{PORT}")])
+        .args(["--decode-ms", &s.decode_ms.to_string()])
+        .args(["--tokens", &s.tokens.to_string()])
+        // Enough slots that the CPU, not the server's queue, is what saturates.
+        .args(["--concurrency", "4096"])
+        // Safety net should this process die without dropping the pod.
+        .args(["--max-runtime-s", "900"])
+        .env("HOSTNAME", "bench")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = pod.spawn(cmd, Some(&cg)).context("spawning the server")?;
+    pod.wait_for_port(PORT, Duration::from_secs(10))
+        .context("server listening")?;
+    Ok(ServerPod { server, cg, pod })
+}
+
+/// The agent as a child process; SIGTERM (then SIGKILL) on Drop.
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    stopped_ok: Option<bool>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Agent {
+    fn start(cgroup: &str) -> Result<Agent> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let log = std::env::temp_dir().join(format!(
+            "llmslo-bench-agent-{}-{port}.log",
+            std::process::id()
+        ));
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .args(["--listen", &addr.to_string(), "--no-auto", "--target-cgroup", cgroup])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning the agent")?;
+        let mut a = Agent {
+            child,
+            addr,
+            log,
+            stopped_ok: None,
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = a.child.try_wait()? {
+                bail!("agent exited during start-up ({st}):\n{}", a.log_text());
+            }
+            if let Ok((200, _)) = http_get(a.addr, "/readyz") {
+                return Ok(a);
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("agent not ready after 30 s:\n{}", a.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// utime + stime of the whole process (all threads), in ns.
+    fn cpu_ns(&self) -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        let rest = stat.rsplit_once(") ").context("parsing /proc/pid/stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 of stat; `rest` starts at field 3 (state).
+        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(ticks * 1_000_000_000 / hz)
+    }
+
+    fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let (code, body) = http_get(self.addr, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with("llmslo_agent_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Program names the agent reports as attached (`/api/v1/targets`).
+    fn programs(&self) -> BTreeSet<String> {
+        let Ok((200, body)) = http_get(self.addr, "/api/v1/targets") else {
+            return BTreeSet::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["programs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p["attached"] != false)
+                    .filter_map(|p| p["name"].as_str())
+                    // The kernel keeps 15 characters of a program's name.
+                    .map(|n| n.chars().take(15).collect())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns whether it exited cleanly.
+    fn stop(&mut self) -> bool {
+        if let Some(ok) = self.stopped_ok {
+            return ok;
+        }
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let mut ok = false;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => {
+                    ok = st.success();
+                    break;
+                }
+                Ok(None) if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        self.stopped_ok = Some(ok);
+        ok
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// GET over a fresh connection; (status, body), chunked bodies decoded.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((code, body.to_string()));
+    }
+    let (mut rest, mut out) = (body, String::new());
+    while let Some((size, r)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || r.len() < n {
+            break;
+        }
+        out.push_str(&r[..n]);
+        rest = r[n..].trim_start_matches("\r\n");
+    }
+    Ok((code, out))
+}
+
+// ---------------------------------------------------------------------------------------
+// BPF program statistics.
+
+#[derive(Debug, Clone, Default)]
+struct ProgStat {
+    name: String,
+    run_time_ns: u64,
+    run_cnt: u64,
+    /// Processes holding the program, when bpftool was built to tell.
+    pids: Option<Vec<u32>>,
+}
+
+fn bpf_progs() -> Result<BTreeMap<u64, ProgStat>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .context("running bpftool (apt-get install bpftool / linux-tools)")?;
+    if !out.status.success() {
+        bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some((
+                        p["id"].as_u64()?,
+                        ProgStat {
+                            name: p["name"].as_str().unwrap_or("?").to_string(),
+                            run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                            run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                            pids: p["pids"].as_array().map(|a| {
+                                a.iter()
+                                    .filter_map(|x| x["pid"].as_u64().map(|v| v as u32))
+                                    .collect()
+                            }),
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------
+// Client-side numbers.
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    on: bool,
+    /// Requests sent, completed without error, failed.
+    sent: usize,
+    ok: usize,
+    errors: usize,
+    /// Completed requests per second over the block's span.
+    throughput: f64,
+    ttft: Vec<u64>,
+    itl: Vec<u64>,
+    e2e: Vec<u64>,
+    cost: Option<Cost>,
+}
+
+/// What one "on" block cost the machine, and what the agent saw.
+#[derive(Debug, Clone, Default)]
+struct Cost {
+    wall_s: f64,
+    cpu_ns: u64,
+    events: f64,
+    assembled: f64,
+    lost: f64,
+    unparsed: f64,
+    clean_exit: bool,
+    /// Per program name: (run_time_ns, run_cnt) deltas.
+    progs: BTreeMap<String, (u64, u64)>,
+}
+
+impl Block {
+    fn from_records(on: bool, recs: &[ClientRecord]) -> Block {
+        let mut b = Block {
+            on,
+            sent: recs.len(),
+            ..Default::default()
+        };
+        let (mut first, mut last) = (u64::MAX, 0u64);
+        for r in recs {
+            if !r.ok() || r.status != 200 {
+                b.errors += 1;
+                continue;
+            }
+            b.ok += 1;
+            let end = r.end_ns.unwrap_or(r.send_ns);
+            first = first.min(r.send_ns);
+            last = last.max(end);
+            if let Some(t) = r.ttft_ns {
+                b.ttft.push(t);
+            }
+            b.e2e.push(end - r.send_ns);
+            let ct = r.content_times();
+            b.itl.extend(ct.windows(2).map(|w| w[1].saturating_sub(w[0])));
+        }
+        if last > first {
+            b.throughput = b.ok as f64 / ((last - first) as f64 / 1e9);
+        }
+        for v in [&mut b.ttft, &mut b.itl, &mut b.e2e] {
+            v.sort_unstable();
+        }
+        b
+    }
+}
+
+/// Quantile of a sorted sample, in ms (nearest rank).
+fn q_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1e6
+}
+
+fn merged(blocks: &[&Block], f: impl Fn(&Block) -> &Vec<u64>) -> Vec<u64> {
+    let mut v: Vec<u64> = blocks.iter().flat_map(|b| f(b).iter().copied()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// (min, median, max).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (v[0], med, v[n - 1])
+}
+
+// ---------------------------------------------------------------------------------------
+// The run.
+
+struct Run {
+    s: Settings,
+    t0: Instant,
+    sp: ServerPod,
+    notes: Vec<String>,
+}
+
+impl Run {
+    fn left(&self) -> Duration {
+        BUDGET.saturating_sub(self.t0.elapsed())
+    }
+
+    fn load(&self, rate: Option<f64>, secs: f64) -> LoadConfig {
+        let mut cfg = LoadConfig::new(self.sp.pod.addr(PORT));
+        cfg.streaming_ratio = 1.0;
+        cfg.max_tokens = Some(self.s.tokens);
+        cfg.prompt_bytes = vec![self.s.prompt_bytes];
+        cfg.seed = self.s.seed;
+        cfg.rate = rate;
+        match rate {
+            Some(r) => {
+                cfg.connections = self.s.open_conns;
+                cfg.requests = ((r * secs).round() as usize).max(1);
+                // The schedule spans `secs`; the tail gets time to finish.
+                cfg.deadline = Duration::from_secs_f64(secs + 10.0);
+            }
+            None => {
+                cfg.connections = self.s.sat_conns;
+                cfg.requests = 100_000;
+                cfg.deadline = Duration::from_secs_f64(secs);
+            }
+        }
+        cfg
+    }
+
+    /// One block of load, with or without the agent.
+    fn block(&self, on: bool, cfg: &LoadConfig) -> Result<Block> {
+        if !on {
+            let recs = testbed::loadgen::run(cfg)?;
+            return Ok(Block::from_records(false, &recs));
+        }
+        let before = bpf_progs()?;
+        let mut agent = Agent::start(self.sp.cg.cgroup_path())?;
+        let names = agent.programs();
+        // Let start-up work (discovery's first rescans) settle before counting.
+        std::thread::sleep(Duration::from_millis(500));
+        let progs0 = bpf_progs()?;
+        let cpu0 = agent.cpu_ns()?;
+        let m0 = agent.metrics()?;
+        let w0 = Instant::now();
+        let recs = testbed::loadgen::run(cfg)?;
+        // The agent publishes its counters every 500 ms: give it time to drain and publish.
+        std::thread::sleep(Duration::from_millis(1200));
+        let wall_s = w0.elapsed().as_secs_f64();
+        let cpu1 = agent.cpu_ns()?;
+        let m1 = agent.metrics()?;
+        let progs1 = bpf_progs()?;
+        let clean_exit = agent.stop();
+        if !clean_exit {
+            eprintln!("agent did not exit cleanly on SIGTERM:\n{}", agent.log_text());
+        }
+        let d = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
+        let sum_prefix = |m: &BTreeMap<String, f64>, p: &str| -> f64 {
+            m.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v).sum()
+        };
+        let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (id, p1) in &progs1 {
+            // The agent's programs: held by its pid where bpftool can tell, loaded while it
+            // started (other agents on the machine load programs of the same names), and
+            // named as in its object.
+            if before.contains_key(id)
+                || p1.pids.as_ref().is_some_and(|p| !p.contains(&agent.pid()))
+                || (!names.is_empty() && !names.contains(&p1.name))
+            {
+                continue;
+            }
+            let Some(p0) = progs0.get(id) else { continue };
+            let e = progs.entry(p1.name.clone()).or_default();
+            e.0 += p1.run_time_ns.saturating_sub(p0.run_time_ns);
+            e.1 += p1.run_cnt.saturating_sub(p0.run_cnt);
+        }
+        let mut b = Block::from_records(true, &recs);
+        b.cost = Some(Cost {
+            wall_s,
+            cpu_ns: cpu1.saturating_sub(cpu0),
+            events: d("llmslo_agent_events_read_total"),
+            assembled: d("llmslo_agent_requests_assembled_total"),
+            lost: sum_prefix(&m1, "llmslo_agent_events_lost_total")
+                - sum_prefix(&m0, "llmslo_agent_events_lost_total"),
+            unparsed: sum_prefix(&m1, "llmslo_agent_requests_unparsed_total")
+                - sum_prefix(&m0, "llmslo_agent_requests_unparsed_total"),
+            clean_exit,
+            progs,
+        });
+        Ok(b)
+    }
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "\n!!!!!!!! SKIPPING the overhead benchmark: it needs root (BPF, network namespaces, \
+             cgroups). Run it as root: sudo make bench !!!!!!!!\n"
+        );
+        return;
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+    let t0 = Instant::now();
+    let result = std::panic::catch_unwind(|| run(t0));
+    match result {
+        Ok(Ok(report)) => {
+            println!("{report}");
+            if std::env::var("LLMSLO_BENCH_WRITE").as_deref() == Ok("1") {
+                match write_doc(&report) {
+                    Ok(p) => eprintln!("results written to {}", p.display()),
+                    Err(e) => {
+                        eprintln!("could not write the results: {e:#}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            eprintln!("overhead benchmark done in {:.0} s", t0.elapsed().as_secs_f64());
+        }
+        Ok(Err(e)) => {
+            eprintln!("overhead benchmark failed: {e:#}");
+            std::process::exit(1);
+        }
+        Err(_) => {
+            eprintln!("overhead benchmark panicked (everything it set up has been undone)");
+            std::process::exit(101);
+        }
+    }
+}
+
+fn run(t0: Instant) -> Result<String> {
+    let s = Settings::from_env();
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let stats = BpfStats::enable()?;
+    let sp = server_pod(&s)?;
+    let mut r = Run {
+        s: s.clone(),
+        t0,
+        sp,
+        notes: Vec::new(),
+    };
+
+    // Warm up (connections, page cache, the server's allocator), then saturation.
+    eprintln!("[overhead] warm-up and saturation search");
+    testbed::loadgen::run(&r.load(None, 1.5))?;
+    let sat = Block::from_records(false, &testbed::loadgen::run(&r.load(None, 4.0))?);
+    if sat.ok < 100 {
+        bail!("saturation run completed only {} requests", sat.ok);
+    }
+    let rate = s.load * sat.throughput;
+    eprintln!(
+        "[overhead] saturation {:.0} req/s (closed loop, {} connections); open loop at {:.0} req/s",
+        sat.throughput, s.sat_conns, rate
+    );
+
+    // Open loop at `load` × saturation: off, on, off, on, ...
+    let open_cfg = r.load(Some(rate), s.block_s);
+    let mut open: Vec<(Block, Block)> = Vec::new();
+    // Per pair: two blocks, the agent's start/stop and drain, the tail.
+    let pair_cost = Duration::from_secs_f64(2.0 * (s.block_s + 1.0) + 6.0);
+    let sat_cost = Duration::from_secs_f64(s.sat_pairs as f64 * (2.0 * s.sat_s + 6.0));
+    for i in 0..s.pairs {
+        if STOP.load(Ordering::SeqCst) {
+            r.notes.push("interrupted: fewer blocks than planned".into());
+            break;
+        }
+        if r.left() < pair_cost + sat_cost && i >= 3.min(s.pairs) {
+            r.notes.push(format!(
+                "time budget: {i} open-loop pairs instead of {}",
+                s.pairs
+            ));
+            break;
+        }
+        eprintln!("[overhead] open-loop pair {}/{}", i + 1, s.pairs);
+        let off = r.block(false, &open_cfg)?;
+        let on = r.block(true, &open_cfg)?;
+        open.push((off, on));
+    }
+
+    // Saturated throughput, off and on, interleaved.
+    let sat_cfg = r.load(None, s.sat_s);
+    let mut satp: Vec<(Block, Block)> = Vec::new();
+    for i in 0..s.sat_pairs {
+        if STOP.load(Ordering::SeqCst) {
+            break;
+        }
+        if r.left() < Duration::from_secs_f64(2.0 * s.sat_s + 6.0) {
+            r.notes.push(format!(
+                "time budget: {i} saturated pairs instead of {}",
+                s.sat_pairs
+            ));
+            break;
+        }
+        eprintln!("[overhead] saturated pair {}/{}", i + 1, s.sat_pairs);
+        let off = r.block(false, &sat_cfg)?;
+        let on = r.block(true, &sat_cfg)?;
+        satp.push((off, on));
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let report = report(&r, &sat, rate, &open, &satp, &load_before, &load_after);
+    drop(r);
+    drop(stats);
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------------------
+// The report.
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    format!("{} CPUs ({cpu})", sh("nproc", &[]))
+}
+
+fn f2(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn report(
+    r: &Run,
+    sat: &Block,
+    rate: f64,
+    open: &[(Block, Block)],
+    satp: &[(Block, Block)],
+    load_before: &str,
+    load_after: &str,
+) -> String {
+    let s = &r.s;
+    let mut o = String::new();
+    let cmd = {
+        let mut knobs: Vec<String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("LLMSLO_BENCH_") && k != "LLMSLO_BENCH_WRITE")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        knobs.push("LLMSLO_BENCH_WRITE=1".into());
+        format!("{} cargo bench --bench overhead", knobs.join(" "))
+    };
+    let _ = writeln!(o, "### Overhead benchmark (`benches/overhead.rs`)\n");
+    let _ = writeln!(
+        o,
+        "- date: {}\n- machine: {}; kernel {}\n- command (as root): `{cmd}` (what `make bench` runs after the pipeline bench)\n- load average before / after: {} / {}",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine(),
+        sh("uname", &["-r"]),
+        load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load_after.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    );
+    let _ = writeln!(
+        o,
+        "- workload: synthetic streaming server in a testbed pod (`--decode-ms {}`, {} content events per response, {}-byte prompts), load generator in the root netns, everything on the same machine",
+        s.decode_ms, s.tokens, s.prompt_bytes
+    );
+    let _ = writeln!(
+        o,
+        "- saturation: **{:.0} req/s** (closed loop, {} connections, 4 s); open loop at {:.0} % of it = **{:.0} req/s** (seeded Poisson, {} connections), {} s blocks, {} off/on pairs, interleaved off, on, off, on, …",
+        sat.throughput,
+        s.sat_conns,
+        s.load * 100.0,
+        rate,
+        s.open_conns,
+        s.block_s,
+        open.len()
+    );
+    let _ = writeln!(
+        o,
+        "- `kernel.bpf_stats_enabled=1` during the whole run (restored afterwards): the \"on\" numbers include the cost of the kernel's own run-time accounting\n"
+    );
+    for n in &r.notes {
+        let _ = writeln!(o, "- **note:** {n}");
+    }
+
+    // Latency ratios.
+    let _ = writeln!(
+        o,
+        "#### Client-side latency at {:.0} % of saturation, with ÷ without the agent\n",
+        s.load * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "Per pair of blocks: ratio on/off; min / median / max over the pairs. \"pooled\": all blocks of a kind merged. Goal ≤ 1.02.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| metric | off (pooled, ms) | on (pooled, ms) | pooled ratio | ratio min | ratio median | ratio max |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    type Sel = fn(&Block) -> &Vec<u64>;
+    let sels: [(&str, Sel); 3] = [
+        ("TTFT", |b| &b.ttft),
+        ("ITL", |b| &b.itl),
+        ("E2E", |b| &b.e2e),
+    ];
+    let offs: Vec<&Block> = open.iter().map(|p| &p.0).collect();
+    let ons: Vec<&Block> = open.iter().map(|p| &p.1).collect();
+    for (name, sel) in sels {
+        for (qn, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let a = q_ms(&merged(&offs, sel), q);
+            let b = q_ms(&merged(&ons, sel), q);
+            let per: Vec<f64> = open
+                .iter()
+                .map(|(x, y)| q_ms(sel(y), q) / q_ms(sel(x), q))
+                .collect();
+            let (mn, md, mx) = spread(per);
+            let _ = writeln!(
+                o,
+                "| {name} {qn} | {} | {} | {} | {} | {} | {} |",
+                f2(a),
+                f2(b),
+                f2(b / a),
+                f2(mn),
+                f2(md),
+                f2(mx)
+            );
+        }
+    }
+    let _ = writeln!(o, "\nBlocks in order (requests ok/sent, achieved req/s, p50/p99 ms):\n");
+    let _ = writeln!(
+        o,
+        "| # | agent | ok/sent | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 |"
+    );
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, b) in open.iter().flat_map(|p| [&p.0, &p.1]).enumerate() {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {}/{} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            i + 1,
+            if b.on { "on" } else { "off" },
+            b.ok,
+            b.sent,
+            b.throughput,
+            f2(q_ms(&b.ttft, 0.5)),
+            f2(q_ms(&b.ttft, 0.99)),
+            f2(q_ms(&b.itl, 0.5)),
+            f2(q_ms(&b.itl, 0.99)),
+            f2(q_ms(&b.e2e, 0.5)),
+            f2(q_ms(&b.e2e, 0.99)),
+        );
+    }
+
+    // Saturated throughput.
+    let _ = writeln!(
+        o,
+        "\n#### Saturated throughput (closed loop, {} connections, {} s blocks), with ÷ without\n",
+        s.sat_conns, s.sat_s
+    );
+    let per: Vec<f64> = satp
+        .iter()
+        .map(|(x, y)| y.throughput / x.throughput)
+        .collect();
+    let (mn, md, mx) = spread(per.clone());
+    let tot_off: f64 = satp.iter().map(|p| p.0.throughput).sum();
+    let tot_on: f64 = satp.iter().map(|p| p.1.throughput).sum();
+    let _ = writeln!(
+        o,
+        "| pair | off req/s | on req/s | ratio |\n|---|---:|---:|---:|"
+    );
+    for (i, ((x, y), q)) in satp.iter().zip(&per).enumerate() {
+        let _ = writeln!(
+            o,
+            "| {} | {:.0} | {:.0} | {} |",
+            i + 1,
+            x.throughput,
+            y.throughput,
+            f2(*q)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nRatio (goal ≥ 0.98): mean-of-blocks **{}**, per pair min / median / max {} / {} / {}.\n",
+        f2(tot_on / tot_off),
+        f2(mn),
+        f2(md),
+        f2(mx)
+    );
+
+    // Agent cost.
+    let _ = writeln!(o, "#### Agent cost\n");
+    let _ = writeln!(
+        o,
+        "Userspace: the agent process's utime+stime over the block (load + 1.2 s drain), per request the client completed and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | µs CPU / request | ns CPU / event | BPF ns / request |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    let mut all_progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let on_blocks: Vec<(&str, usize, &Block)> = open
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ("open", i, &p.1))
+        .chain(satp.iter().enumerate().map(|(i, p)| ("saturated", i, &p.1)))
+        .collect();
+    for (kind, i, b) in &on_blocks {
+        let Some(c) = &b.cost else { continue };
+        let bpf_ns: u64 = c.progs.values().map(|v| v.0).sum();
+        if *kind == "open" {
+            for (k, v) in &c.progs {
+                let e = all_progs.entry(k.clone()).or_default();
+                e.0 += v.0;
+                e.1 += v.1;
+            }
+        }
+        let _ = writeln!(
+            o,
+            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            i + 1,
+            b.ok,
+            c.assembled,
+            c.events,
+            c.lost,
+            c.unparsed,
+            if c.clean_exit { "yes" } else { "**no**" },
+            c.cpu_ns as f64 / 1e9 / c.wall_s * 100.0,
+            c.cpu_ns as f64 / 1e3 / b.ok.max(1) as f64,
+            c.cpu_ns as f64 / c.events.max(1.0),
+            bpf_ns as f64 / b.ok.max(1) as f64,
+        );
+    }
+    let open_ok: usize = open.iter().map(|p| p.1.ok).sum();
+    let _ = writeln!(
+        o,
+        "\nBPF programs over the open-loop \"on\" blocks ({} requests); each run is one hook invocation, for any process on the machine (the target filter runs inside the program):\n",
+        open_ok
+    );
+    let _ = writeln!(o, "| program | runs | ns / run | runs / request | ns / request |");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+    let (mut tns, mut tcnt) = (0u64, 0u64);
+    let mut rows: Vec<_> = all_progs.iter().collect();
+    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.0));
+    for (name, (ns, cnt)) in rows {
+        tns += ns;
+        tcnt += cnt;
+        let _ = writeln!(
+            o,
+            "| {name} | {cnt} | {:.0} | {:.1} | {:.0} |",
+            *ns as f64 / (*cnt).max(1) as f64,
+            *cnt as f64 / open_ok.max(1) as f64,
+            *ns as f64 / open_ok.max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        o,
+        "| **all** | {tcnt} | {:.0} | {:.1} | **{:.0}** |",
+        tns as f64 / tcnt.max(1) as f64,
+        tcnt as f64 / open_ok.max(1) as f64,
+        tns as f64 / open_ok.max(1) as f64
+    );
+    o
+}
+
+/// Replaces the text between the overhead markers of docs/BENCHMARKS.md (appends the
+/// markers when missing).
+fn write_doc(report: &str) -> Result<PathBuf> {
+    const BEGIN: &str = "<!-- overhead:begin -->";
+    const END: &str = "<!-- overhead:end -->";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{report}\n{END}");
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &text[..a], &text[b + END.len()..]),
+        _ => format!("{text}\n{block}\n"),
+    };
+    std::fs::write(&path, new)?;
+    Ok(path)
+}

@@ -1,0 +1,112 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Maps and helpers shared by l7, tcp and netpath objects. Each object declares them; the loader
+ * makes tcp and netpath reuse l7's map fds, so all programs see one copy. */
+#ifndef LLMSLO_MAPS_H
+#define LLMSLO_MAPS_H
+
+#include "llmslo.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+
+struct conn_info {
+	__u64 queued_ts; /* first sk_data_ready since the last read, 0 when consumed */
+};
+
+/* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+struct listen_key {
+	__u32 netns;
+	__u32 port;
+};
+
+/* (netns, local port) pairs on which targets listen. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct listen_key);
+	__type(value, __u8);
+} listen_ports SEC(".maps");
+
+/* Server ports of targets, any netns: packet hooks keep state only for these flows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} target_ports SEC(".maps");
+
+/* Packet-path stamps per flow (server-side view), consumed by the syscall programs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct llmslo_flow_key);
+	__type(value, struct llmslo_flow);
+} flows SEC(".maps");
+
+/* DNAT: the flow as it arrived (service address) → the flow as the server sees it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct llmslo_flow_key);
+	__type(value, struct llmslo_flow_key);
+} pre2post SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LLMSLO_ST_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void bump(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* IPv4-mapped IPv6 (::ffff:a.b.c.d) → plain IPv4, so packets and dual-stack sockets agree. */
+static __always_inline void normalize_key(struct llmslo_flow_key *k)
+{
+	if (k->family != AF_INET6)
+		return;
+	__u32 *w = (__u32 *)k->saddr;
+	__u32 *v = (__u32 *)k->daddr;
+	if (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0xffff) && v[0] == 0 && v[1] == 0 &&
+	    v[2] == bpf_htonl(0xffff)) {
+		w[0] = w[3];
+		v[0] = v[3];
+		w[1] = w[2] = w[3] = 0;
+		v[1] = v[2] = v[3] = 0;
+		k->family = AF_INET;
+	}
+}
+
+/* The flow key of a server-side socket: client = remote end. */
+static __always_inline void sock_flow_key(struct sock *sk, struct llmslo_flow_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	k->dport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	k->sport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (k->family == AF_INET) {
+		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(k->daddr, &l, 4);
+		__builtin_memcpy(k->saddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&k->daddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&k->saddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		normalize_key(k);
+	}
+}
+
+#endif

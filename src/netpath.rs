@@ -1,0 +1,357 @@
+//! Packet-path and TCP-lifecycle programs: loads `tcp.bpf.c` and `netpath.bpf.c` sharing the
+//! L7 object's maps, attaches the netfilter DNAT hooks, and attaches/detaches tc programs on
+//! the interfaces a hook plan names (tcx links on kernels >= 6.6, clsact filters below).
+
+use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+
+use anyhow::{Context, Result};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::NetfilterOpts;
+use libbpf_rs::{
+    AsRawLibbpf, Link, OpenObject, ProgramAttachType, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+};
+use serde::Serialize;
+
+use crate::loader::AttachedProg;
+use crate::skel::l7::L7Skel;
+use crate::skel::netpath::{NetpathSkel, NetpathSkelBuilder};
+use crate::skel::tcp::{TcpSkel, TcpSkelBuilder};
+
+/// Where on the path an interface sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The node's ingress device (NIC or overlay): node_in, node_out, SYN.
+    Node,
+    /// The host side of a pod's veth: pod_in, pod_out.
+    PodVeth,
+}
+
+/// One interface to hook.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct HookSpec {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub role: Role,
+}
+
+/// What is attached on one interface, for `/api/v1/targets`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachedHook {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub role: Role,
+    pub mechanism: &'static str,
+    pub error: Option<String>,
+}
+
+/// Classic clsact handles we own: a fixed handle lets a restarted agent find and remove the
+/// filters a crashed one left. Priority 0xfff0: after every filter others install at the usual
+/// low numbers, and ours returns TC_ACT_UNSPEC, so their verdicts stand.
+pub const CLSACT_HANDLE: u32 = 0x11c5;
+pub const CLSACT_PRIORITY: u32 = 0xfff0;
+
+enum Attachment {
+    Links(Vec<Link>),
+    Clsact {
+        ifindex: i32,
+        points: Vec<libbpf_rs::TcAttachPoint>,
+    },
+}
+
+pub struct NetPath {
+    tcp: TcpSkel<'static>,
+    net: NetpathSkel<'static>,
+    _tcp_links: Vec<Link>,
+    _nf_links: Vec<Link>,
+    tcx: bool,
+    attached: BTreeMap<HookSpec, Attachment>,
+    pub progs: Vec<AttachedProg>,
+    pub hooks: Vec<AttachedHook>,
+}
+
+macro_rules! reuse {
+    ($open:expr, $l7:expr, $($m:ident),+) => {
+        $( $open.maps.$m.reuse_fd($l7.maps.$m.as_fd()).context(concat!("sharing map ", stringify!($m)))?; )+
+    };
+}
+
+impl NetPath {
+    pub fn load(l7: &L7Skel<'static>, tcx: bool, netfilter: bool) -> Result<NetPath> {
+        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = TcpSkelBuilder::default()
+            .open(obj)
+            .context("opening tcp.bpf.o")?;
+        reuse!(
+            open,
+            l7,
+            conns,
+            listen_ports,
+            target_ports,
+            flows,
+            pre2post,
+            stats
+        );
+        let tcp = open.load().context("loading tcp.bpf.o")?;
+        let mut progs = Vec::new();
+        let mut tcp_links = Vec::new();
+        for prog in tcp.object().progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            let section = prog.section().to_string_lossy().into_owned();
+            match prog.attach() {
+                Ok(l) => {
+                    tcp_links.push(l);
+                    progs.push(AttachedProg {
+                        name,
+                        section,
+                        attached: true,
+                        error: None,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "TCP lifecycle hook not attached");
+                    progs.push(AttachedProg {
+                        name,
+                        section,
+                        attached: false,
+                        error: Some(e.to_string()),
+                    });
+                }
+            }
+        }
+
+        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = NetpathSkelBuilder::default()
+            .open(obj)
+            .context("opening netpath.bpf.o")?;
+        reuse!(
+            open,
+            l7,
+            conns,
+            listen_ports,
+            target_ports,
+            flows,
+            pre2post,
+            stats
+        );
+        if tcx {
+            open.progs
+                .tc_node_ingress
+                .set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs
+                .tc_pod_out
+                .set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs
+                .tc_node_egress
+                .set_attach_type(ProgramAttachType::TcxEgress);
+            open.progs
+                .tc_pod_in
+                .set_attach_type(ProgramAttachType::TcxEgress);
+        }
+        if !netfilter {
+            open.progs.nf_pre_dnat.set_autoload(false);
+            open.progs.nf_post_dnat.set_autoload(false);
+        }
+        let net = open.load().context("loading netpath.bpf.o")?;
+        let mut nf_links = Vec::new();
+        if netfilter {
+            // NF_IP_PRI_NAT_DST is -100: one hook just before it, one just after.
+            for (prog, prio, name) in [
+                (&net.progs.nf_pre_dnat, -101, "nf_pre_dnat"),
+                (&net.progs.nf_post_dnat, -99, "nf_post_dnat"),
+            ] {
+                let opts = NetfilterOpts {
+                    protocol_family: libc::NFPROTO_IPV4,
+                    hooknum: 0,
+                    priority: prio,
+                    ..Default::default()
+                };
+                match prog.attach_netfilter_with_opts(opts) {
+                    Ok(l) => {
+                        nf_links.push(l);
+                        progs.push(AttachedProg {
+                            name: name.into(),
+                            section: format!("netfilter/ipv4/prerouting/{prio}"),
+                            attached: true,
+                            error: None,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(name, error = %e, "netfilter hook not attached: no load_balancing stage");
+                        progs.push(AttachedProg {
+                            name: name.into(),
+                            section: "netfilter".into(),
+                            attached: false,
+                            error: Some(e.to_string()),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(NetPath {
+            tcp,
+            net,
+            _tcp_links: tcp_links,
+            _nf_links: nf_links,
+            tcx,
+            attached: BTreeMap::new(),
+            progs,
+            hooks: Vec::new(),
+        })
+    }
+
+    /// Makes the attached tc programs match `want`: attaches new interfaces, detaches gone ones.
+    pub fn apply(&mut self, want: &[HookSpec]) {
+        let gone: Vec<HookSpec> = self
+            .attached
+            .keys()
+            .filter(|h| !want.contains(h))
+            .cloned()
+            .collect();
+        for h in gone {
+            if let Some(a) = self.attached.remove(&h) {
+                detach(a);
+                tracing::info!(ifname = %h.ifname, "detached tc programs");
+            }
+        }
+        for h in want {
+            if self.attached.contains_key(h) {
+                continue;
+            }
+            match self.attach(h) {
+                Ok(a) => {
+                    tracing::info!(ifname = %h.ifname, role = ?h.role, "attached tc programs");
+                    self.attached.insert(h.clone(), a);
+                }
+                Err(e) => {
+                    tracing::warn!(ifname = %h.ifname, error = %e, "could not attach tc programs");
+                    self.hooks.retain(|x| x.ifindex != h.ifindex);
+                    self.hooks.push(AttachedHook {
+                        ifname: h.ifname.clone(),
+                        ifindex: h.ifindex,
+                        role: h.role,
+                        mechanism: "none",
+                        error: Some(format!("{e:#}")),
+                    });
+                }
+            }
+        }
+        let mech = if self.tcx { "tcx" } else { "clsact" };
+        let errs: Vec<AttachedHook> = self
+            .hooks
+            .iter()
+            .filter(|h| h.error.is_some() && want.iter().any(|w| w.ifindex == h.ifindex))
+            .cloned()
+            .collect();
+        self.hooks = self
+            .attached
+            .keys()
+            .map(|h| AttachedHook {
+                ifname: h.ifname.clone(),
+                ifindex: h.ifindex,
+                role: h.role,
+                mechanism: mech,
+                error: None,
+            })
+            .chain(errs)
+            .collect();
+    }
+
+    fn attach(&self, h: &HookSpec) -> Result<Attachment> {
+        let p = &self.net.progs;
+        let (ingress, egress) = match h.role {
+            Role::Node => (&p.tc_node_ingress, &p.tc_node_egress),
+            Role::PodVeth => (&p.tc_pod_out, &p.tc_pod_in),
+        };
+        let ifindex = h.ifindex as i32;
+        if self.tcx {
+            let mut links = Vec::new();
+            for prog in [ingress, egress] {
+                let opts = libbpf_rs::libbpf_sys::bpf_tcx_opts {
+                    sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tcx_opts>() as _,
+                    // Last in the chain: programs already there (Cilium's) see packets first.
+                    flags: libbpf_rs::libbpf_sys::BPF_F_AFTER,
+                    ..Default::default()
+                };
+                // SAFETY: a loaded program of this skeleton, a valid opts struct that outlives
+                // the call; the returned pointer is checked before use.
+                let ptr = unsafe {
+                    libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
+                        prog.as_libbpf_object().as_ptr(),
+                        ifindex,
+                        &opts,
+                    )
+                };
+                let ptr = NonNull::new(ptr)
+                    .filter(|p| (p.as_ptr() as isize) > 0 || (p.as_ptr() as isize) < -4095)
+                    .with_context(|| {
+                        format!(
+                            "tcx attach on {} failed: {}",
+                            h.ifname,
+                            std::io::Error::last_os_error()
+                        )
+                    })?;
+                // SAFETY: the pointer came from libbpf and is a valid, owned bpf_link.
+                links.push(unsafe { Link::from_ptr(ptr) });
+            }
+            Ok(Attachment::Links(links))
+        } else {
+            let mut points = Vec::new();
+            for (prog, point) in [(ingress, TC_INGRESS), (egress, TC_EGRESS)] {
+                let mut hook = TcHookBuilder::new(prog.as_fd())
+                    .ifindex(ifindex)
+                    .replace(true)
+                    .handle(CLSACT_HANDLE)
+                    .priority(CLSACT_PRIORITY)
+                    .hook(point);
+                hook.create().ok();
+                hook.attach()
+                    .with_context(|| format!("clsact attach on {}", h.ifname))?;
+                points.push(point);
+            }
+            Ok(Attachment::Clsact { ifindex, points })
+        }
+    }
+
+    pub fn tcx(&self) -> bool {
+        self.tcx
+    }
+
+    pub fn tcp_skel(&self) -> &TcpSkel<'static> {
+        &self.tcp
+    }
+}
+
+fn detach(a: Attachment) {
+    match a {
+        Attachment::Links(l) => drop(l), // closing a tcx link detaches it
+        Attachment::Clsact { ifindex, points } => {
+            for point in points {
+                // Only our filter (handle + priority) goes; the clsact qdisc may hold others'.
+                let fd = placeholder_fd();
+                let mut hook = TcHookBuilder::new(fd.as_fd())
+                    .ifindex(ifindex)
+                    .handle(CLSACT_HANDLE)
+                    .priority(CLSACT_PRIORITY)
+                    .hook(point);
+                let _ = hook.detach();
+            }
+        }
+    }
+}
+
+/// TcHook needs a program fd even to detach by handle/priority; /dev/null stands in.
+fn placeholder_fd() -> std::fs::File {
+    std::fs::File::open("/dev/null").expect("/dev/null")
+}
+
+impl Drop for NetPath {
+    fn drop(&mut self) {
+        for (_, a) in std::mem::take(&mut self.attached) {
+            detach(a);
+        }
+    }
+}
