@@ -102,7 +102,10 @@ impl BpfStats {
 impl Drop for BpfStats {
     fn drop(&mut self) {
         if let Err(e) = std::fs::write(BPF_STATS, &self.prev) {
-            eprintln!("!!! could not restore kernel.bpf_stats_enabled={}: {e}", self.prev);
+            eprintln!(
+                "!!! could not restore kernel.bpf_stats_enabled={}: {e}",
+                self.prev
+            );
         }
     }
 }
@@ -110,7 +113,7 @@ impl Drop for BpfStats {
 /// The synthetic server in a testbed pod. Field order is drop order: the server dies
 /// before its cgroup and netns go.
 struct ServerPod {
-    server: PodProcess,
+    _server: PodProcess,
     cg: PodCgroup,
     pod: Pod,
 }
@@ -138,7 +141,11 @@ fn server_pod(s: &Settings) -> Result<ServerPod> {
     let server = pod.spawn(cmd, Some(&cg)).context("spawning the server")?;
     pod.wait_for_port(PORT, Duration::from_secs(10))
         .context("server listening")?;
-    Ok(ServerPod { server, cg, pod })
+    Ok(ServerPod {
+        _server: server,
+        cg,
+        pod,
+    })
 }
 
 /// The agent as a child process; SIGTERM (then SIGKILL) on Drop.
@@ -163,7 +170,13 @@ impl Agent {
         ));
         let child = Command::new(agent_bin())
             .arg("run")
-            .args(["--listen", &addr.to_string(), "--no-auto", "--target-cgroup", cgroup])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--no-auto",
+                "--target-cgroup",
+                cgroup,
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -208,6 +221,22 @@ impl Agent {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Ok(ticks * 1_000_000_000 / hz)
+    }
+
+    /// Voluntary context switches summed over the agent's threads (each is a sleep, mostly
+    /// a wait for the ring buffer that some event's wake-up ended).
+    fn wakeups(&self) -> u64 {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        dir.flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter_map(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
     }
 
     fn metrics(&self) -> Result<BTreeMap<String, f64>> {
@@ -285,7 +314,10 @@ impl Drop for Agent {
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -380,6 +412,7 @@ struct Block {
 struct Cost {
     wall_s: f64,
     cpu_ns: u64,
+    wakeups: u64,
     events: f64,
     assembled: f64,
     lost: f64,
@@ -411,7 +444,8 @@ impl Block {
             }
             b.e2e.push(end - r.send_ns);
             let ct = r.content_times();
-            b.itl.extend(ct.windows(2).map(|w| w[1].saturating_sub(w[0])));
+            b.itl
+                .extend(ct.windows(2).map(|w| w[1].saturating_sub(w[0])));
         }
         if last > first {
             b.throughput = b.ok as f64 / ((last - first) as f64 / 1e9);
@@ -505,6 +539,7 @@ impl Run {
         std::thread::sleep(Duration::from_millis(500));
         let progs0 = bpf_progs()?;
         let cpu0 = agent.cpu_ns()?;
+        let wk0 = agent.wakeups();
         let m0 = agent.metrics()?;
         let w0 = Instant::now();
         let recs = testbed::loadgen::run(cfg)?;
@@ -512,15 +547,22 @@ impl Run {
         std::thread::sleep(Duration::from_millis(1200));
         let wall_s = w0.elapsed().as_secs_f64();
         let cpu1 = agent.cpu_ns()?;
+        let wk1 = agent.wakeups();
         let m1 = agent.metrics()?;
         let progs1 = bpf_progs()?;
         let clean_exit = agent.stop();
         if !clean_exit {
-            eprintln!("agent did not exit cleanly on SIGTERM:\n{}", agent.log_text());
+            eprintln!(
+                "agent did not exit cleanly on SIGTERM:\n{}",
+                agent.log_text()
+            );
         }
         let d = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
         let sum_prefix = |m: &BTreeMap<String, f64>, p: &str| -> f64 {
-            m.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v).sum()
+            m.iter()
+                .filter(|(k, _)| k.starts_with(p))
+                .map(|(_, v)| v)
+                .sum()
         };
         let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for (id, p1) in &progs1 {
@@ -542,6 +584,7 @@ impl Run {
         b.cost = Some(Cost {
             wall_s,
             cpu_ns: cpu1.saturating_sub(cpu0),
+            wakeups: wk1.saturating_sub(wk0),
             events: d("llmslo_agent_events_read_total"),
             assembled: d("llmslo_agent_requests_assembled_total"),
             lost: sum_prefix(&m1, "llmslo_agent_events_lost_total")
@@ -566,7 +609,12 @@ fn main() {
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
     }
     let t0 = Instant::now();
     let result = std::panic::catch_unwind(|| run(t0));
@@ -582,7 +630,10 @@ fn main() {
                     }
                 }
             }
-            eprintln!("overhead benchmark done in {:.0} s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "overhead benchmark done in {:.0} s",
+                t0.elapsed().as_secs_f64()
+            );
         }
         Ok(Err(e)) => {
             eprintln!("overhead benchmark failed: {e:#}");
@@ -628,7 +679,8 @@ fn run(t0: Instant) -> Result<String> {
     let sat_cost = Duration::from_secs_f64(s.sat_pairs as f64 * (2.0 * s.sat_s + 6.0));
     for i in 0..s.pairs {
         if STOP.load(Ordering::SeqCst) {
-            r.notes.push("interrupted: fewer blocks than planned".into());
+            r.notes
+                .push("interrupted: fewer blocks than planned".into());
             break;
         }
         if r.left() < pair_cost + sat_cost && i >= 3.min(s.pairs) {
@@ -692,6 +744,25 @@ fn machine() -> String {
     format!("{} CPUs ({cpu})", sh("nproc", &[]))
 }
 
+/// The commit the agent was built from, and whether the working tree differed from it.
+fn tree() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let head = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
+    if head.is_empty() {
+        return "unknown (not a git checkout)".into();
+    }
+    let dirty = !sh(
+        "git",
+        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    if dirty {
+        format!("`{head}` with uncommitted changes")
+    } else {
+        format!("`{head}`")
+    }
+}
+
 fn f2(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.3}")
@@ -722,10 +793,11 @@ fn report(
     let _ = writeln!(o, "### Overhead benchmark (`benches/overhead.rs`)\n");
     let _ = writeln!(
         o,
-        "- date: {}\n- machine: {}; kernel {}\n- command (as root): `{cmd}` (what `make bench` runs after the pipeline bench)\n- load average before / after: {} / {}",
+        "- date: {}\n- machine: {}; kernel {}\n- tree: {}\n- command (as root): `{cmd}` (what `make bench` runs after the pipeline bench)\n- load average before / after: {} / {}",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine(),
         sh("uname", &["-r"]),
+        tree(),
         load_before.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         load_after.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     );
@@ -765,9 +837,9 @@ fn report(
     );
     let _ = writeln!(
         o,
-        "| metric | off (pooled, ms) | on (pooled, ms) | pooled ratio | ratio min | ratio median | ratio max |"
+        "| metric | off (pooled, ms) | on (pooled, ms) | on − off (ms) | pooled ratio | ratio min | ratio median | ratio max |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|");
     type Sel = fn(&Block) -> &Vec<u64>;
     let sels: [(&str, Sel); 3] = [
         ("TTFT", |b| &b.ttft),
@@ -787,9 +859,10 @@ fn report(
             let (mn, md, mx) = spread(per);
             let _ = writeln!(
                 o,
-                "| {name} {qn} | {} | {} | {} | {} | {} | {} |",
+                "| {name} {qn} | {} | {} | {} | {} | {} | {} | {} |",
                 f2(a),
                 f2(b),
+                f2(b - a),
                 f2(b / a),
                 f2(mn),
                 f2(md),
@@ -797,7 +870,10 @@ fn report(
             );
         }
     }
-    let _ = writeln!(o, "\nBlocks in order (requests ok/sent, achieved req/s, p50/p99 ms):\n");
+    let _ = writeln!(
+        o,
+        "\nBlocks in order (requests ok/sent, achieved req/s, p50/p99 ms):\n"
+    );
     let _ = writeln!(
         o,
         "| # | agent | ok/sent | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 |"
@@ -865,9 +941,12 @@ fn report(
     );
     let _ = writeln!(
         o,
-        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | µs CPU / request | ns CPU / event | BPF ns / request |"
+        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | µs CPU / request | ns CPU / event | agent wake-ups / event | BPF ns / request |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        o,
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+    );
     let mut all_progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let on_blocks: Vec<(&str, usize, &Block)> = open
         .iter()
@@ -887,7 +966,7 @@ fn report(
         }
         let _ = writeln!(
             o,
-            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.0} |",
             i + 1,
             b.ok,
             c.assembled,
@@ -898,6 +977,7 @@ fn report(
             c.cpu_ns as f64 / 1e9 / c.wall_s * 100.0,
             c.cpu_ns as f64 / 1e3 / b.ok.max(1) as f64,
             c.cpu_ns as f64 / c.events.max(1.0),
+            c.wakeups as f64 / c.events.max(1.0),
             bpf_ns as f64 / b.ok.max(1) as f64,
         );
     }
@@ -907,7 +987,10 @@ fn report(
         "\nBPF programs over the open-loop \"on\" blocks ({} requests); each run is one hook invocation, for any process on the machine (the target filter runs inside the program):\n",
         open_ok
     );
-    let _ = writeln!(o, "| program | runs | ns / run | runs / request | ns / request |");
+    let _ = writeln!(
+        o,
+        "| program | runs | ns / run | runs / request | ns / request |"
+    );
     let _ = writeln!(o, "|---|---:|---:|---:|---:|");
     let (mut tns, mut tcnt) = (0u64, 0u64);
     let mut rows: Vec<_> = all_progs.iter().collect();

@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// Extra command-line signature of an inference server (repeatable).
     #[arg(long = "signature")]
     signature: Vec<String>,
+    /// Treat this interface as the node's ingress device (repeatable; default: the default route's).
+    #[arg(long = "node-device")]
+    node_device: Vec<String>,
+    /// No packet-path hooks (tc, netfilter): server-side stages only.
+    #[arg(long)]
+    no_network: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -114,6 +120,10 @@ fn run(args: RunArgs) -> Result<()> {
     cfg.discovery.extra_signatures.extend(args.signature);
     if args.no_auto {
         cfg.discovery.auto = false;
+    }
+    cfg.network.node_devices.extend(args.node_device);
+    if args.no_network {
+        cfg.network.enabled = false;
     }
     cfg.validate()?;
     serve(cfg)

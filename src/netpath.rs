@@ -49,10 +49,12 @@ pub struct AttachedHook {
 }
 
 /// Classic clsact handles we own: a fixed handle lets a restarted agent find and remove the
-/// filters a crashed one left. Priority 0xfff0: after every filter others install at the usual
-/// low numbers, and ours returns TC_ACT_UNSPEC, so their verdicts stand.
+/// filters a crashed one left. Our programs run first and always return TC_ACT_UNSPEC /
+/// TCX_NEXT, so the packet goes on to the filters already there (Cilium's return a verdict,
+/// which would end the chain before us were we placed after them) and its fate is theirs.
+/// Priority 1 with our own handle: a newer filter at an equal priority runs first.
 pub const CLSACT_HANDLE: u32 = 0x11c5;
-pub const CLSACT_PRIORITY: u32 = 0xfff0;
+pub const CLSACT_PRIORITY: u32 = 1;
 
 enum Attachment {
     Links(Vec<Link>),
@@ -272,8 +274,9 @@ impl NetPath {
             for prog in [ingress, egress] {
                 let opts = libbpf_rs::libbpf_sys::bpf_tcx_opts {
                     sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tcx_opts>() as _,
-                    // Last in the chain: programs already there (Cilium's) see packets first.
-                    flags: libbpf_rs::libbpf_sys::BPF_F_AFTER,
+                    // First in the chain, returning TCX_NEXT: programs already there (Cilium's)
+                    // still see every packet and decide its fate.
+                    flags: libbpf_rs::libbpf_sys::BPF_F_BEFORE,
                     ..Default::default()
                 };
                 // SAFETY: a loaded program of this skeleton, a valid opts struct that outlives

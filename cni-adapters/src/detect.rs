@@ -43,12 +43,14 @@ pub fn detect(view: &NodeView, force: Option<Cni>) -> Detection {
     evidence.extend(files_ev);
     evidence.extend(iface_ev);
     for (source, said) in [
-        ("the CNI config", by_config),
-        ("CNI state files", by_files),
-        ("interfaces", by_ifaces),
+        ("the CNI config says", by_config),
+        ("CNI state files say", by_files),
+        ("interfaces say", by_ifaces),
     ] {
         if let Some(other) = said.filter(|&o| o != cni) {
-            evidence.push(format!("{source} suggest {other}, but {cni} was chosen ({confidence})"));
+            evidence.push(format!(
+                "{source} {other}, but {cni} was chosen ({confidence})"
+            ));
         }
     }
     if confidence == "fallback" {
@@ -69,7 +71,9 @@ fn from_configs(view: &NodeView, ev: &mut Vec<String>) -> Option<Cni> {
     let mut chosen = None;
     for (name, body) in files {
         if !CONFIG_EXTENSIONS.iter().any(|e| name.ends_with(e)) {
-            ev.push(format!("CNI config dir: {name} ignored (libcni loads only .conf, .conflist, .json)"));
+            ev.push(format!(
+                "CNI config dir: {name} ignored (libcni loads only .conf, .conflist, .json)"
+            ));
             continue;
         }
         let types = match plugin_types(body) {
@@ -80,8 +84,15 @@ fn from_configs(view: &NodeView, ev: &mut Vec<String>) -> Option<Cni> {
             }
         };
         let cni = cni_of_types(&types);
-        let role = if chosen.is_none() { "in use" } else { "not in use: a file before it wins" };
-        ev.push(format!("CNI config {name} ({role}): plugin types [{}] -> {cni}", types.join(", ")));
+        let role = if chosen.is_none() {
+            "in use"
+        } else {
+            "not in use: a file before it wins"
+        };
+        ev.push(format!(
+            "CNI config {name} ({role}): plugin types [{}] -> {cni}",
+            types.join(", ")
+        ));
         chosen.get_or_insert(cni);
     }
     chosen
@@ -140,7 +151,10 @@ fn from_state_files(view: &NodeView, ev: &mut Vec<String>) -> Option<Cni> {
     let mut seen = Vec::new();
     for path in &view.files_present {
         let p = path.trim_end_matches('/');
-        let p = p.strip_prefix("/var").filter(|r| r.starts_with("/run/")).unwrap_or(p);
+        let p = p
+            .strip_prefix("/var")
+            .filter(|r| r.starts_with("/run/"))
+            .unwrap_or(p);
         let cni = if p == "/run/flannel/subnet.env" {
             Cni::Flannel
         } else if under(p, "/run/calico") {
@@ -165,12 +179,16 @@ fn under(path: &str, dir: &str) -> bool {
 pub(crate) fn iface_cni(i: &Iface) -> Option<Cni> {
     let n = i.name.as_str();
     let veth = i.kind == "veth";
-    if matches!(n, "cilium_host" | "cilium_net" | "cilium_vxlan" | "cilium_geneve")
-        || (veth && n.starts_with("lxc"))
+    if matches!(
+        n,
+        "cilium_host" | "cilium_net" | "cilium_vxlan" | "cilium_geneve"
+    ) || (veth && n.starts_with("lxc"))
     {
         Some(Cni::Cilium)
-    } else if matches!(n, "vxlan.calico" | "vxlan-v6.calico" | "wireguard.cali" | "wg-v6.cali")
-        || (veth && n.starts_with("cali"))
+    } else if matches!(
+        n,
+        "vxlan.calico" | "vxlan-v6.calico" | "wireguard.cali" | "wg-v6.cali"
+    ) || (veth && n.starts_with("cali"))
     {
         Some(Cni::Calico)
     } else if n.starts_with("flannel.") || n.starts_with("flannel-") {
@@ -195,7 +213,10 @@ fn from_interfaces(view: &NodeView, ev: &mut Vec<String>) -> Option<Cni> {
         if names.is_empty() {
             continue;
         }
-        let mut line = format!("interfaces suggest {cni}: {}", names[..names.len().min(NAMES_SHOWN)].join(", "));
+        let mut line = format!(
+            "interfaces suggest {cni}: {}",
+            names[..names.len().min(NAMES_SHOWN)].join(", ")
+        );
         if names.len() > NAMES_SHOWN {
             line.push_str(&format!(" (+{} more)", names.len() - NAMES_SHOWN));
         }

@@ -15,7 +15,9 @@ mod plan;
 pub mod sysfs;
 
 pub use detect::detect;
-pub use plan::{diff, plan, Attach, Hook, HookPlan, HookPoint, PlanOptions, DEFAULT_CLSACT_PRIORITY};
+pub use plan::{
+    diff, plan, Attach, Hook, HookPlan, HookPoint, PlanOptions, DEFAULT_CLSACT_PRIORITY,
+};
 
 /// The CNI adapters we know. `Generic` covers every other CNI through the node's ingress
 /// device and the pods' host-side veths.

@@ -138,12 +138,20 @@ pub fn plan(view: &NodeView, det: &Detection, opts: &PlanOptions) -> HookPlan {
     if routed.is_empty() {
         // Policy routing can keep the default route out of the main table; the physical NICs
         // are then the best guess for where requests enter.
-        let nics: Vec<&Iface> = view.ifaces.iter().filter(|i| i.up && i.kind == "device").collect();
+        let nics: Vec<&Iface> = view
+            .ifaces
+            .iter()
+            .filter(|i| i.up && i.kind == "device")
+            .collect();
         if !nics.is_empty() {
-            notes.push("no default route in the main table: hooking the physical devices as node ingress".into());
+            notes.push(
+                "no default route in the main table: hooking the physical devices as node ingress"
+                    .into(),
+            );
         }
         for i in nics.into_iter().filter(|i| taken.insert(&i.name)) {
-            let why = "physical device (no default route found): node_in on ingress, node_out on egress";
+            let why =
+                "physical device (no default route found): node_in on ingress, node_out on egress";
             hooks.push(hook(i, HookPoint::NodeIngress, attach, why.into()));
         }
     }
@@ -166,7 +174,9 @@ pub fn plan(view: &NodeView, det: &Detection, opts: &PlanOptions) -> HookPlan {
         notes.push("no node ingress device found: node_in/node_out will be missing".into());
     }
     if hooks.iter().all(|h| h.point != HookPoint::PodVeth) {
-        notes.push(format!("no {cni} pod veths yet: they are added as pods start (diff)"));
+        notes.push(format!(
+            "no {cni} pod veths yet: they are added as pods start (diff)"
+        ));
     }
     cni_notes(cni, attach, &mut notes);
     let netfilter_dnat = view.netfilter_links && !opts.passive_only;
@@ -191,8 +201,18 @@ pub fn plan(view: &NodeView, det: &Detection, opts: &PlanOptions) -> HookPlan {
 pub fn diff(old: &HookPlan, new: &HookPlan) -> (Vec<Hook>, Vec<Hook>) {
     let old_keys: HashSet<_> = old.hooks.iter().map(Hook::key).collect();
     let new_keys: HashSet<_> = new.hooks.iter().map(Hook::key).collect();
-    let add = new.hooks.iter().filter(|h| !old_keys.contains(&h.key())).cloned().collect();
-    let remove = old.hooks.iter().filter(|h| !new_keys.contains(&h.key())).cloned().collect();
+    let add = new
+        .hooks
+        .iter()
+        .filter(|h| !old_keys.contains(&h.key()))
+        .cloned()
+        .collect();
+    let remove = old
+        .hooks
+        .iter()
+        .filter(|h| !new_keys.contains(&h.key()))
+        .cloned()
+        .collect();
     (add, remove)
 }
 
@@ -216,11 +236,15 @@ fn choose_attach(view: &NodeView, opts: &PlanOptions, notes: &mut Vec<String>) -
         return Attach::Tcx;
     }
     if view.kernel >= TCX_KERNEL {
-        notes.push(format!("kernel {maj}.{min} should have tcx but the probe found none: using clsact"));
+        notes.push(format!(
+            "kernel {maj}.{min} should have tcx but the probe found none: using clsact"
+        ));
     }
     let priority = if opts.clsact_priority == 0 {
         // 0 asks the kernel to pick, which puts us wherever the existing filters happen to be.
-        notes.push(format!("clsact priority 0 means kernel-chosen: using {DEFAULT_CLSACT_PRIORITY}"));
+        notes.push(format!(
+            "clsact priority 0 means kernel-chosen: using {DEFAULT_CLSACT_PRIORITY}"
+        ));
         DEFAULT_CLSACT_PRIORITY
     } else {
         opts.clsact_priority
@@ -236,15 +260,16 @@ fn cni_notes(cni: Cni, attach: Attach, notes: &mut Vec<String>) {
     match (cni, attach) {
         (Cni::Cilium, Attach::Tcx) => notes.push(
             "Cilium: its tcx programs on lxc*, cilium_* and the native devices run after ours and \
-             keep every verdict; if Cilium re-attaches at the chain head later, ours runs after it \
-             and sees only what it passes on with TCX_NEXT, so re-plan after Cilium restarts"
+             keep every verdict; a link Cilium creates at the chain head later runs before ours, \
+             which then sees only what Cilium passes on with TCX_NEXT: after Cilium restarts, \
+             check the order and re-attach ours at the head"
                 .into(),
         ),
         (Cni::Cilium, Attach::ClsAct { priority: 1 }) => notes.push(
             "Cilium: its filters sit at priority 1 (handle 1, protocol all); ours join that \
              priority with another handle and run first, returning TC_ACT_UNSPEC so Cilium's \
-             verdicts stand; when Cilium re-adds its filter it runs first again, so re-plan after \
-             Cilium restarts"
+             verdicts stand; a filter Cilium deletes and re-adds is newer and runs first again: \
+             after Cilium restarts, check the order and re-add ours"
                 .into(),
         ),
         (Cni::Cilium, Attach::ClsAct { priority }) => notes.push(format!(
@@ -260,7 +285,8 @@ fn cni_notes(cni: Cni, attach: Attach, notes: &mut Vec<String>) {
                 .into(),
         ),
         (Cni::Flannel, _) => notes.push(
-            "Flannel: the cni0 bridge is not hooked; its ports, the pods' host-side veths, are".into(),
+            "Flannel: the cni0 bridge is not hooked; its ports, the pods' host-side veths, are"
+                .into(),
         ),
         (Cni::Generic, _) => notes.push(
             "generic: pod veths are veths named veth*, veths on a bridge or Open vSwitch, and \
@@ -311,11 +337,16 @@ fn overlay_why(i: &Iface, cni: Cni) -> Option<String> {
         "cilium_geneve" => "Cilium Geneve tunnel",
         _ if n.starts_with("flannel.") || n.starts_with("flannel-v6.") => "Flannel VXLAN overlay",
         _ if cni == Cni::Generic && matches!(i.kind.as_str(), "vxlan" | "ipip") => {
-            return Some(format!("{} device on a generic node: inner headers of pod traffic", i.kind));
+            return Some(format!(
+                "{} device on a generic node: inner headers of pod traffic",
+                i.kind
+            ));
         }
         _ => return None,
     };
-    Some(format!("{what}: inner headers of pod traffic between nodes"))
+    Some(format!(
+        "{what}: inner headers of pod traffic between nodes"
+    ))
 }
 
 /// The host-side veth name prefix each CNI gives its pods.
@@ -338,20 +369,33 @@ fn pod_veth_why(view: &NodeView, i: &Iface, cni: Cni, opts: &PlanOptions) -> Opt
     }
     let prefix = pod_prefix(cni);
     if i.name.starts_with(prefix) {
-        return Some(format!("{cni} pod veth ({prefix}*): pod_in on egress, pod_out on ingress"));
+        return Some(format!(
+            "{cni} pod veth ({prefix}*): pod_in on egress, pod_out on ingress"
+        ));
     }
-    let extra = opts.extra_pod_veth_prefixes.iter().filter(|p| !p.is_empty());
+    let extra = opts
+        .extra_pod_veth_prefixes
+        .iter()
+        .filter(|p| !p.is_empty());
     if let Some(p) = extra.into_iter().find(|p| i.name.starts_with(p.as_str())) {
-        return Some(format!("configured pod veth prefix {p}*: pod_in on egress, pod_out on ingress"));
+        return Some(format!(
+            "configured pod veth prefix {p}*: pod_in on egress, pod_out on ingress"
+        ));
     }
     if let Some(m) = &i.master {
         let bridge = m == "ovs-system" || view.iface(m).is_some_and(|b| b.kind == "bridge");
         if bridge {
-            return Some(format!("veth on bridge {m}: pod_in on egress, pod_out on ingress"));
+            return Some(format!(
+                "veth on bridge {m}: pod_in on egress, pod_out on ingress"
+            ));
         }
     }
     if let (Cni::Generic, Some(ns)) = (cni, i.peer_netns_id) {
-        let ns = if ns < 0 { "unknown id".to_string() } else { format!("id {ns}") };
+        let ns = if ns < 0 {
+            "unknown id".to_string()
+        } else {
+            format!("id {ns}")
+        };
         return Some(format!(
             "veth whose peer is in another network namespace ({ns}): pod_in on egress, pod_out on ingress"
         ));

@@ -451,11 +451,11 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
     (sink.out)(rec);
 }
 
-/// The response's last byte left the server in this write: resp_last, and where the packets
-/// that carried it were seen leaving the pod and the node (stamps older than the write belong
-/// to an earlier response and are dropped).
+/// The response's last byte left the server in this write: resp_last (when the server issued
+/// it, like every other write stamp), and where the packets that carried it were seen leaving
+/// the pod and the node (stamps older than the write belong to an earlier response: dropped).
 fn set_resp_last(rec: &mut RequestRecord, io: &Io) {
-    rec.timestamps.set(Ts::RespLast, io.exit);
+    rec.timestamps.set(Ts::RespLast, io.enter);
     let mut bound = io.enter;
     for (t, v) in [(Ts::PodOut, io.net.pod_out), (Ts::NodeOut, io.net.node_out)] {
         if let Some(v) = v.filter(|&v| v >= bound) {

@@ -160,7 +160,7 @@ fn keep_alive_three_requests() {
     for i in 0..3 {
         let rd = s.read(SOCK, &chat_request("")).1;
         s.write(SOCK, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
-        let end = s.write(SOCK, b"{}\n").1;
+        let end = s.write(SOCK, b"{}\n").0;
         let r = &s.recs[i];
         assert_eq!(r.id, i as u64 + 1);
         assert_eq!(
@@ -206,7 +206,7 @@ fn pipelined_requests_in_one_read() {
     assert!(s
         .recs
         .iter()
-        .all(|r| r.timestamps.get(Ts::RespLast) == Some(w.1)));
+        .all(|r| r.timestamps.get(Ts::RespLast) == Some(w.0)));
     assert_eq!(
         s.recs[1].response_bytes, 40,
         "HEAD response has no body despite Content-Length"

@@ -56,7 +56,7 @@ fn streaming_case(style: Style) {
         s.recs.is_empty(),
         "{style:?}: no record before the terminator"
     );
-    let (_, last_exit) = s.write(SOCK, b"0\r\n\r\n");
+    let (last_enter, _) = s.write(SOCK, b"0\r\n\r\n");
     bytes += 5;
     assert_eq!(s.recs.len(), 1, "{style:?}");
     let r = &s.recs[0];
@@ -82,7 +82,7 @@ fn streaming_case(style: Style) {
     assert_eq!(ts.get(Ts::RespFirst), Some(head_enter));
     assert_eq!(ts.get(Ts::Token1), Some(token_ts[0]));
     assert_eq!(ts.get(Ts::TokenN), Some(token_ts[2]));
-    assert_eq!(ts.get(Ts::RespLast), Some(last_exit));
+    assert_eq!(ts.get(Ts::RespLast), Some(last_enter));
     assert_eq!(
         (r.pid, r.comm.as_str(), r.cgroup_id, r.sock_id),
         (4242, "vllm-server", 99, SOCK)
@@ -164,7 +164,7 @@ fn non_streaming_json_with_usage() {
     );
     let (a, b) = resp.as_bytes().split_at(resp.len() - 20);
     let first = s.write(SOCK, a).0;
-    let last = s.write(SOCK, b).1;
+    let last = s.write(SOCK, b).0;
     let r = &s.recs[0];
     assert_eq!(
         (
@@ -196,7 +196,7 @@ fn content_length_and_close_delimited_responses() {
     assert_eq!((s.recs.len(), s.recs[0].output_tokens), (1, None));
     s.read(SOCK, b"GET /metrics HTTP/1.0\r\n\r\n");
     s.write(SOCK, b"HTTP/1.0 200 OK\r\n\r\npart one");
-    let last = s.write(SOCK, b" and two").1;
+    let last = s.write(SOCK, b" and two").0;
     assert_eq!(s.recs.len(), 1, "close-delimited: not done before close");
     s.close(SOCK);
     let r = &s.recs[1];
@@ -315,7 +315,7 @@ fn coalesced_chunks_with_gap_regain_framing() {
         SOCK,
         &[chunk(&usage_event()), chunk(b"data: [DONE]\n\n")].concat(),
     );
-    let end = s.write(SOCK, b"0\r\n\r\n").1;
+    let end = s.write(SOCK, b"0\r\n\r\n").0;
     let r = &s.recs[0];
     assert!(!r.aborted);
     assert_eq!((r.token_ns[0], *r.token_ns.last().unwrap()), (t0, t1));
@@ -329,7 +329,7 @@ fn coalesced_chunks_with_gap_regain_framing() {
     sse_prefix(&mut s);
     let mut all = many.clone();
     all.extend(b"0\r\n\r\n");
-    let end = s.gapped(EventKind::Write, SOCK, &all, 4096, 512).1;
+    let end = s.gapped(EventKind::Write, SOCK, &all, 4096, 512).0;
     assert_eq!(
         (s.recs.len(), s.recs[0].timestamps.get(Ts::RespLast)),
         (1, Some(end))

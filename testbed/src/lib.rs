@@ -13,6 +13,7 @@ mod rng;
 pub mod synth;
 mod synth_handle;
 mod synth_plan;
+pub mod topo;
 
 pub use cgroup::{cgroup2_mount, CgroupDriver, PodCgroup, Qos};
 pub use loadgen::{ClientRecord, LoadConfig, Route};

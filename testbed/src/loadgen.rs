@@ -71,6 +71,8 @@ pub struct LoadConfig {
     /// Targets other than loopback and the testbed's pod range (10.200.0.0/16) are
     /// refused unless set, e.g. for a service VIP that the test itself DNATs.
     pub allow_other_targets: bool,
+    /// Run the connections from inside this network namespace (a client "outside the node").
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for LoadConfig {
@@ -108,6 +110,7 @@ impl LoadConfig {
             marker: None,
             request_id_base: 0,
             allow_other_targets: false,
+            netns: None,
         }
     }
 }
@@ -243,6 +246,16 @@ pub fn run(cfg: &LoadConfig) -> Result<Vec<ClientRecord>> {
         for conn in 0..cfg.connections {
             let (plans, next, records) = (&plans, &next, &records);
             s.spawn(move || {
+                if let Some(ns) = &cfg.netns {
+                    if let Err(e) = enter_netns(ns) {
+                        let mut r = records.lock().unwrap_or_else(|e| e.into_inner());
+                        r.push(ClientRecord {
+                            error: Some(format!("{e:#}")),
+                            ..Default::default()
+                        });
+                        return;
+                    }
+                }
                 let ctx = Worker {
                     cfg,
                     plans,
@@ -262,6 +275,22 @@ pub fn run(cfg: &LoadConfig) -> Result<Vec<ClientRecord>> {
     let mut out = records.into_inner().unwrap_or_else(|e| e.into_inner());
     out.sort_by_key(|r| r.request_id);
     Ok(out)
+}
+
+/// Moves the calling thread (only) into a network namespace: sockets it creates afterwards
+/// live there.
+fn enter_netns(path: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns on a valid namespace fd affects only this thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 struct Worker<'a> {

@@ -1,0 +1,213 @@
+//! Kernel tests of the network-path stages (issue: network path): a client outside the node
+//! reaching a pod directly and through a kube-proxy-style ClusterIP DNAT; tc programs at the
+//! node's uplink and the pod's veth, netfilter programs around the DNAT.
+
+mod common;
+
+use std::time::Duration;
+
+use common::node::{server_pod, ServerPod, PORT};
+use common::{kernel_tests_enabled, Agent};
+use serde_json::Value;
+use testbed::topo::{Outside, Service};
+use testbed::{CgroupDriver, ClientRecord, LoadConfig};
+
+fn ts(r: &Value, name: &str) -> Option<u64> {
+    r["timestamps"][name].as_u64()
+}
+
+fn records_for(agent: &Agent, sp: &ServerPod, n: usize) -> Vec<Value> {
+    let dst = format!("{}:{PORT}", sp.pod.ip());
+    let recs = agent.wait_requests(Duration::from_secs(20), |r| {
+        r.iter().filter(|x| x["dst"] == dst.as_str()).count() >= n
+    });
+    let mut mine: Vec<Value> = recs
+        .into_iter()
+        .filter(|x| x["dst"] == dst.as_str())
+        .collect();
+    mine.sort_by_key(|r| r["start_ns"].as_u64());
+    mine
+}
+
+/// Per request: every hop seen in path order, stages non-negative and summing to E2E, TTFT from
+/// node_in matching the client's.
+fn check_path(recs: &[Value], client: &[ClientRecord], dnat: bool) -> Vec<String> {
+    let mut bad = Vec::new();
+    assert_eq!(recs.len(), client.len(), "every request recorded");
+    let by_key = |port: u16, seq: u32| {
+        let mut v: Vec<&Value> = recs
+            .iter()
+            .filter(|r| r["src"].as_str().unwrap().ends_with(&format!(":{port}")))
+            .collect();
+        v.sort_by_key(|r| r["start_ns"].as_u64());
+        v.get(seq as usize).map(|r| (*r).clone())
+    };
+    for c in client {
+        let Some(r) = by_key(c.local_port, c.seq_on_conn) else {
+            bad.push(format!("req {} not recorded", c.request_id));
+            continue;
+        };
+        let mut order = vec!["node_in"];
+        if dnat {
+            order.push("nat_done");
+        }
+        order.extend(["pod_in", "sock_queued", "read_first", "read_done"]);
+        let vals: Vec<Option<u64>> = order.iter().map(|n| ts(&r, n)).collect();
+        if vals.iter().any(Option::is_none) || vals.windows(2).any(|w| w[0] > w[1]) {
+            bad.push(format!(
+                "req {}: path order {order:?} = {vals:?}",
+                c.request_id
+            ));
+            continue;
+        }
+        if r["origin"] != "node_in" {
+            bad.push(format!("req {}: origin {}", c.request_id, r["origin"]));
+        }
+        let st = r["stages"].as_object().unwrap();
+        let mut want = vec![
+            "container_network",
+            "socket_wait",
+            "request_read",
+            "queue_prefill",
+            "decode",
+        ];
+        if dnat {
+            want.push("load_balancing");
+        } else if st.contains_key("load_balancing") {
+            bad.push(format!(
+                "req {}: load_balancing without a DNAT",
+                c.request_id
+            ));
+        }
+        for s in want {
+            if st.get(s).and_then(Value::as_f64).is_none_or(|v| v < 0.0) {
+                bad.push(format!(
+                    "req {}: stage {s} missing or negative: {st:?}",
+                    c.request_id
+                ));
+            }
+        }
+        if c.seq_on_conn == 0 && st.get("tcp_handshake").is_none() {
+            bad.push(format!(
+                "req {}: first request on its connection has no tcp_handshake: {st:?}",
+                c.request_id
+            ));
+        }
+        let e2e = r["e2e_ms"].as_f64().unwrap();
+        let sum: f64 = st
+            .iter()
+            .filter(|(k, _)| *k != "tcp_handshake" && *k != "accept_wait")
+            .map(|(_, v)| v.as_f64().unwrap())
+            .sum();
+        if (sum - e2e).abs() > 0.01 * e2e {
+            bad.push(format!(
+                "req {}: stages sum {sum:.3} != e2e {e2e:.3}",
+                c.request_id
+            ));
+        }
+        let client_ttft = c.ttft_ns.unwrap() as f64 / 1e6;
+        let ttft = r["ttft_ms"].as_f64().unwrap();
+        if (ttft - client_ttft).abs() > 1.0 + 0.02 * client_ttft {
+            bad.push(format!(
+                "req {}: ttft agent {ttft:.3} client {client_ttft:.3}",
+                c.request_id
+            ));
+        }
+    }
+    bad
+}
+
+#[test]
+fn network_stages_direct_and_through_a_cluster_ip() {
+    if !kernel_tests_enabled("network_stages_direct_and_through_a_cluster_ip") {
+        return;
+    }
+    let sp = server_pod(
+        "netpath",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "2"],
+    );
+    let outside = Outside::create().expect("client outside the node");
+    let svc = Service::dnat(80, sp.pod.addr(PORT)).expect("ClusterIP DNAT");
+    let agent = Agent::start(&[
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+        "--node-device",
+        outside.uplink(),
+    ]);
+    let t = agent.get_json("/api/v1/targets");
+    let ifs = t["interfaces"].as_array().unwrap();
+    assert!(
+        ifs.iter()
+            .any(|i| i["ifname"] == outside.uplink() && i["role"] == "node"),
+        "{t}"
+    );
+    assert!(
+        ifs.iter()
+            .any(|i| i["ifname"] == sp.pod.host_veth() && i["role"] == "pod_veth"),
+        "{t}"
+    );
+
+    // Direct to the pod IP.
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.netns = Some(outside.netns_path());
+    cfg.connections = 8;
+    cfg.requests = 200;
+    cfg.max_tokens = Some(6);
+    let direct = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        direct.iter().all(|c| c.status == 200),
+        "direct requests failed: {:?}",
+        direct.iter().find(|c| c.status != 200)
+    );
+    let recs = records_for(&agent, &sp, direct.len());
+    let bad = check_path(&recs, &direct, false);
+    assert!(
+        bad.is_empty(),
+        "direct: {} problems:\n{}",
+        bad.len(),
+        bad[..bad.len().min(15)].join("\n")
+    );
+
+    // Through the ClusterIP.
+    let mut cfg = cfg.clone();
+    cfg.target = svc.vip;
+    cfg.allow_other_targets = true;
+    cfg.request_id_base = 10_000;
+    let via = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        via.iter().all(|c| c.status == 200),
+        "requests via the service failed"
+    );
+    let all = records_for(&agent, &sp, direct.len() + via.len());
+    let later: Vec<Value> = all.into_iter().skip(direct.len()).collect();
+    eprintln!(
+        "a request through the ClusterIP: timestamps {} stages {}",
+        later[0]["timestamps"], later[0]["stages"]
+    );
+    let bad = check_path(&later, &via, true);
+    assert!(
+        bad.is_empty(),
+        "via ClusterIP: {} problems:\n{}",
+        bad.len(),
+        bad[..bad.len().min(15)].join("\n")
+    );
+
+    // Breakdown has the network stages with shares.
+    let bd = agent.get_json("/api/v1/breakdown?window=5m");
+    for s in [
+        "load_balancing",
+        "container_network",
+        "socket_wait",
+        "egress_network",
+    ] {
+        assert!(
+            bd["groups"][0]["stages"][s]["count"].as_u64().unwrap_or(0) > 0,
+            "breakdown lacks {s}: {bd}"
+        );
+    }
+    drop(agent);
+    drop(svc);
+}
