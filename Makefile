@@ -45,8 +45,10 @@ demo: deps mounts
 	$(CARGO) build --release --bin llm-slo-agent
 	./target/release/llm-slo-agent demo
 
+# Userspace hot path (criterion), then the overhead benchmark, which rewrites docs/BENCHMARKS.md.
 bench: deps mounts
 	$(CARGO) bench --bench pipeline
+	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench overhead
 
 clean:
 	$(CARGO) clean

@@ -129,7 +129,7 @@ impl Shared {
     }
 }
 
-pub fn discovery_config(cfg: &Config) -> DiscoveryConfig {
+pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
     DiscoveryConfig {
         proc_root: cfg.discovery.proc_root.clone(),
         signatures: discovery::signatures(&cfg.discovery.extra_signatures),
@@ -137,10 +137,13 @@ pub fn discovery_config(cfg: &Config) -> DiscoveryConfig {
         pids: cfg.discovery.target_pids.clone(),
         cgroups: cfg.discovery.target_cgroups.clone(),
         net: crate::discovery::net::NetCfg {
-            enabled: cfg.network.enabled,
+            enabled: cfg.network.enabled && probe.has("tc_program"),
             node_devices: cfg.network.node_devices.clone(),
             pod_veth_prefixes: cfg.network.pod_veth_prefixes.clone(),
-            auto_pod_veths: cfg.network.auto_pod_veths,
+            cni: cni_adapters::parse_force(&cfg.network.cni).ok().flatten(),
+            kernel: crate::probe::kernel_version(&probe.kernel).unwrap_or((0, 0)),
+            tcx: probe.has("tcx"),
+            netfilter: probe.has("netfilter_link"),
         },
     }
 }
@@ -317,7 +320,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
     let shared = Shared::new(cfg, crate::probe::run());
     let (tx, rx) = mpsc::channel();
     // The first scan runs before the programs attach, so targets are in place from the start.
-    let dcfg = discovery_config(cfg);
+    let dcfg = discovery_config(cfg, &shared.probe);
     let first = discovery::scan(&dcfg);
     tx.send(first.set.clone()).ok();
     *shared.snapshot.write().expect("snapshot lock") = first;

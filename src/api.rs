@@ -112,7 +112,10 @@ async fn breakdown(
 }
 
 async fn targets(State(s): State<Arc<Shared>>) -> Response {
-    let snap = s.snapshot.read().expect("snapshot lock").targets.clone();
+    let (snap, cni) = {
+        let g = s.snapshot.read().expect("snapshot lock");
+        (g.targets.clone(), g.cni.clone())
+    };
     let programs = s.programs.read().expect("programs lock").clone();
     let hooks = s.hooks.read().expect("hooks lock").clone();
     Json(json!({
@@ -121,7 +124,7 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
         "programs": programs,
         "targets": snap,
         "interfaces": hooks,
-        "cni": null,
+        "cni": cni,
     }))
     .into_response()
 }

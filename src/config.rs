@@ -31,10 +31,10 @@ pub struct NetworkCfg {
     pub enabled: bool,
     /// Node ingress devices; empty: the device of the default route.
     pub node_devices: Vec<String>,
-    /// Name prefixes of pods' host-side veths.
+    /// Extra name prefixes of pods' host-side veths (the adapter knows cali, lxc, veth).
     pub pod_veth_prefixes: Vec<String>,
-    /// Also hook other interfaces whose peer is in another network namespace.
-    pub auto_pod_veths: bool,
+    /// Force the CNI adapter: calico, cilium, flannel, generic; "auto" or empty detects it.
+    pub cni: String,
 }
 
 impl Default for NetworkCfg {
@@ -42,11 +42,8 @@ impl Default for NetworkCfg {
         NetworkCfg {
             enabled: true,
             node_devices: vec![],
-            pod_veth_prefixes: crate::discovery::net::DEFAULT_POD_VETH_PREFIXES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            auto_pod_veths: true,
+            pod_veth_prefixes: vec![],
+            cni: "auto".into(),
         }
     }
 }
@@ -114,6 +111,7 @@ impl Config {
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
+        cni_adapters::parse_force(&self.network.cni).map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
         Ok(())
     }
 }

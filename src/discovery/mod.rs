@@ -66,6 +66,7 @@ pub struct Meta {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub targets: Vec<Target>,
+    pub cni: Option<net::CniReport>,
     pub set: TargetSet,
     pub by_tgid: BTreeMap<u32, Meta>,
     pub by_cgroup: BTreeMap<u64, Meta>,
@@ -267,10 +268,7 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
             container: meta.container,
         });
     }
-    if cfg.net.enabled {
-        let route = std::fs::read_to_string(cfg.proc_root.join("net/route")).ok();
-        snap.set.hooks = net::plan(&cfg.net, &net::list_links(), route.as_deref());
-    }
+    (snap.set.hooks, snap.cni) = net::plan(&cfg.net);
     for path in &cfg.cgroups {
         // "/kubepods.slice/..." as /proc/<pid>/cgroup shows it, or a full filesystem path.
         let full = if let Some(m) = cg_mount.as_ref().filter(|m| !path.starts_with(m)) {

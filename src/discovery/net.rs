@@ -1,178 +1,116 @@
-//! Which interfaces get packet hooks: the node's ingress devices and pods' host-side veths,
-//! read from /sys/class/net and /proc/net/route.
+//! Which interfaces get packet hooks: the `cni-adapters` crate detects the node's CNI and plans
+//! hook points from sysfs and the CNI config; the agent's config can force the adapter, add
+//! pod-veth prefixes, and name node devices the planner cannot guess.
+
+use cni_adapters::sysfs::{read_node_view, Paths};
+use cni_adapters::{detect, plan as cni_plan, Cni, HookPoint, PlanOptions};
+use serde::Serialize;
 
 use crate::netpath::{HookSpec, Role};
 
 #[derive(Debug, Clone, Default)]
 pub struct NetCfg {
     pub enabled: bool,
-    /// Node ingress devices by name; empty: the device of the default route.
+    /// Node ingress devices by name, on top of what the planner picks.
     pub node_devices: Vec<String>,
-    /// Name prefixes of pods' host-side veths (cali, lxc, veth, …).
+    /// Extra name prefixes of pods' host-side veths.
     pub pod_veth_prefixes: Vec<String>,
-    /// Also hook any other interface whose peer lives in another network namespace.
-    pub auto_pod_veths: bool,
+    /// Force an adapter instead of detecting it.
+    pub cni: Option<Cni>,
+    pub kernel: (u32, u32),
+    pub tcx: bool,
+    pub netfilter: bool,
 }
 
-pub const DEFAULT_POD_VETH_PREFIXES: &[&str] = &["cali", "lxc", "veth"];
-const NEVER: &[&str] = &[
-    "lo",
-    "cilium_host",
-    "cilium_net",
-    "lxc_health",
-    "docker0",
-    "cni0",
-];
-
-/// Interface carrying the IPv4 default route (from /proc/net/route).
-pub fn default_route_dev(route_table: &str) -> Option<String> {
-    route_table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(1) == Some(&"00000000") && f.get(7) == Some(&"00000000")).then(|| f[0].to_string())
-    })
+/// What `/api/v1/targets` says about the CNI.
+#[derive(Debug, Clone, Serialize)]
+pub struct CniReport {
+    pub cni: Cni,
+    pub confidence: &'static str,
+    pub evidence: Vec<String>,
+    pub notes: Vec<String>,
 }
 
-/// One interface as `ip -j -d link show` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
-    pub ifindex: u32,
-    pub name: String,
-    /// "veth", "vxlan", "bridge", "ipip", … ("" for physical devices).
-    pub kind: String,
-    /// The veth's peer lives in another network namespace.
-    pub peer_elsewhere: bool,
-}
-
-/// Parses `ip -j -d link show` output.
-pub fn parse_ip_links(json: &str) -> Vec<Link> {
-    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(json)
-    else {
-        return Vec::new();
-    };
-    items
+/// Hooks for the plan's devices, with `node_devices` forced to the node role.
+pub fn hooks_from_plan(cfg: &NetCfg, plan: &cni_adapters::HookPlan, ifindex_of: impl Fn(&str) -> Option<u32>) -> Vec<HookSpec> {
+    let mut out: Vec<HookSpec> = plan
+        .hooks
         .iter()
-        .filter_map(|l| {
-            Some(Link {
-                ifindex: u32::try_from(l["ifindex"].as_u64()?).ok()?,
-                name: l["ifname"].as_str()?.to_string(),
-                kind: l["linkinfo"]["info_kind"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                peer_elsewhere: l.get("link_netnsid").is_some(),
-            })
-        })
-        .collect()
-}
-
-pub fn list_links() -> Vec<Link> {
-    std::process::Command::new("ip")
-        .args(["-j", "-d", "link", "show"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| parse_ip_links(&String::from_utf8_lossy(&o.stdout)))
-        .unwrap_or_default()
-}
-
-pub fn plan(cfg: &NetCfg, links: &[Link], route_table: Option<&str>) -> Vec<HookSpec> {
-    if !cfg.enabled {
-        return Vec::new();
-    }
-    let mut node = cfg.node_devices.clone();
-    if node.is_empty() {
-        node.extend(route_table.and_then(default_route_dev));
-    }
-    let mut out: Vec<HookSpec> = links
-        .iter()
-        .filter_map(|l| {
-            let role = if node.contains(&l.name) {
-                Role::Node
-            } else if NEVER.contains(&l.name.as_str()) {
-                return None;
-            } else if cfg
-                .pod_veth_prefixes
-                .iter()
-                .any(|pre| l.name.starts_with(pre.as_str()))
-                || (cfg.auto_pod_veths && l.kind == "veth" && l.peer_elsewhere)
-            {
-                Role::PodVeth
-            } else {
-                return None;
-            };
-            Some(HookSpec {
-                ifindex: l.ifindex,
-                ifname: l.name.clone(),
-                role,
-            })
+        .filter(|h| h.attach != cni_adapters::Attach::Passive && !cfg.node_devices.contains(&h.ifname))
+        .map(|h| HookSpec {
+            ifindex: h.ifindex,
+            ifname: h.ifname.clone(),
+            role: match h.point {
+                HookPoint::NodeIngress | HookPoint::Overlay => Role::Node,
+                HookPoint::PodVeth => Role::PodVeth,
+            },
         })
         .collect();
+    out.extend(cfg.node_devices.iter().filter_map(|n| {
+        Some(HookSpec { ifindex: ifindex_of(n)?, ifname: n.clone(), role: Role::Node })
+    }));
     out.sort();
     out
+}
+
+/// Reads the node, detects the CNI and plans the hooks.
+pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
+    if !cfg.enabled {
+        return (Vec::new(), None);
+    }
+    let view = match read_node_view(&Paths::host(), cfg.kernel, cfg.tcx, cfg.netfilter) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the node's interfaces: no packet hooks");
+            return (Vec::new(), None);
+        }
+    };
+    let det = detect(&view, cfg.cni);
+    let opts = PlanOptions { extra_pod_veth_prefixes: cfg.pod_veth_prefixes.clone(), ..Default::default() };
+    let p = cni_plan(&view, &det, &opts);
+    let hooks = hooks_from_plan(cfg, &p, |n| view.iface(n).map(|i| i.ifindex));
+    let report = CniReport { cni: det.cni, confidence: det.confidence, evidence: det.evidence, notes: p.notes };
+    (hooks, Some(report))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cni_adapters::{Attach, Hook, HookPlan};
 
-    #[test]
-    fn default_route() {
-        let t =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                 eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                 eth0\t0002A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        assert_eq!(default_route_dev(t).as_deref(), Some("eth0"));
-        assert_eq!(default_route_dev("Iface\n"), None);
+    fn hook(name: &str, idx: u32, point: HookPoint, attach: Attach) -> Hook {
+        Hook { ifname: name.into(), ifindex: idx, point, ingress: true, egress: true, attach, why: String::new() }
     }
 
     #[test]
-    fn plans_from_ip_link_output() {
-        let json = r#"[
-          {"ifindex":1,"ifname":"lo","linkinfo":null},
-          {"ifindex":2,"ifname":"eth0"},
-          {"ifindex":7,"ifname":"cali1234","link_netnsid":0,"linkinfo":{"info_kind":"veth"}},
-          {"ifindex":8,"ifname":"lxc_health","link_netnsid":1,"linkinfo":{"info_kind":"veth"}},
-          {"ifindex":9,"ifname":"vpair","linkinfo":{"info_kind":"veth"}},
-          {"ifindex":10,"ifname":"podveth","link_netnsid":3,"linkinfo":{"info_kind":"veth"}},
-          {"ifindex":11,"ifname":"flannel.1","linkinfo":{"info_kind":"vxlan"}}
-        ]"#;
-        let links = parse_ip_links(json);
-        assert_eq!(links.len(), 7);
-        let route = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\neth0\t00000000\t01\t3\t0\t0\t0\t00000000\n";
-        let cfg = NetCfg {
-            enabled: true,
-            node_devices: vec![],
-            pod_veth_prefixes: vec!["cali".into(), "lxc".into()],
-            auto_pod_veths: true,
+    fn plan_hooks_map_to_roles_and_node_devices_win() {
+        let plan = HookPlan {
+            cni: Cni::Flannel,
+            hooks: vec![
+                hook("eth0", 2, HookPoint::NodeIngress, Attach::Tcx),
+                hook("flannel.1", 3, HookPoint::Overlay, Attach::Tcx),
+                hook("veth1", 7, HookPoint::PodVeth, Attach::Tcx),
+                hook("veth2", 8, HookPoint::PodVeth, Attach::Tcx),
+                hook("veth3", 9, HookPoint::PodVeth, Attach::Passive),
+            ],
+            netfilter_dnat: true,
+            notes: vec![],
         };
-        let got: Vec<(String, Role)> = plan(&cfg, &links, Some(route))
-            .into_iter()
-            .map(|h| (h.ifname, h.role))
-            .collect();
+        let cfg = NetCfg { enabled: true, node_devices: vec!["veth2".into(), "gone0".into()], ..Default::default() };
+        let got: Vec<(String, Role)> = hooks_from_plan(&cfg, &plan, |n| (n == "veth2").then_some(8)).into_iter().map(|h| (h.ifname, h.role)).collect();
         assert_eq!(
             got,
             vec![
                 ("eth0".into(), Role::Node),
-                ("cali1234".into(), Role::PodVeth),
-                ("podveth".into(), Role::PodVeth)
+                ("flannel.1".into(), Role::Node),
+                ("veth1".into(), Role::PodVeth),
+                ("veth2".into(), Role::Node),
             ]
         );
-        let forced = NetCfg {
-            node_devices: vec!["flannel.1".into()],
-            ..cfg.clone()
-        };
-        assert!(plan(&forced, &links, Some(route))
-            .iter()
-            .any(|h| h.ifname == "flannel.1" && h.role == Role::Node));
-        assert!(plan(
-            &NetCfg {
-                enabled: false,
-                ..cfg
-            },
-            &links,
-            Some(route)
-        )
-        .is_empty());
-        assert!(parse_ip_links("garbage").is_empty());
+    }
+
+    #[test]
+    fn disabled_plans_nothing() {
+        assert!(plan(&NetCfg::default()).0.is_empty());
     }
 }
