@@ -237,8 +237,13 @@ fn bpf_thread(
 
     let mut last_housekeeping = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
-        if let Err(e) = rb.poll(Duration::from_millis(50)) {
+        // Events are submitted without wake-ups (BPF_RB_NO_WAKEUP) unless a backlog builds, so
+        // the poll mostly times out: drain explicitly every tick.
+        if let Err(e) = rb.poll(Duration::from_millis(10)) {
             tracing::warn!(error = %e, "ring buffer poll failed");
+        }
+        if let Err(e) = rb.consume() {
+            tracing::warn!(error = %e, "ring buffer consume failed");
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
         while let Ok(set) = targets.try_recv() {

@@ -176,7 +176,7 @@ fn render_health(s: &Shared, out: &mut String) {
             (&[("cause", "decode_error")], h.decode_errors as f64),
         ],
     );
-    let names: Vec<[(&str, &str); 1]> = STAT_NAMES.iter().map(|n| [("counter", *n)]).collect();
+    let names: Vec<[(&str, &str); 1]> = STAT_NAMES.iter().map(|n| [("stat", *n)]).collect();
     let rows: Vec<(&[(&str, &str)], f64)> = names
         .iter()
         .zip(h.bpf.iter())
@@ -184,7 +184,7 @@ fn render_health(s: &Shared, out: &mut String) {
         .collect();
     write_counter(
         out,
-        "llmslo_agent_bpf_counter_total",
+        "llmslo_agent_bpf_stat_total",
         "Raw per-CPU counters of the BPF programs, summed.",
         &rows,
     );

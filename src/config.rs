@@ -111,7 +111,8 @@ impl Config {
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
-        cni_adapters::parse_force(&self.network.cni).map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
+        cni_adapters::parse_force(&self.network.cni)
+            .map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
         Ok(())
     }
 }

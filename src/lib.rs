@@ -14,4 +14,5 @@ pub mod probe;
 pub mod record;
 pub mod ringbuf;
 pub mod skel;
+pub mod slo;
 pub mod stats;

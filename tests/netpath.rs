@@ -153,7 +153,7 @@ fn network_stages_direct_and_through_a_cluster_ip() {
     // Direct to the pod IP.
     let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
     cfg.netns = Some(outside.netns_path());
-    cfg.connections = 8;
+    cfg.connections = 4;
     cfg.requests = 200;
     cfg.max_tokens = Some(6);
     let direct = testbed::loadgen::run(&cfg).unwrap();

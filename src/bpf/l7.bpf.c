@@ -201,10 +201,16 @@ static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, struct 
 	}
 }
 
+/* Waking the reader for every event costs the traced syscall several microseconds; the reader
+ * drains on a short timer instead, and is woken only once a backlog builds up. */
+#define WAKEUP_BACKLOG (256 * 1024)
+
 static __always_inline int submit(struct scratch *s)
 {
 	__u64 n = clamp_to(s->hdr.head_len + s->hdr.tail_len, LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP);
-	if (bpf_ringbuf_output(&events, s, sizeof(s->hdr) + n, 0)) {
+	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
+										  : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&events, s, sizeof(s->hdr) + n, flags)) {
 		bump(LLMSLO_ST_RB_FULL);
 		return 0;
 	}

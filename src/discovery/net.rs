@@ -32,11 +32,17 @@ pub struct CniReport {
 }
 
 /// Hooks for the plan's devices, with `node_devices` forced to the node role.
-pub fn hooks_from_plan(cfg: &NetCfg, plan: &cni_adapters::HookPlan, ifindex_of: impl Fn(&str) -> Option<u32>) -> Vec<HookSpec> {
+pub fn hooks_from_plan(
+    cfg: &NetCfg,
+    plan: &cni_adapters::HookPlan,
+    ifindex_of: impl Fn(&str) -> Option<u32>,
+) -> Vec<HookSpec> {
     let mut out: Vec<HookSpec> = plan
         .hooks
         .iter()
-        .filter(|h| h.attach != cni_adapters::Attach::Passive && !cfg.node_devices.contains(&h.ifname))
+        .filter(|h| {
+            h.attach != cni_adapters::Attach::Passive && !cfg.node_devices.contains(&h.ifname)
+        })
         .map(|h| HookSpec {
             ifindex: h.ifindex,
             ifname: h.ifname.clone(),
@@ -47,7 +53,11 @@ pub fn hooks_from_plan(cfg: &NetCfg, plan: &cni_adapters::HookPlan, ifindex_of: 
         })
         .collect();
     out.extend(cfg.node_devices.iter().filter_map(|n| {
-        Some(HookSpec { ifindex: ifindex_of(n)?, ifname: n.clone(), role: Role::Node })
+        Some(HookSpec {
+            ifindex: ifindex_of(n)?,
+            ifname: n.clone(),
+            role: Role::Node,
+        })
     }));
     out.sort();
     out
@@ -66,10 +76,18 @@ pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
         }
     };
     let det = detect(&view, cfg.cni);
-    let opts = PlanOptions { extra_pod_veth_prefixes: cfg.pod_veth_prefixes.clone(), ..Default::default() };
+    let opts = PlanOptions {
+        extra_pod_veth_prefixes: cfg.pod_veth_prefixes.clone(),
+        ..Default::default()
+    };
     let p = cni_plan(&view, &det, &opts);
     let hooks = hooks_from_plan(cfg, &p, |n| view.iface(n).map(|i| i.ifindex));
-    let report = CniReport { cni: det.cni, confidence: det.confidence, evidence: det.evidence, notes: p.notes };
+    let report = CniReport {
+        cni: det.cni,
+        confidence: det.confidence,
+        evidence: det.evidence,
+        notes: p.notes,
+    };
     (hooks, Some(report))
 }
 
@@ -79,7 +97,15 @@ mod tests {
     use cni_adapters::{Attach, Hook, HookPlan};
 
     fn hook(name: &str, idx: u32, point: HookPoint, attach: Attach) -> Hook {
-        Hook { ifname: name.into(), ifindex: idx, point, ingress: true, egress: true, attach, why: String::new() }
+        Hook {
+            ifname: name.into(),
+            ifindex: idx,
+            point,
+            ingress: true,
+            egress: true,
+            attach,
+            why: String::new(),
+        }
     }
 
     #[test]
@@ -96,8 +122,16 @@ mod tests {
             netfilter_dnat: true,
             notes: vec![],
         };
-        let cfg = NetCfg { enabled: true, node_devices: vec!["veth2".into(), "gone0".into()], ..Default::default() };
-        let got: Vec<(String, Role)> = hooks_from_plan(&cfg, &plan, |n| (n == "veth2").then_some(8)).into_iter().map(|h| (h.ifname, h.role)).collect();
+        let cfg = NetCfg {
+            enabled: true,
+            node_devices: vec!["veth2".into(), "gone0".into()],
+            ..Default::default()
+        };
+        let got: Vec<(String, Role)> =
+            hooks_from_plan(&cfg, &plan, |n| (n == "veth2").then_some(8))
+                .into_iter()
+                .map(|h| (h.ifname, h.role))
+                .collect();
         assert_eq!(
             got,
             vec![

@@ -53,15 +53,16 @@
 //!
 //! # Windows and memory
 //!
-//! Counts live in memory only, in aligned buckets at four resolutions; every request goes
-//! into each, and a window is read from the finest ring that spans it. A window's length is
+//! A request counts at the (wall-clock) time it is observed, i.e. when it finished. Counts
+//! live in memory only, in aligned buckets at four resolutions; every request goes into each,
+//! and a window is read from the finest ring that spans it. A window's length is
 //! exact to its ring's bucket width (the oldest bucket is taken whole or not at all: the window
 //! covers between `W - width` and `W`):
 //!
 //! | ring | spans | windows | edge exact to |
 //! |---|---|---|---|
 //! | 360 × 10 s | 1 h | burn 5m, 30m, 1h; SLO windows ≤ 1 h | 10 s |
-//! | 360 × 1 min | 6 h | burn 2h, 6h | 1 min |
+//! | 360 × 1 min | 6 h | burn 2h, 6h; SLO windows ≤ 6 h | 1 min |
 //! | 432 × 10 min | 3 d | burn 1d, 3d; SLO windows ≤ 3 d | 10 min |
 //! | `window/1h` × 1 h | the SLO window | compliance and budget over e.g. 28d | 1 h |
 //!
@@ -251,7 +252,10 @@ impl Slo {
                 Judge::Latency(m, t)
             }
             Sli::Goodput { all } => {
-                anyhow::ensure!(!all.is_empty(), "a goodput SLI needs at least one threshold");
+                anyhow::ensure!(
+                    !all.is_empty(),
+                    "a goodput SLI needs at least one threshold"
+                );
                 let list = all
                     .iter()
                     .map(|t| compile_threshold(&t.metric, t.threshold_ms))

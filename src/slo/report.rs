@@ -59,9 +59,16 @@ pub const ALERTS: [AlertRule; 4] = [
     },
 ];
 
+/// The allowed error ratio, `1 - objective`, rounded to 12 decimals: objectives are written
+/// in decimal, and `1 - 0.99` in binary is 0.010000000000000009, which would show up as burn
+/// rates of 2.499999999999998 instead of 2.5.
+pub fn budget_ratio(objective: f64) -> f64 {
+    ((1.0 - objective) * 1e12).round() / 1e12
+}
+
 /// Error ratio over the window divided by the budget ratio; `None` without requests.
 pub fn burn_rate(c: Counts, objective: f64) -> Option<f64> {
-    (c.total > 0).then(|| c.bad() as f64 / (c.total as f64 * (1.0 - objective)))
+    (c.total > 0).then(|| c.bad() as f64 / (c.total as f64 * budget_ratio(objective)))
 }
 
 /// `1 - bad / allowed_bad`, allowed_bad = (1 - objective) × total. 1 when nothing was
@@ -209,12 +216,13 @@ impl SloEngine {
         }
         let snaps = self.snapshots(now_s);
         let rows: Vec<(&Slo, Snapshot)> = self.slos.iter().zip(snaps).collect();
-        let gauge = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&Slo, &Snapshot) -> f64| {
-            header(out, name, "gauge", help);
-            for (s, snap) in &rows {
-                sample(out, name, &[("slo", &s.spec.name)], f(s, snap));
-            }
-        };
+        let gauge =
+            |out: &mut String, name: &str, help: &str, f: &dyn Fn(&Slo, &Snapshot) -> f64| {
+                header(out, name, "gauge", help);
+                for (s, snap) in &rows {
+                    sample(out, name, &[("slo", &s.spec.name)], f(s, snap));
+                }
+            };
         gauge(
             out,
             "llmslo_slo_objective",

@@ -23,9 +23,9 @@ impl Metric {
             "tpot" => Metric::Tpot,
             "e2e" => Metric::E2e,
             _ => {
-                let stage = s.strip_prefix("stage:").and_then(|n| {
-                    Stage::ALL.iter().copied().find(|st| st.name() == n)
-                });
+                let stage = s
+                    .strip_prefix("stage:")
+                    .and_then(|n| Stage::ALL.iter().copied().find(|st| st.name() == n));
                 match stage {
                     Some(st) => Metric::Stage(st),
                     None => anyhow::bail!(
@@ -130,8 +130,8 @@ pub fn availability(rec: &RequestRecord, aborted_bad: bool) -> Verdict {
 }
 
 /// Good only if served and every threshold is met (vLLM's goodput counts only successful
-/// requests). Any threshold missed makes it bad; otherwise a threshold that does not apply
-/// leaves it uncounted.
+/// requests). A failure or any threshold missed makes it bad; otherwise a threshold that does
+/// not apply, or an abort under `aborted: ignore`, leaves it uncounted.
 pub fn goodput(all: &[(Metric, f64)], rec: &RequestRecord, aborted_bad: bool) -> Verdict {
     let mut out = availability(rec, aborted_bad);
     if out == Verdict::Bad {

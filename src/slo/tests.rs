@@ -58,8 +58,14 @@ fn error_budget_worked_example() {
     assert!(close(budget_remaining(c(10_000, 10_000), 0.99), 1.0));
     assert!(close(budget_remaining(c(9_950, 10_000), 0.99), 0.5));
     assert!(close(budget_remaining(c(9_900, 10_000), 0.99), 0.0));
-    assert!(close(budget_remaining(c(9_750, 10_000), 0.99), -1.5), "overspent");
+    assert!(
+        close(budget_remaining(c(9_750, 10_000), 0.99), -1.5),
+        "overspent"
+    );
     assert_eq!(budget_remaining(c(0, 0), 0.99), 1.0, "nothing spent");
+    // 1 - 0.99 is 0.010000000000000009 in binary; the budget ratio is taken as the decimal.
+    assert_eq!(budget_remaining(c(9_750, 10_000), 0.99), -1.5);
+    assert_eq!(burn_rate(c(975, 1_000), 0.99), Some(2.5));
 }
 
 #[test]
@@ -142,14 +148,20 @@ fn compliance_and_burn_over_windows() {
     let s = slo0(&mut e, T + 7 * 3600 - 1);
     assert_eq!(s["total"], 7 * 3600);
     assert_eq!(s["bad"], 72);
-    assert!(close(s["compliance"].as_f64().unwrap(), 1.0 - 72.0 / 25_200.0));
+    assert!(close(
+        s["compliance"].as_f64().unwrap(),
+        1.0 - 72.0 / 25_200.0
+    ));
     let b = &s["burn_rates"];
     let burn = |w: &str| b[w].as_f64().unwrap();
     assert!(close(burn("5m"), 20.0), "{b}");
     assert!(close(burn("1h"), 20.0));
     assert!(close(burn("2h"), 10.0));
     assert!(close(burn("6h"), 72.0 / 21_600.0 / 0.001));
-    assert!(close(burn("1d"), 72.0 / 25_200.0 / 0.001), "only 7 h of data");
+    assert!(
+        close(burn("1d"), 72.0 / 25_200.0 / 0.001),
+        "only 7 h of data"
+    );
     // 72 bad of 25.2 allowed: overspent.
     let rem = s["error_budget_remaining"].as_f64().unwrap();
     assert!(close(rem, 1.0 - 72.0 / 25.2), "{rem}");
@@ -165,13 +177,21 @@ fn page_fast_fires_on_both_windows_and_resets_with_the_short_one() {
     feed(&mut e, start, 600, 50);
     let s = slo0(&mut e, start + 599);
     assert!(s["burn_rates"]["5m"].as_f64().unwrap() > 14.4);
-    assert!(!firing(&s, "page_fast"), "1h burn {}", s["burn_rates"]["1h"]);
+    assert!(
+        !firing(&s, "page_fast"),
+        "1h burn {}",
+        s["burn_rates"]["1h"]
+    );
     // After 45 min: 1h burn 15×: page.
     feed(&mut e, start + 600, 2100, 50);
     let s = slo0(&mut e, start + 2699);
     assert!(close(s["burn_rates"]["1h"].as_f64().unwrap(), 15.0));
     assert!(firing(&s, "page_fast"));
-    assert!(!firing(&s, "page_slow"), "6h burn {}", s["burn_rates"]["6h"]);
+    assert!(
+        !firing(&s, "page_slow"),
+        "6h burn {}",
+        s["burn_rates"]["6h"]
+    );
     // Errors stop: the 1h window still burns 15×, but 5 clean minutes end the page.
     feed(&mut e, start + 2700, 300, 0);
     let s = slo0(&mut e, start + 2999);
@@ -203,7 +223,10 @@ fn alert_threshold_is_strict() {
             e.observe(&plain(1, status), "x", T + i);
         }
         let s = slo0(&mut e, T + 100);
-        assert_eq!(s["burn_rates"]["5m"].as_f64(), s["burn_rates"]["1h"].as_f64());
+        assert_eq!(
+            s["burn_rates"]["5m"].as_f64(),
+            s["burn_rates"]["1h"].as_f64()
+        );
         assert_eq!(firing(&s, "page_fast"), fires, "{bad}: {}", s["burn_rates"]);
     }
 }
@@ -305,7 +328,15 @@ fn config_yaml_and_validation() {
 fn status_json_shape() {
     let mut e = engine(E2E_999);
     let s = slo0(&mut e, T);
-    for k in ["name", "objective", "window", "sli", "selector", "burn_rates", "alerts"] {
+    for k in [
+        "name",
+        "objective",
+        "window",
+        "sli",
+        "selector",
+        "burn_rates",
+        "alerts",
+    ] {
         assert!(!s[k].is_null(), "{k}");
     }
     assert_eq!(s["sli"]["type"], "latency");
@@ -314,7 +345,13 @@ fn status_json_shape() {
     assert_eq!(windows.len(), 7);
     let a = &s["alerts"][0];
     assert_eq!(
-        (&a["name"], &a["long"], &a["short"], &a["factor"], &a["severity"]),
+        (
+            &a["name"],
+            &a["long"],
+            &a["short"],
+            &a["factor"],
+            &a["severity"]
+        ),
         (
             &"page_fast".into(),
             &"1h".into(),

@@ -93,7 +93,11 @@ fn threshold_is_inclusive_as_vllm_goodput() {
 #[test]
 fn missing_metric_on_completed_request_is_not_counted() {
     let r = plain(800, 200);
-    assert_eq!(lat("ttft", 500.0, &r), (Skip, Skip), "non-streaming: no TTFT");
+    assert_eq!(
+        lat("ttft", 500.0, &r),
+        (Skip, Skip),
+        "non-streaming: no TTFT"
+    );
     assert_eq!(lat("itl", 50.0, &r), (Skip, Skip));
     assert_eq!(lat("tpot", 50.0, &r), (Skip, Skip));
     assert_eq!(lat("e2e", 500.0, &r).0, Bad);
@@ -123,10 +127,18 @@ fn aborted_before_first_token_is_bad_unless_ignored() {
     assert_eq!(lat("itl", 50.0, &r), (Bad, Skip));
     assert_eq!(lat("e2e", 500.0, &r), (Bad, Skip));
     assert_eq!(lat("stage:queue_prefill", 500.0, &r), (Bad, Skip));
-    assert_eq!(lat("stage:inference", 500.0, &r), (Bad, Skip), "kind unknown");
+    assert_eq!(
+        lat("stage:inference", 500.0, &r),
+        (Bad, Skip),
+        "kind unknown"
+    );
     // Measured before the abort: complete, judged on its value.
     assert_eq!(lat("stage:request_read", 5.0, &r), (Good, Good));
-    assert_eq!(lat("stage:socket_wait", 5.0, &r), (Skip, Skip), "hook, not abort");
+    assert_eq!(
+        lat("stage:socket_wait", 5.0, &r),
+        (Skip, Skip),
+        "hook, not abort"
+    );
 
     // The head said event-stream: inference would never have existed.
     let mut s = base(true);
@@ -151,7 +163,11 @@ fn aborted_mid_stream_keeps_conclusive_values() {
     assert_eq!(lat("ttft", 500.0, &r), (Good, Good), "TTFT is complete");
     assert_eq!(lat("ttft", 100.0, &r), (Bad, Bad));
     assert_eq!(lat("itl", 50.0, &r), (Bad, Bad), "a 90 ms gap stays");
-    assert_eq!(lat("itl", 100.0, &r), (Bad, Skip), "the last gap is unknown");
+    assert_eq!(
+        lat("itl", 100.0, &r),
+        (Bad, Skip),
+        "the last gap is unknown"
+    );
     assert_eq!(lat("tpot", 100.0, &r), (Bad, Skip));
     assert_eq!(lat("e2e", 60_000.0, &r), (Bad, Skip));
 }

@@ -134,12 +134,12 @@ impl Tiers {
         }
     }
 
-    /// The ring a window of `secs` is read from: the finest that spans it and whose width
-    /// divides it (so the window is a whole number of buckets).
+    /// The ring a window of `secs` is read from: the finest that spans it. Burn windows and
+    /// whole-hour SLO windows are whole numbers of its buckets (`sum` rounds any other up).
     fn ring_for(&self, secs: u64) -> &Ring {
         self.rings
             .iter()
-            .find(|r| r.span_s() >= secs && secs % r.width_s() == 0)
+            .find(|r| r.span_s() >= secs)
             .unwrap_or(&self.rings[self.rings.len() - 1])
     }
 

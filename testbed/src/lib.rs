@@ -18,7 +18,7 @@ pub mod topo;
 pub use cgroup::{cgroup2_mount, CgroupDriver, PodCgroup, Qos};
 pub use loadgen::{ClientRecord, LoadConfig, Route};
 pub use netns::{cleanup_stale, Pod, PodProcess, PREFIX};
-pub use synth::{read_server_log, synth_main, ServerRecord, SynthArgs, WriteMode};
+pub use synth::{read_server_log, synth_main, ServerRecord, SynthArgs, Syscall, WriteMode};
 
 use anyhow::{bail, Result};
 

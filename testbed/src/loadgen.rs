@@ -132,7 +132,8 @@ pub struct ClientRecord {
     pub request_bytes: usize,
     /// Open loop: when the schedule said to send.
     pub scheduled_ns: Option<u64>,
-    /// Just before the write of the request's first byte.
+    /// When the request left: the kernel's transmit stamp (SO_TIMESTAMPING, packet handed to
+    /// the device's queue) for requests up to 64 KiB, else just before the write.
     pub send_ns: u64,
     /// After the read that delivered the response's first byte.
     pub first_byte_ns: Option<u64>,
@@ -367,11 +368,17 @@ impl Worker<'_> {
             r.seq_on_conn = c.next_seq();
             r.request_bytes = req.len();
             r.send_ns = mono_ns();
-            if let Err(e) = c.send(&req, self.deadline) {
-                for r in recs.iter_mut().skip(k) {
-                    r.error = Some(format!("send: {e:#}"));
+            match c.send(&req, self.deadline) {
+                // The kernel's stamp of the request leaving (one GSO segment up to 64 KiB):
+                // immune to this thread being preempted between the clock read and write().
+                Ok(Some(tx)) if req.len() <= 64 * 1024 && tx >= r.send_ns => r.send_ns = tx,
+                Ok(_) => {}
+                Err(e) => {
+                    for r in recs.iter_mut().skip(k) {
+                        r.error = Some(format!("send: {e:#}"));
+                    }
+                    return false;
                 }
-                return false;
             }
         }
         for (k, &i) in idxs.iter().enumerate() {

@@ -1,13 +1,14 @@
 //! One client connection of the load generator: blocking socket, incremental response
-//! parsing (status line, Content-Length or chunked body, SSE events), and a timestamp
-//! right after every read() so each byte's arrival time is known.
+//! parsing (status line, Content-Length or chunked body, SSE events), and the kernel's
+//! receive timestamp of every read so each byte's arrival time is known.
 
 use crate::http::{self, BodyFraming, ChunkedDecoder, Head, SseParser};
 use crate::loadgen::ClientRecord;
 use crate::mono_ns;
 use anyhow::{bail, Context, Result};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Whether the connection can carry the next request.
@@ -35,6 +36,88 @@ fn remaining(deadline: Instant) -> Result<Duration> {
     Ok(left)
 }
 
+/// recvmsg with an SCM_TIMESTAMPNS control message; the stamp converted to CLOCK_MONOTONIC.
+fn recv_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; all-zero is a valid starting value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: the iovec and control buffers outlive the call and their lengths are right.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled in.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                let rt = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+                stamp = u64::try_from(rt - realtime_minus_mono()).ok();
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
+/// One transmit stamp from the socket's error queue, on CLOCK_MONOTONIC.
+fn tx_stamp(stream: &TcpStream) -> Option<u64> {
+    let mut cbuf = [0u64; 32];
+    // SAFETY: msghdr is plain data; all-zero is a valid starting value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: the control buffer outlives the call; no data buffer is needed (OPT_TSONLY).
+    let n = unsafe {
+        libc::recvmsg(
+            stream.as_raw_fd(),
+            &mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled in.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPING {
+                // struct scm_timestamping { struct timespec ts[3]; }: [0] is the software stamp.
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                let rt = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+                stamp = u64::try_from(rt - realtime_minus_mono()).ok();
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    // An entry without a stamp still had to be consumed; report it as "no stamp this time".
+    stamp.or(Some(0)).filter(|&s| s > 0)
+}
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC now, in ns (receive stamps are on the realtime clock).
+fn realtime_minus_mono() -> i128 {
+    let mut rt = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut rt) };
+    let mono = mono_ns() as i128;
+    rt.tv_sec as i128 * 1_000_000_000 + rt.tv_nsec as i128 - mono
+}
+
 impl Conn {
     pub fn connect(target: SocketAddr, deadline: Instant) -> Result<Conn> {
         let stream =
@@ -42,6 +125,35 @@ impl Conn {
                 .with_context(|| format!("connect {target}"))?;
         // Requests must leave in one segment when written, as a real client's do.
         stream.set_nodelay(true)?;
+        // Receive timestamps from the kernel: when bytes reached this socket, independent of
+        // when this thread got the CPU back (2-core machines shared with the server and agent).
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket fd and a pointer to an int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // Transmit stamps (when the request was handed to the device queue), delivered on the
+        // error queue with no payload.
+        let tx: libc::c_uint = libc::SOF_TIMESTAMPING_TX_SCHED
+            | libc::SOF_TIMESTAMPING_SOFTWARE
+            | libc::SOF_TIMESTAMPING_OPT_TSONLY
+            | libc::SOF_TIMESTAMPING_OPT_ID;
+        // SAFETY: as above.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPING,
+                (&tx as *const libc::c_uint).cast(),
+                std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+            )
+        };
         let local_port = stream.local_addr()?.port();
         Ok(Conn {
             stream,
@@ -57,20 +169,35 @@ impl Conn {
         self.seq - 1
     }
 
-    pub fn send(&mut self, data: &[u8], deadline: Instant) -> Result<()> {
+    /// Writes the request; returns the kernel's transmit stamp of its last send, if one came.
+    pub fn send(&mut self, data: &[u8], deadline: Instant) -> Result<Option<u64>> {
         self.stream.set_write_timeout(Some(remaining(deadline)?))?;
         self.stream.write_all(data)?;
-        Ok(())
+        // The stamp is queued when the segment is scheduled, normally inside write() itself.
+        let mut last = None;
+        for _ in 0..20 {
+            while let Some(t) = tx_stamp(&self.stream) {
+                last = Some(t);
+            }
+            if last.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(last)
     }
 
-    /// Read into the buffer; returns bytes read (0 = peer closed) and when.
+    /// Read into the buffer; returns bytes read (0 = peer closed) and when they arrived: the
+    /// kernel's receive timestamp of the latest segment read, on CLOCK_MONOTONIC, or the time
+    /// after the read when the kernel gave none.
     fn fill(&mut self, deadline: Instant) -> Result<(usize, u64)> {
         let mut tmp = [0u8; 64 * 1024];
         loop {
             self.stream.set_read_timeout(Some(remaining(deadline)?))?;
-            match self.stream.read(&mut tmp) {
-                Ok(n) => {
-                    let t = mono_ns();
+            match recv_stamped(&self.stream, &mut tmp) {
+                Ok((n, rx)) => {
+                    let now = mono_ns();
+                    let t = rx.filter(|&r| r <= now).unwrap_or(now);
                     self.buf.extend_from_slice(&tmp[..n]);
                     if n > 0 {
                         self.buf_ns = t;

@@ -37,6 +37,15 @@ pub enum WriteMode {
     Merge,
 }
 
+/// Which syscall carries response bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Syscall {
+    Write,
+    Send,
+    Writev,
+}
+
 /// Command-line flags of `llmslo-synth-server`.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -68,6 +77,10 @@ pub struct SynthArgs {
     /// How SSE events are cut into write syscalls.
     #[arg(long, value_enum, default_value_t = WriteMode::One)]
     pub write_mode: WriteMode,
+    /// Syscall for response writes: write(2) like uvloop, send(2) like asyncio, or
+    /// writev(2) with two iovecs.
+    #[arg(long, value_enum, default_value_t = Syscall::Write)]
+    pub syscall: Syscall,
     /// Model name reported when the request names none.
     #[arg(long, default_value = "synth-llm")]
     pub model: String,
@@ -132,6 +145,10 @@ pub fn synth_main(args: Vec<String>) -> Result<()> {
         }
         Err(e) => bail!("{}", e.render()),
     };
+    // write(2) to a socket the client closed raises SIGPIPE; Rust binaries ignore it
+    // already, but synth_main may run inside a host that did not.
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers.max(1))
         .enable_all()
@@ -247,7 +264,7 @@ async fn connection(srv: Arc<Server>, mut stream: TcpStream, peer: SocketAddr) {
             }
         };
         let close = req.head.wants_close();
-        let keep_going = handle(&srv, &mut stream, peer, req, close).await;
+        let keep_going = handle(&srv, &stream, peer, req, close).await;
         if !keep_going || close {
             let _ = stream.shutdown().await;
             return;

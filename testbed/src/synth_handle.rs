@@ -3,12 +3,13 @@
 
 use crate::http;
 use crate::mono_ns;
-use crate::synth::{Request, Server, ServerRecord, WriteMode};
+use crate::synth::{Request, Server, ServerRecord, Syscall, WriteMode};
 use crate::synth_plan::{self, Event, PlannedWrite, RouteKind};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -53,7 +54,7 @@ fn reason(status: u16) -> &'static str {
 /// Serve one request; false when the connection must close (a write failed).
 pub(crate) async fn handle(
     srv: &Server,
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     peer: SocketAddr,
     req: Request,
     close: bool,
@@ -74,6 +75,10 @@ pub(crate) async fn handle(
         ..Default::default()
     };
     let rid = request_id.as_deref();
+    let out = Out {
+        stream,
+        how: srv.args.syscall,
+    };
     let known = [
         "/health",
         "/v1/models",
@@ -81,20 +86,20 @@ pub(crate) async fn handle(
         "/v1/completions",
     ];
     let ok = match (method.as_str(), path.as_str()) {
-        ("GET", "/health") => send_simple(stream, &mut rec, 200, "", close, rid).await,
+        ("GET", "/health") => send_simple(out, &mut rec, 200, "", close, rid).await,
         ("GET", "/v1/models") => {
             let body = serde_json::json!({"object": "list", "data": [{"id": srv.args.model, "object": "model", "owned_by": "llmslo"}]});
-            send_simple(stream, &mut rec, 200, &body.to_string(), close, rid).await
+            send_simple(out, &mut rec, 200, &body.to_string(), close, rid).await
         }
         ("POST", "/v1/chat/completions") => {
-            generate(srv, stream, &mut rec, &req, RouteKind::Chat, close).await
+            generate(srv, out, &mut rec, &req, RouteKind::Chat, close).await
         }
         ("POST", "/v1/completions") => {
-            generate(srv, stream, &mut rec, &req, RouteKind::Completions, close).await
+            generate(srv, out, &mut rec, &req, RouteKind::Completions, close).await
         }
         (_, p) if known.contains(&p) => {
             send_simple(
-                stream,
+                out,
                 &mut rec,
                 405,
                 r#"{"detail":"Method Not Allowed"}"#,
@@ -103,36 +108,91 @@ pub(crate) async fn handle(
             )
             .await
         }
-        _ => {
-            send_simple(
-                stream,
-                &mut rec,
-                404,
-                r#"{"detail":"Not Found"}"#,
-                close,
-                rid,
-            )
-            .await
-        }
+        _ => send_simple(out, &mut rec, 404, r#"{"detail":"Not Found"}"#, close, rid).await,
     };
     srv.log(&rec);
     ok
 }
 
-/// Time a single write: returns false (and marks the record aborted) on failure.
-async fn timed_write(stream: &mut TcpStream, rec: &mut ServerRecord, data: &[u8]) -> Option<u64> {
-    let t = mono_ns();
-    match stream.write_all(data).await {
-        Ok(()) => Some(t),
-        Err(_) => {
-            rec.aborted = true;
-            None
+/// Where and how responses are written.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    stream: &'a TcpStream,
+    how: Syscall,
+}
+
+/// Write all of `data` with the configured syscall, returning CLOCK_MONOTONIC taken
+/// just before the syscall that carried the first byte and the one that carried the
+/// last (the same call unless the socket buffer was full). None (and the record marked
+/// aborted) when the client is gone.
+async fn timed_write(out: Out<'_>, rec: &mut ServerRecord, data: &[u8]) -> Option<(u64, u64)> {
+    let (stream, how) = (out.stream, out.how);
+    let (mut first, mut last, mut off) = (None, 0, 0);
+    while off < data.len() {
+        let attempt = stream.try_io(Interest::WRITABLE, || {
+            let t = mono_ns();
+            raw_write(stream.as_raw_fd(), &data[off..], how).map(|n| (t, n))
+        });
+        match attempt {
+            Ok((t, n)) => {
+                first.get_or_insert(t);
+                last = t;
+                off += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stream.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
+    }
+    if off < data.len() {
+        rec.aborted = true;
+        return None;
+    }
+    Some((first.unwrap_or(last), last))
+}
+
+/// One write syscall of the chosen kind. tokio itself would use sendto(); real
+/// servers differ (uvloop: write/writev, asyncio: send), and the agent must see all.
+fn raw_write(fd: RawFd, buf: &[u8], how: Syscall) -> std::io::Result<usize> {
+    // SAFETY: fd is the live socket of `stream`; every pointer/length pair below
+    // describes a sub-slice of `buf`, which outlives the call.
+    let n = unsafe {
+        match how {
+            Syscall::Write => libc::write(fd, buf.as_ptr().cast(), buf.len()),
+            Syscall::Send => libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL),
+            Syscall::Writev => {
+                // Two iovecs (chunk size line, rest) like libuv's header/body writes.
+                let cut = buf
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(buf.len() / 2, |i| i + 1);
+                let iov = [
+                    libc::iovec {
+                        iov_base: buf.as_ptr() as *mut _,
+                        iov_len: cut,
+                    },
+                    libc::iovec {
+                        iov_base: buf[cut..].as_ptr() as *mut _,
+                        iov_len: buf.len() - cut,
+                    },
+                ];
+                libc::writev(fd, iov.as_ptr(), 2)
+            }
+        }
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
 async fn send_simple(
-    stream: &mut TcpStream,
+    out: Out<'_>,
     rec: &mut ServerRecord,
     status: u16,
     body: &str,
@@ -141,11 +201,11 @@ async fn send_simple(
 ) -> bool {
     rec.status = status;
     let resp = simple_response(status, "application/json", body.as_bytes(), close, rid);
-    let Some(t) = timed_write(stream, rec, &resp).await else {
+    let Some((t0, t1)) = timed_write(out, rec, &resp).await else {
         return false;
     };
-    rec.resp_first_ns = Some(t);
-    rec.resp_last_ns = Some(t);
+    rec.resp_first_ns = Some(t0);
+    rec.resp_last_ns = Some(t1);
     true
 }
 
@@ -165,7 +225,7 @@ async fn sleep_until(at: Instant) {
 
 async fn generate(
     srv: &Server,
-    stream: &mut TcpStream,
+    out: Out<'_>,
     rec: &mut ServerRecord,
     req: &Request,
     route: RouteKind,
@@ -177,7 +237,7 @@ async fn generate(
         Ok(p) => p,
         Err(e) => {
             let body = serde_json::json!({"error": {"message": format!("{e:#}"), "type": "BadRequestError"}});
-            return send_simple(stream, rec, 400, &body.to_string(), close, rid.as_deref()).await;
+            return send_simple(out, rec, 400, &body.to_string(), close, rid.as_deref()).await;
         }
     };
     let model = params.model.clone().unwrap_or_else(|| args.model.clone());
@@ -197,7 +257,7 @@ async fn generate(
             "HTTP/1.1 200 OK\r\nserver: llmslo-synth\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n",
         );
         push_common_headers(&mut head, close, rid.as_deref());
-        let Some(t) = timed_write(stream, rec, head.as_bytes()).await else {
+        let Some((t, _)) = timed_write(out, rec, head.as_bytes()).await else {
             return false;
         };
         rec.resp_first_ns = Some(t);
@@ -236,11 +296,11 @@ async fn generate(
             writes[0].extend_from_slice(&body);
         }
         for w in &writes {
-            let Some(t) = timed_write(stream, rec, w).await else {
+            let Some((t0, t1)) = timed_write(out, rec, w).await else {
                 return false;
             };
-            rec.resp_first_ns.get_or_insert(t);
-            rec.resp_last_ns = Some(t);
+            rec.resp_first_ns.get_or_insert(t0);
+            rec.resp_last_ns = Some(t1);
         }
         return true;
     }
@@ -249,17 +309,17 @@ async fn generate(
     let plan: Vec<PlannedWrite> = synth_plan::plan_writes(&events, args.write_mode);
     for w in &plan {
         sleep_until(t0 + w.at).await;
-        let Some(t) = timed_write(stream, rec, &w.data).await else {
+        let Some((t0, t1)) = timed_write(out, rec, &w.data).await else {
             return false;
         };
         for _ in 0..w.content_starts {
-            rec.token_start_ns.push(t);
+            rec.token_start_ns.push(t0);
         }
         for _ in 0..w.content_ends {
-            rec.token_ns.push(t);
+            rec.token_ns.push(t1);
         }
     }
-    let Some(t) = timed_write(stream, rec, http::LAST_CHUNK).await else {
+    let Some((_, t)) = timed_write(out, rec, http::LAST_CHUNK).await else {
         return false;
     };
     rec.resp_last_ns = Some(t);
