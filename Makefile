@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 # System packages: BPF toolchain, netns testbed, real peers (promtool, nginx).
-APT_PKGS := clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl
+APT_PKGS := clang llvm libelf-dev zlib1g-dev libbpf-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl
 
 .PHONY: all deps mounts build test test-unit test-kernel lint demo bench clean
 
