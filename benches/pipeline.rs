@@ -259,7 +259,11 @@ fn hot_path(c: &mut Criterion) {
     // As the BPF thread: records batched per poll, labelled (pod from discovery), then
     // `Store::push` (labels + Aggregator::record + the recent-requests ring).
     let mut asm = Assembler::new(AssemblerConfig::default());
-    let mut store = Store::new(RECENT, Aggregator::new(AggregatorConfig::default()));
+    let mut store = Store::new(
+        RECENT,
+        Aggregator::new(AggregatorConfig::default()),
+        llm_slo_agent::slo::SloEngine::new(vec![]).expect("no SLOs"),
+    );
     let mut pending: Vec<RequestRecord> = Vec::with_capacity(256);
     g.bench_function("full", |b| {
         b.iter(|| {

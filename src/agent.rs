@@ -25,14 +25,16 @@ pub struct Store {
     pub recent: VecDeque<Arc<RequestRecord>>,
     cap: usize,
     pub agg: Aggregator,
+    pub slo: crate::slo::SloEngine,
 }
 
 impl Store {
-    pub fn new(cap: usize, agg: Aggregator) -> Store {
+    pub fn new(cap: usize, agg: Aggregator, slo: crate::slo::SloEngine) -> Store {
         Store {
             recent: VecDeque::with_capacity(cap.min(4096)),
             cap,
             agg,
+            slo,
         }
     }
 
@@ -43,6 +45,7 @@ impl Store {
             model: rec.model.clone().unwrap_or_default(),
             route: route_of(rec.path.as_deref()),
         };
+        self.slo.observe(&rec, &labels.route, now_s);
         self.agg.record(&rec, labels, now_s);
         if self.recent.len() == self.cap {
             self.recent.pop_front();
@@ -87,13 +90,15 @@ pub fn mono_ns() -> u64 {
 }
 
 impl Shared {
-    pub fn new(cfg: &Config, probe: ProbeReport) -> Arc<Shared> {
+    /// `cfg` must have passed `Config::validate` (which builds the SLO engine once).
+    pub fn new(cfg: &Config, probe: ProbeReport) -> Result<Arc<Shared>> {
+        let slo = crate::slo::SloEngine::new(cfg.slos.clone())?;
         let agg = Aggregator::new(AggregatorConfig {
             max_label_sets: cfg.max_label_sets,
             ..Default::default()
         });
-        Arc::new(Shared {
-            store: Mutex::new(Store::new(cfg.recent_requests, agg)),
+        Ok(Arc::new(Shared {
+            store: Mutex::new(Store::new(cfg.recent_requests, agg, slo)),
             health: Mutex::new(Health::default()),
             snapshot: RwLock::new(Snapshot::default()),
             probe,
@@ -103,7 +108,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             started: Instant::now(),
             bpf_thread: Mutex::new(None),
-        })
+        }))
     }
 
     /// Labels a finished record from discovery and stores it.
@@ -322,7 +327,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
 
 /// Starts discovery and the BPF thread; returns once programs are attached.
 pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
-    let shared = Shared::new(cfg, crate::probe::run());
+    let shared = Shared::new(cfg, crate::probe::run())?;
     let (tx, rx) = mpsc::channel();
     // The first scan runs before the programs attach, so targets are in place from the start.
     let dcfg = discovery_config(cfg, &shared.probe);

@@ -23,6 +23,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/requests", get(requests))
         .route("/api/v1/breakdown", get(breakdown))
         .route("/api/v1/targets", get(targets))
+        .route("/api/v1/slo", get(slo))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(shared)
@@ -111,6 +112,10 @@ async fn breakdown(
     Json(v).into_response()
 }
 
+async fn slo(State(s): State<Arc<Shared>>) -> Response {
+    Json(s.store.lock().expect("store lock").slo.status(unix_now())).into_response()
+}
+
 async fn targets(State(s): State<Arc<Shared>>) -> Response {
     let (snap, cni) = {
         let g = s.snapshot.read().expect("snapshot lock");
@@ -131,11 +136,12 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let mut out = String::with_capacity(64 * 1024);
-    s.store
-        .lock()
-        .expect("store lock")
-        .agg
-        .render(unix_now(), &mut out);
+    {
+        let mut st = s.store.lock().expect("store lock");
+        let now = unix_now();
+        st.agg.render(now, &mut out);
+        st.slo.render(now, &mut out);
+    }
     render_health(&s, &mut out);
     (
         [(

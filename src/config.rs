@@ -21,6 +21,8 @@ pub struct Config {
     /// Connections tracked by the assembler before the least recently used is evicted.
     pub max_connections: usize,
     pub network: NetworkCfg,
+    /// Service-level objectives (see README "SLOs").
+    pub slos: Vec<crate::slo::SloSpec>,
 }
 
 /// Packet-path hooks (network stages).
@@ -73,6 +75,7 @@ impl Default for Config {
             max_label_sets: 200,
             max_connections: 65_536,
             network: NetworkCfg::default(),
+            slos: Vec::new(),
         }
     }
 }
@@ -111,6 +114,7 @@ impl Config {
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
+        crate::slo::SloEngine::new(self.slos.clone())?;
         cni_adapters::parse_force(&self.network.cni)
             .map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
         Ok(())

@@ -1,0 +1,105 @@
+//! Kernel test of SLOs (issue: SLOs): a server that queues every request past a TTFT objective
+//! burns the error budget; `/api/v1/slo` shows the fast-burn page condition true and the
+//! `llmslo_slo_*` metrics carry it, while a loose objective stays within budget.
+
+mod common;
+
+use std::time::Duration;
+
+use common::node::{server_pod, PORT};
+use common::{kernel_tests_enabled, promtool_check, Agent};
+use testbed::{CgroupDriver, LoadConfig};
+
+#[test]
+fn a_queueing_server_burns_the_ttft_budget() {
+    if !kernel_tests_enabled("a_queueing_server_burns_the_ttft_budget") {
+        return;
+    }
+    // Every request queues 30 ms before prefill: TTFT > 20 ms always, < 500 ms always.
+    let sp = server_pod(
+        "slo",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--queue-delay-ms", "30", "--decode-ms", "1"],
+    );
+    let cfg = std::env::temp_dir().join(format!("llmslo-slo-{}.yaml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        "slos:\n\
+         - name: ttft-tight\n  objective: 0.99\n  window: 28d\n  selector: {model: synth-llm}\n  sli: {type: latency, metric: ttft, threshold_ms: 20}\n\
+         - name: ttft-loose\n  objective: 0.99\n  window: 28d\n  sli: {type: latency, metric: ttft, threshold_ms: 500}\n\
+         - name: other-model\n  objective: 0.99\n  window: 28d\n  selector: {model: not-served}\n  sli: {type: latency, metric: ttft, threshold_ms: 1}\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+    ]);
+    let mut load = LoadConfig::new(sp.pod.addr(PORT));
+    load.connections = 4;
+    load.requests = 60;
+    load.max_tokens = Some(4);
+    testbed::loadgen::run(&load).unwrap();
+    agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 60);
+
+    let v = agent.get_json("/api/v1/slo");
+    let slo = |name: &str| {
+        v["slos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {v}"))
+    };
+    let tight = slo("ttft-tight");
+    assert_eq!(tight["total"], 60, "{tight}");
+    assert_eq!(tight["bad"], 60, "{tight}");
+    assert!(
+        tight["burn_rates"]["5m"].as_f64().unwrap() > 14.4,
+        "{tight}"
+    );
+    let page = tight["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["short"] == "5m")
+        .unwrap();
+    assert_eq!(page["firing"], true, "fast-burn page condition: {tight}");
+    let loose = slo("ttft-loose");
+    assert_eq!(
+        (loose["good"].as_u64(), loose["bad"].as_u64()),
+        (Some(60), Some(0)),
+        "{loose}"
+    );
+    assert!(
+        loose["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["firing"] == false),
+        "{loose}"
+    );
+    assert_eq!(
+        slo("other-model")["total"],
+        0,
+        "the selector keeps other models out"
+    );
+
+    let metrics = agent.get("/metrics");
+    promtool_check(&metrics);
+    assert!(
+        metrics.contains("llmslo_slo_burn_rate{slo=\"ttft-tight\",window=\"5m\"}"),
+        "burn-rate series"
+    );
+    assert!(
+        metrics.contains(
+            "llmslo_slo_alert_firing{slo=\"ttft-tight\",alert=\"page_fast\",severity=\"page\"} 1"
+        ),
+        "page_fast firing in /metrics"
+    );
+    let _ = std::fs::remove_file(&cfg);
+}
