@@ -431,3 +431,51 @@ fn finds_servers_by_command_line_and_labels_them() {
         "metrics carry the pod label"
     );
 }
+
+#[test]
+fn sse_events_split_across_and_merged_within_writes() {
+    if !kernel_tests_enabled("sse_events_split_across_and_merged_within_writes") {
+        return;
+    }
+    for (mode, syscall) in [("split", "writev"), ("merge", "send")] {
+        let sp = server_pod(
+            &format!("sse-{mode}"),
+            CgroupDriver::Systemd,
+            "llmslo-synth-server",
+            &[
+                "--decode-ms",
+                "1",
+                "--write-mode",
+                mode,
+                "--syscall",
+                syscall,
+            ],
+        );
+        let agent = agent_for(&sp);
+        let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+        cfg.connections = 2;
+        cfg.requests = 30;
+        cfg.max_tokens = Some(9);
+        let client = testbed::loadgen::run(&cfg).unwrap();
+        let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= client.len());
+        let by_port = records_by_port(&recs, &sp);
+        for (c, r) in pair(&client, &by_port) {
+            let r = r.unwrap_or_else(|| panic!("{mode}: request {} not recorded", c.request_id));
+            assert_eq!(
+                r["output_events"].as_u64(),
+                Some(c.content_times().len() as u64),
+                "{mode}/{syscall}: {r}"
+            );
+            assert_eq!(
+                r["output_tokens"].as_u64(),
+                c.completion_tokens,
+                "{mode}/{syscall}: {r}"
+            );
+            assert_eq!(
+                r["itl_ms"].as_array().unwrap().len(),
+                c.content_times().len() - 1,
+                "{mode}/{syscall}"
+            );
+        }
+    }
+}
