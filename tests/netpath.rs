@@ -211,3 +211,46 @@ fn network_stages_direct_and_through_a_cluster_ip() {
     drop(agent);
     drop(svc);
 }
+
+#[test]
+fn network_stages_through_a_vxlan_overlay() {
+    if !kernel_tests_enabled("network_stages_through_a_vxlan_overlay") {
+        return;
+    }
+    let sp = server_pod(
+        "vxlan",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "2"],
+    );
+    let outside = Outside::create().expect("client on another node");
+    let overlay = testbed::topo::Overlay::create(&outside, sp.pod.ip()).expect("VXLAN overlay");
+    // The node's NIC is the underlay: our parser must read the inner headers there.
+    let agent = Agent::start(&[
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+        "--node-device",
+        outside.uplink(),
+    ]);
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.netns = Some(outside.netns_path());
+    cfg.connections = 4;
+    cfg.requests = 100;
+    cfg.max_tokens = Some(6);
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        client.iter().all(|c| c.status == 200),
+        "requests over the overlay failed"
+    );
+    let recs = records_for(&agent, &sp, client.len());
+    let bad = check_path(&recs, &client, false);
+    assert!(
+        bad.is_empty(),
+        "vxlan: {} problems:\n{}",
+        bad.len(),
+        bad[..bad.len().min(15)].join("\n")
+    );
+    drop(agent);
+    drop(overlay);
+}

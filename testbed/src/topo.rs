@@ -97,3 +97,120 @@ impl Drop for Service {
         let _ = iptables(&del);
     }
 }
+
+static VX: AtomicU32 = AtomicU32::new(0);
+
+/// Flannel-style: the client is on another node reached over a VXLAN overlay. The underlay is
+/// the client's link to this node (`Outside::uplink`); the overlay devices carry inner
+/// addresses in 10.201.0.0/16, and the client routes pod traffic through its VXLAN device.
+pub struct Overlay {
+    pub device: String,
+    underlay_client_ip: Ipv4Addr,
+}
+
+fn run_ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Overlay {
+    /// Builds the overlay between `outside`'s client and this node and routes `pod_ip` over it.
+    pub fn create(outside: &Outside, pod_ip: Ipv4Addr) -> Result<Overlay> {
+        let n = (std::process::id() % 250) * 64 + VX.fetch_add(1, Ordering::Relaxed) % 64;
+        let device = format!("lsvx{n:x}");
+        let (node_under, client_under) = (outside.client.host_ip(), outside.client.ip());
+        let (node_inner, client_inner) = (
+            Ipv4Addr::new(10, 201, (n >> 6) as u8, ((n & 63) * 4 + 1) as u8),
+            Ipv4Addr::new(10, 201, (n >> 6) as u8, ((n & 63) * 4 + 2) as u8),
+        );
+        let ns = outside.client.netns_name().to_string();
+        let vni = (n + 100).to_string();
+        // Node side (like flannel.1): VXLAN on 8472, Linux's and flannel's port.
+        run_ip(&[
+            "link",
+            "add",
+            &device,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "local",
+            &node_under.to_string(),
+            "remote",
+            &client_under.to_string(),
+            "dstport",
+            "8472",
+            "dev",
+            outside.uplink(),
+        ])?;
+        let ov = Overlay {
+            device: device.clone(),
+            underlay_client_ip: client_under,
+        };
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{device}/rp_filter"), "0");
+        run_ip(&["addr", "add", &format!("{node_inner}/30"), "dev", &device])?;
+        run_ip(&["link", "set", &device, "up"])?;
+        // Client side.
+        run_ip(&[
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "local",
+            &client_under.to_string(),
+            "remote",
+            &node_under.to_string(),
+            "dstport",
+            "8472",
+            "dev",
+            "eth0",
+        ])?;
+        run_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{client_inner}/30"),
+            "dev",
+            "vx0",
+        ])?;
+        run_ip(&["-n", &ns, "link", "set", "vx0", "up"])?;
+        run_ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "via",
+            &node_inner.to_string(),
+            "dev",
+            "vx0",
+        ])?;
+        Ok(ov)
+    }
+
+    pub fn underlay_client_ip(&self) -> Ipv4Addr {
+        self.underlay_client_ip
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = run_ip(&["link", "del", &self.device]);
+    }
+}
