@@ -89,39 +89,8 @@ impl L7 {
                  CAP_SYS_RESOURCE; the kernel needs BTF (/sys/kernel/btf/vmlinux)"
             )
         })?;
-        let mut links = Vec::new();
-        let mut progs = Vec::new();
-        for prog in skel.object().progs_mut() {
-            let name = prog.name().to_string_lossy().into_owned();
-            let section = prog.section().to_string_lossy().into_owned();
-            match prog.attach() {
-                Ok(link) => {
-                    links.push(link);
-                    progs.push(AttachedProg {
-                        name,
-                        section,
-                        attached: true,
-                        error: None,
-                    });
-                }
-                Err(e) => {
-                    let essential = section.contains("syscalls/");
-                    if essential {
-                        bail!(
-                            "attaching {name} ({section}) failed: {e}. Is tracefs mounted \
-                             (mount -t tracefs tracefs /sys/kernel/tracing)?"
-                        );
-                    }
-                    tracing::warn!(%name, %section, error = %e, "optional hook not attached");
-                    progs.push(AttachedProg {
-                        name,
-                        section,
-                        attached: false,
-                        error: Some(e.to_string()),
-                    });
-                }
-            }
-        }
+        let (links, progs) =
+            attach_all(skel.object(), "L7", |section| section.contains("syscalls/"))?;
         let mut skel = skel;
         let bss = skel
             .maps
@@ -201,6 +170,46 @@ impl StatsMap {
         }
         out
     }
+}
+
+/// Attaches every program of a loaded object by its section. A program whose hook is missing on
+/// this kernel is reported and skipped, unless `essential` says the agent cannot work without it.
+pub fn attach_all(
+    obj: &libbpf_rs::Object,
+    what: &str,
+    essential: impl Fn(&str) -> bool,
+) -> Result<(Vec<Link>, Vec<AttachedProg>)> {
+    let mut links = Vec::new();
+    let mut progs = Vec::new();
+    for prog in obj.progs_mut() {
+        let name = prog.name().to_string_lossy().into_owned();
+        let section = prog.section().to_string_lossy().into_owned();
+        match prog.attach() {
+            Ok(link) => {
+                links.push(link);
+                progs.push(AttachedProg {
+                    name,
+                    section,
+                    attached: true,
+                    error: None,
+                });
+            }
+            Err(e) if essential(&section) => bail!(
+                "attaching {name} ({section}) failed: {e}. Is tracefs mounted \
+                 (mount -t tracefs tracefs /sys/kernel/tracing)?"
+            ),
+            Err(e) => {
+                tracing::warn!(%name, %section, error = %e, "{what}: optional hook not attached");
+                progs.push(AttachedProg {
+                    name,
+                    section,
+                    attached: false,
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+    Ok((links, progs))
 }
 
 fn bump_memlock_rlimit() {

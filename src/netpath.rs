@@ -98,32 +98,8 @@ impl NetPath {
             stats
         );
         let tcp = open.load().context("loading tcp.bpf.o")?;
-        let mut progs = Vec::new();
-        let mut tcp_links = Vec::new();
-        for prog in tcp.object().progs_mut() {
-            let name = prog.name().to_string_lossy().into_owned();
-            let section = prog.section().to_string_lossy().into_owned();
-            match prog.attach() {
-                Ok(l) => {
-                    tcp_links.push(l);
-                    progs.push(AttachedProg {
-                        name,
-                        section,
-                        attached: true,
-                        error: None,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(%name, error = %e, "TCP lifecycle hook not attached");
-                    progs.push(AttachedProg {
-                        name,
-                        section,
-                        attached: false,
-                        error: Some(e.to_string()),
-                    });
-                }
-            }
-        }
+        let (tcp_links, mut progs) =
+            crate::loader::attach_all(tcp.object(), "TCP lifecycle", |_| false)?;
 
         let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = NetpathSkelBuilder::default()

@@ -107,7 +107,7 @@ fn check_path(recs: &[Value], client: &[ClientRecord], dnat: bool) -> Vec<String
         }
         let client_ttft = c.ttft_ns.unwrap() as f64 / 1e6;
         let ttft = r["ttft_ms"].as_f64().unwrap();
-        if (ttft - client_ttft).abs() > 1.0 + 0.02 * client_ttft {
+        if !common::ttft_agrees(ttft, c) {
             bad.push(format!(
                 "req {}: ttft agent {ttft:.3} client {client_ttft:.3}",
                 c.request_id

@@ -4,7 +4,6 @@
 use super::window::Counts;
 use super::{Slo, SloEngine};
 use serde_json::{json, Value};
-use std::fmt::Write;
 
 /// Burn-rate windows: the four pairs of the workbook's alerts need all of them.
 pub const BURN_WINDOWS: [(&str, u64); 7] = [
@@ -110,47 +109,12 @@ impl Slo {
     }
 }
 
-fn fmt_f64(out: &mut String, v: f64) {
-    if v.is_nan() {
-        out.push_str("NaN");
-    } else if v.is_infinite() {
-        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
-    } else {
-        let _ = write!(out, "{v}");
-    }
-}
-
-fn escape(out: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
+/// `# HELP`/`# TYPE` in the order this module lists them (kind before help).
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    crate::stats::prom::write_header(out, name, help, kind);
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: f64) {
-    out.push_str(name);
-    out.push('{');
-    for (i, (k, val)) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(k);
-        out.push_str("=\"");
-        escape(out, val);
-        out.push('"');
-    }
-    out.push_str("} ");
-    fmt_f64(out, v);
-    out.push('\n');
-}
+use crate::stats::prom::write_sample as sample;
 
 impl SloEngine {
     fn snapshots(&mut self, now_s: u64) -> Vec<Snapshot> {

@@ -139,6 +139,10 @@ pub struct ClientRecord {
     pub first_byte_ns: Option<u64>,
     /// Each SSE event when its terminating blank line arrived; true = carries content.
     pub events: Vec<(u64, bool)>,
+    /// When the first content event shared its read with later events: the earliest it can
+    /// have arrived (the previous read's stamp) minus `send_ns`; `ttft_ns` is then an upper bound.
+    #[serde(default)]
+    pub ttft_floor_ns: Option<u64>,
     /// First content event minus `send_ns`.
     pub ttft_ns: Option<u64>,
     /// After the read that delivered the response's last byte.

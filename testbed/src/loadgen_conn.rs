@@ -227,8 +227,19 @@ impl Conn {
         if !self.buf.is_empty() {
             rec.first_byte_ns = Some(t);
         }
+        let mut prev_t = t;
         loop {
+            let before = rec.events.len();
             let complete = st.advance(&self.buf, t, rec)?;
+            // A read that delivers several SSE events is stamped with its latest segment: an
+            // earlier event in it arrived somewhere after the previous read's stamp. Say so for
+            // the first content event, so checks can use the interval rather than a point.
+            let after = rec.events.len();
+            if let Some(i) = rec.events.iter().position(|e| e.1) {
+                if i >= before && i + 1 < after && rec.ttft_floor_ns.is_none() {
+                    rec.ttft_floor_ns = Some(prev_t.saturating_sub(rec.send_ns));
+                }
+            }
             if complete {
                 rec.end_ns = Some(t);
                 rec.response_bytes = st.pos as u64;
@@ -247,6 +258,7 @@ impl Conn {
                 return Ok(Outcome::Close);
             }
             let (n, at) = self.fill(deadline)?;
+            prev_t = t;
             t = at;
             if n == 0 {
                 if st.framing == Some(BodyFraming::UntilClose) {

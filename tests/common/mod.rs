@@ -203,3 +203,20 @@ pub fn promtool_check(exposition: &str) {
 }
 
 pub mod node;
+
+/// The agent's TTFT agrees with the client's within 1 ms + 2 %. When the client read its first
+/// content event together with later ones, it only knows the arrival to within an interval
+/// (`ttft_floor_ns`, `ttft_ns`]: then the agent must fall inside that interval, widened alike.
+pub fn ttft_agrees(agent_ms: f64, c: &testbed::ClientRecord) -> bool {
+    let Some(upper) = c.ttft_ns.map(|v| v as f64 / 1e6) else {
+        return false;
+    };
+    let tol = |v: f64| 1.0 + 0.02 * v;
+    if (agent_ms - upper).abs() <= tol(upper) {
+        return true;
+    }
+    match c.ttft_floor_ns.map(|v| v as f64 / 1e6) {
+        Some(floor) => agent_ms >= floor - tol(floor) && agent_ms <= upper + tol(upper),
+        None => false,
+    }
+}
