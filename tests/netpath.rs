@@ -254,3 +254,58 @@ fn network_stages_through_a_vxlan_overlay() {
     drop(agent);
     drop(overlay);
 }
+
+/// Median of a stage over records that have it, in ms.
+fn median_stage(recs: &[Value], stage: &str) -> Option<f64> {
+    let mut v: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r["stages"][stage].as_f64())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+#[test]
+fn a_saturated_server_shows_in_socket_wait_not_in_the_network() {
+    if !kernel_tests_enabled("a_saturated_server_shows_in_socket_wait_not_in_the_network") {
+        return;
+    }
+    // One event-loop thread that blocks 15 ms per request: with 6 clients, requests sit unread
+    // in their sockets while it is busy with the others.
+    let sp = server_pod(
+        "saturated",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--workers", "1", "--busy-ms", "15", "--decode-ms", "1"],
+    );
+    let outside = Outside::create().expect("client outside the node");
+    let agent = Agent::start(&[
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+        "--node-device",
+        outside.uplink(),
+    ]);
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.netns = Some(outside.netns_path());
+    cfg.connections = 6;
+    cfg.requests = 60;
+    cfg.max_tokens = Some(2);
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(client.iter().all(|c| c.status == 200));
+    let recs = records_for(&agent, &sp, client.len());
+    let socket_wait = median_stage(&recs, "socket_wait").expect("socket_wait measured");
+    let network = median_stage(&recs, "container_network").expect("container_network measured");
+    eprintln!("median socket_wait {socket_wait:.3} ms, container_network {network:.3} ms");
+    assert!(
+        socket_wait > 15.0,
+        "the busy server's backlog is socket_wait: {socket_wait:.3} ms"
+    );
+    assert!(
+        network < 1.0,
+        "and not network time: container_network {network:.3} ms"
+    );
+    assert!(recs
+        .iter()
+        .all(|r| r["stages"].get("load_balancing").is_none()));
+}

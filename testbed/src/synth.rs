@@ -87,6 +87,10 @@ pub struct SynthArgs {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Block the worker thread this long per request before answering (a CPU-bound event loop:
+    /// with one worker, other connections' requests wait unread in their socket buffers).
+    #[arg(long, default_value_t = 0.0)]
+    pub busy_ms: f64,
     /// Exit by itself after this many seconds (a safety net for demos).
     #[arg(long)]
     pub max_runtime_s: Option<f64>,

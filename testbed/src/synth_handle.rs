@@ -59,6 +59,10 @@ pub(crate) async fn handle(
     req: Request,
     close: bool,
 ) -> bool {
+    if srv.args.busy_ms > 0.0 {
+        // Deliberately blocking: this is the saturated event loop being simulated.
+        std::thread::sleep(Duration::from_secs_f64(srv.args.busy_ms / 1e3));
+    }
     let mut parts = req.head.start_line.split(' ');
     let method = parts.next().unwrap_or("").to_string();
     let target = parts.next().unwrap_or("");
