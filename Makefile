@@ -49,6 +49,7 @@ demo: deps mounts
 bench: deps mounts
 	$(CARGO) bench --bench pipeline
 	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench overhead
+	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench tc
 
 clean:
 	$(CARGO) clean
