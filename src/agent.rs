@@ -26,6 +26,8 @@ pub struct Store {
     cap: usize,
     pub agg: Aggregator,
     pub slo: crate::slo::SloEngine,
+    pub heatmap: crate::stats::heatmap::Heatmap,
+    pub abnormal: crate::abnormal::Abnormal,
 }
 
 impl Store {
@@ -35,6 +37,8 @@ impl Store {
             cap,
             agg,
             slo,
+            heatmap: Default::default(),
+            abnormal: crate::abnormal::Abnormal::new(100),
         }
     }
 
@@ -50,7 +54,10 @@ impl Store {
         if self.recent.len() == self.cap {
             self.recent.pop_front();
         }
-        self.recent.push_back(Arc::new(rec));
+        self.heatmap.record(&rec, now_s);
+        let rec = Arc::new(rec);
+        self.abnormal.record(&rec, now_s);
+        self.recent.push_back(rec);
     }
 }
 

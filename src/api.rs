@@ -24,6 +24,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/breakdown", get(breakdown))
         .route("/api/v1/targets", get(targets))
         .route("/api/v1/slo", get(slo))
+        .route("/api/v1/heatmap", get(heatmap))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(shared)
@@ -69,6 +70,10 @@ async fn requests(
     let pod = q.get("pod");
     let model = q.get("model");
     let store = s.store.lock().expect("store lock");
+    if q.get("slow").is_some_and(|v| v == "true" || v == "1") {
+        let out = store.abnormal.list(unix_now(), limit);
+        return Json(json!({ "requests": out })).into_response();
+    }
     let out: Vec<_> = store
         .recent
         .iter()
@@ -110,6 +115,29 @@ async fn breakdown(
         .agg
         .breakdown(unix_now(), window, &group_by);
     Json(v).into_response()
+}
+
+async fn heatmap(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let metric = q.get("metric").map(String::as_str).unwrap_or("ttft");
+    let Some(window) = parse_window(q.get("window").map(String::as_str).unwrap_or("15m")) else {
+        return bad_request("window must look like 60s, 15m or 1h".into());
+    };
+    let Some(step) = parse_window(q.get("step").map(String::as_str).unwrap_or("10s")) else {
+        return bad_request("step must look like 10s or 1m".into());
+    };
+    match s
+        .store
+        .lock()
+        .expect("store lock")
+        .heatmap
+        .query(metric, unix_now(), window, step)
+    {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => bad_request(e),
+    }
 }
 
 async fn slo(State(s): State<Arc<Shared>>) -> Response {

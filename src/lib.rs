@@ -1,6 +1,7 @@
 //! llm-slo-agent: kernel-level latency and SLO observability for LLM inference servers.
 //! Follow one request: `bpf/l7.bpf.c` → `ringbuf` → `assemble` → `stats` → `api`.
 
+pub mod abnormal;
 pub mod agent;
 pub mod api;
 pub mod assemble;

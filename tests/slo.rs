@@ -89,6 +89,34 @@ fn a_queueing_server_burns_the_ttft_budget() {
         "the selector keeps other models out"
     );
 
+    // The heatmap holds every request's TTFT; the slow list keeps whole timelines.
+    let hm = agent.get_json("/api/v1/heatmap?metric=ttft&window=5m&step=10s");
+    let total: u64 = hm["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["counts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+        })
+        .sum();
+    assert_eq!(total, 60, "{hm}");
+    let slow = agent.get_json("/api/v1/requests?slow=true&limit=5");
+    let slow = slow["requests"].as_array().unwrap();
+    assert!(!slow.is_empty() && slow.len() <= 5);
+    assert!(slow
+        .iter()
+        .all(|r| r["token_ns"].as_array().is_some_and(|t| t.len() == 4)
+            && r["timestamps"]["token_1"].is_u64()));
+    let e2e: Vec<f64> = slow.iter().map(|r| r["e2e_ms"].as_f64().unwrap()).collect();
+    assert!(
+        e2e.windows(2).all(|w| w[0] >= w[1]),
+        "slowest first: {e2e:?}"
+    );
+
     let metrics = agent.get("/metrics");
     promtool_check(&metrics);
     assert!(

@@ -2,6 +2,7 @@
 //! Prometheus histograms and sliding-window HDR quantiles (DESIGN.md §2, §5), and renders them.
 
 mod breakdown;
+pub mod heatmap;
 pub mod prom;
 mod render;
 mod window;
