@@ -25,6 +25,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/targets", get(targets))
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/heatmap", get(heatmap))
+        .route("/api/v1/slo/analysis", get(slo_analysis))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(shared)
@@ -137,6 +138,33 @@ async fn heatmap(
     {
         Ok(v) => Json(v).into_response(),
         Err(e) => bad_request(e),
+    }
+}
+
+async fn slo_analysis(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(name) = q.get("slo") else {
+        return bad_request("slo=<name> is required".into());
+    };
+    let Some(window) = parse_window(q.get("window").map(String::as_str).unwrap_or("15m")) else {
+        return bad_request("window must look like 60s, 15m or 1h".into());
+    };
+    let since = crate::agent::mono_ns().saturating_sub(window * 1_000_000_000);
+    let store = s.store.lock().expect("store lock");
+    let recs: Vec<&crate::record::RequestRecord> = store
+        .recent
+        .iter()
+        .filter(|r| r.end_ns.or(r.start_ns).is_some_and(|t| t >= since))
+        .map(|r| &**r)
+        .collect();
+    match crate::slo::analysis::analyze(&store.slo, name, &recs) {
+        Ok(mut v) => {
+            v["window_s"] = json!(window);
+            Json(v).into_response()
+        }
+        Err(e) => (StatusCode::NOT_FOUND, Json(json!({ "error": e }))).into_response(),
     }
 }
 

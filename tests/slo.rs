@@ -131,3 +131,68 @@ fn a_queueing_server_burns_the_ttft_budget() {
     );
     let _ = std::fs::remove_file(&cfg);
 }
+
+#[test]
+fn violation_analysis_names_long_prompts_queueing() {
+    if !kernel_tests_enabled("violation_analysis_names_long_prompts_queueing") {
+        return;
+    }
+    // Prefill costs 2 ms per KiB: 24 KiB prompts queue ~50 ms, 300-byte ones under 1 ms.
+    let sp = server_pod(
+        "violation",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--prefill-us-per-kb", "2000", "--decode-ms", "1"],
+    );
+    let cfg = std::env::temp_dir().join(format!("llmslo-slo-va-{}.yaml", std::process::id()));
+    std::fs::write(&cfg, "slos:\n- name: ttft\n  objective: 0.95\n  window: 1h\n  sli: {type: latency, metric: ttft, threshold_ms: 25}\n").unwrap();
+    let agent = Agent::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+    ]);
+    let mut load = LoadConfig::new(sp.pod.addr(PORT));
+    load.connections = 4;
+    load.requests = 80;
+    load.max_tokens = Some(3);
+    load.prompt_bytes_fn = Some(std::sync::Arc::new(|n| {
+        if n % 4 == 0 {
+            24 * 1024
+        } else {
+            300
+        }
+    }));
+    testbed::loadgen::run(&load).unwrap();
+    agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 80);
+
+    let a = agent.get_json("/api/v1/slo/analysis?slo=ttft&window=15m");
+    eprintln!("diagnosis: {}", a["diagnosis"]);
+    assert_eq!(a["requests"], 80, "{a}");
+    assert_eq!(a["violations"], 20, "the 20 long prompts violate: {a}");
+    assert_eq!(a["dominant_stage"], "queue_prefill", "{a}");
+    assert_eq!(a["class"]["dimension"], "prompt_size", "{a}");
+    assert_eq!(a["class"]["value"], "8-64KiB", "{a}");
+    assert!(
+        a["class_stage_ratio"].as_f64().unwrap() > 4.0,
+        "long-context requests queue far longer: {a}"
+    );
+    // The burn-rate alert's condition is true as well (25 % bad against a 5 % budget).
+    let slo = agent.get_json("/api/v1/slo");
+    assert!(
+        slo["slos"][0]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["firing"] == true),
+        "{slo}"
+    );
+    assert_eq!(
+        common::http_get(agent.addr, "/api/v1/slo/analysis?slo=nope")
+            .unwrap()
+            .0,
+        404
+    );
+    let _ = std::fs::remove_file(&cfg);
+}

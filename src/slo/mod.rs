@@ -94,10 +94,12 @@ mod tests_sli;
 
 use crate::record::RequestRecord;
 use serde::{Deserialize, Serialize};
-use sli::{Metric, Verdict};
+use sli::Metric;
 use window::Tiers;
 
+pub mod analysis;
 pub use report::{AlertRule, ALERTS, BURN_WINDOWS};
+pub use sli::Verdict;
 
 /// One SLO as the config declares it.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -332,6 +334,16 @@ impl SloEngine {
             }
             slo.tiers.add(now_s, good);
         }
+    }
+
+    /// How the SLO called `name` judges one request: `None` when there is no such SLO,
+    /// `Some(Skip)` when its selector or SLI does not apply.
+    pub fn verdict(&self, name: &str, rec: &RequestRecord, route: &str) -> Option<Verdict> {
+        let slo = self.slos.iter().find(|s| s.spec.name == name)?;
+        if !slo.spec.selector.matches(rec, route) {
+            return Some(Verdict::Skip);
+        }
+        Some(slo.judge(rec))
     }
 
     /// Heap held by the buckets of every SLO.
