@@ -72,6 +72,7 @@ impl L7 {
     /// Opens, loads and attaches every program. A program whose hook is missing on this kernel
     /// is reported and skipped unless it is essential (the syscall tracepoints are).
     pub fn load(ringbuf_bytes: u32) -> Result<L7> {
+        tracing::info!("loading the L7 BPF programs");
         crate::probe::ensure_mounts();
         bump_memlock_rlimit();
         // The skeleton borrows its OpenObject for its whole life; one per load, kept alive.
@@ -89,8 +90,13 @@ impl L7 {
                  CAP_SYS_RESOURCE; the kernel needs BTF (/sys/kernel/btf/vmlinux)"
             )
         })?;
+        let loaded = std::time::Instant::now();
         let (links, progs) =
             attach_all(skel.object(), "L7", |section| section.contains("syscalls/"))?;
+        tracing::info!(
+            attach_ms = loaded.elapsed().as_millis() as u64,
+            "L7 programs attached"
+        );
         let mut skel = skel;
         let bss = skel
             .maps

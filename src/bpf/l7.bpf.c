@@ -40,7 +40,7 @@ struct {
 	__type(value, __u8);
 } target_cgroups SEC(".maps");
 
-enum io_kind { IO_FLAT = 0, IO_IOV = 1, IO_ACCEPT = 2 };
+enum io_kind { IO_FLAT = 0, IO_IOV = 1 };
 
 struct active_io {
 	__u64 ts_enter;
@@ -49,7 +49,7 @@ struct active_io {
 	__u32 fd;
 	__u32 iovcnt;
 	__u16 kind;    /* LLMSLO_EV_* */
-	__u16 io;      /* enum io_kind */
+	__u16 pad;
 };
 
 /* One in-flight traced syscall per thread. */
@@ -287,7 +287,7 @@ static __always_inline void copy_iov(struct scratch *s, __u64 iovp, __u32 iovcnt
 		bump(LLMSLO_ST_TRUNCATED);
 }
 
-static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
+static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind)
 {
 	if (!is_target())
 		return 0;
@@ -301,7 +301,6 @@ static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kin
 		.fd = fd,
 		.iovcnt = iovcnt,
 		.kind = kind,
-		.io = io,
 	};
 	__u64 id = bpf_get_current_pid_tgid();
 	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
@@ -309,7 +308,9 @@ static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kin
 	return 0;
 }
 
-static __always_inline int exit_io(long ret)
+/* `io` is a compile-time constant at each call site, so each program carries only the copy
+ * routine it needs: the verifier then walks one path, not both (load time, instruction count). */
+static __always_inline int exit_io(long ret, const __u16 io)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct active_io *ap = bpf_map_lookup_elem(&active, &id);
@@ -345,7 +346,7 @@ static __always_inline int exit_io(long ret)
 			bump(LLMSLO_ST_CONN_FULL);
 	}
 	if (ret > 0) {
-		if (a.io == IO_IOV)
+		if (io == IO_IOV)
 			copy_iov(s, a.buf, a.iovcnt, ret);
 		else
 			copy_flat(s, a.buf, ret);
@@ -358,17 +359,17 @@ static __always_inline int exit_io(long ret)
 SEC("tracepoint/syscalls/sys_enter_read")
 int enter_read(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ);
 }
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ);
 }
 SEC("tracepoint/syscalls/sys_enter_readv")
 int enter_readv(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_READ, IO_IOV);
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_READ);
 }
 
 static __always_inline int enter_msg(struct trace_event_raw_sys_enter *ctx, __u16 kind)
@@ -378,7 +379,7 @@ static __always_inline int enter_msg(struct trace_event_raw_sys_enter *ctx, __u1
 		return 0;
 	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)ctx->args[1]))
 		return 0;
-	return enter_io(ctx->args[0], (__u64)msg.msg_iov, msg.msg_iovlen, kind, IO_IOV);
+	return enter_io(ctx->args[0], (__u64)msg.msg_iov, msg.msg_iovlen, kind);
 }
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
@@ -390,17 +391,17 @@ int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_write")
 int enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE);
 }
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE);
 }
 SEC("tracepoint/syscalls/sys_enter_writev")
 int enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_WRITE, IO_IOV);
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_WRITE);
 }
 SEC("tracepoint/syscalls/sys_enter_sendmsg")
 int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
@@ -408,27 +409,27 @@ int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 	return enter_msg(ctx, LLMSLO_EV_WRITE);
 }
 
-#define EXIT(name)                                                   \
+#define EXIT(name, io)                                               \
 	SEC("tracepoint/syscalls/sys_exit_" #name)                   \
 	int exit_##name(struct trace_event_raw_sys_exit *ctx)        \
 	{                                                            \
-		return exit_io(ctx->ret);                            \
+		return exit_io(ctx->ret, io);                        \
 	}
-EXIT(read)
-EXIT(recvfrom)
-EXIT(readv)
-EXIT(recvmsg)
-EXIT(write)
-EXIT(sendto)
-EXIT(writev)
-EXIT(sendmsg)
+EXIT(read, IO_FLAT)
+EXIT(recvfrom, IO_FLAT)
+EXIT(readv, IO_IOV)
+EXIT(recvmsg, IO_IOV)
+EXIT(write, IO_FLAT)
+EXIT(sendto, IO_FLAT)
+EXIT(writev, IO_IOV)
+EXIT(sendmsg, IO_IOV)
 
 /* ---- accept ---- */
 static __always_inline int enter_accept_common(void)
 {
 	if (!is_target())
 		return 0;
-	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .kind = LLMSLO_EV_ACCEPT, .io = IO_ACCEPT };
+	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .kind = LLMSLO_EV_ACCEPT };
 	__u64 id = bpf_get_current_pid_tgid();
 	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
 		bump(LLMSLO_ST_ACTIVE_FULL);
