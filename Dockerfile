@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # llm-slo-agent node agent image.
 #
 #   docker build -t llm-slo-agent:dev .

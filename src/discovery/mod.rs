@@ -256,6 +256,13 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
         snap.set.tgids.insert(pid);
         snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
         snap.by_tgid.insert(pid, meta.clone());
+        // A server in a pod is also targeted by its container's cgroup: that covers its worker
+        // processes, and works where our /proc's pids are not the kernel's (a node that is
+        // itself a container, as in kind).
+        if let (Some(_), Some(id)) = (&kube, cg_id) {
+            snap.set.cgroups.insert(id);
+            snap.by_cgroup.insert(id, meta.clone());
+        }
         snap.targets.push(Target {
             pid: Some(pid),
             comm: read_comm(&cfg.proc_root, pid),
