@@ -32,12 +32,7 @@ fn send_raw(addr: SocketAddr, bytes: &[u8], one_at_a_time: bool) -> Vec<u8> {
 }
 
 fn metric(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    common::metric(metrics, series).unwrap_or(0.0)
 }
 
 #[test]

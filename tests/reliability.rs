@@ -11,11 +11,7 @@ use common::{kernel_tests_enabled, Agent};
 use testbed::{CgroupDriver, LoadConfig};
 
 fn metric(m: &str, series: &str) -> f64 {
-    m.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{series} missing"))
+    common::metric(m, series).unwrap_or_else(|| panic!("{series} missing"))
 }
 
 #[test]

@@ -118,6 +118,10 @@ pub struct ServerRecord {
     /// Per content event, before the write carrying its first byte (differs from
     /// `token_ns` only in split mode).
     pub token_start_ns: Vec<u64>,
+    /// Per content event, right after the write that carried its last byte returned: the
+    /// kernel saw that write begin within [token_ns, token_after_ns].
+    #[serde(default)]
+    pub token_after_ns: Vec<u64>,
     /// Before the write carrying the response's last byte; None when aborted.
     pub resp_last_ns: Option<u64>,
     pub status: u16,

@@ -130,17 +130,31 @@ struct Out<'a> {
 /// last (the same call unless the socket buffer was full). None (and the record marked
 /// aborted) when the client is gone.
 async fn timed_write(out: Out<'_>, rec: &mut ServerRecord, data: &[u8]) -> Option<(u64, u64)> {
+    timed_write_after(out, rec, data)
+        .await
+        .map(|(a, b, _)| (a, b))
+}
+
+/// Like `timed_write`, plus the time right after the last syscall returned: the kernel entered
+/// that write somewhere in [before, after] (the thread may be preempted between the clock read
+/// and the syscall).
+async fn timed_write_after(
+    out: Out<'_>,
+    rec: &mut ServerRecord,
+    data: &[u8],
+) -> Option<(u64, u64, u64)> {
     let (stream, how) = (out.stream, out.how);
-    let (mut first, mut last, mut off) = (None, 0, 0);
+    let (mut first, mut last, mut after, mut off) = (None, 0, 0, 0);
     while off < data.len() {
         let attempt = stream.try_io(Interest::WRITABLE, || {
             let t = mono_ns();
-            raw_write(stream.as_raw_fd(), &data[off..], how).map(|n| (t, n))
+            raw_write(stream.as_raw_fd(), &data[off..], how).map(|n| (t, n, mono_ns()))
         });
         match attempt {
-            Ok((t, n)) => {
+            Ok((t, n, t2)) => {
                 first.get_or_insert(t);
                 last = t;
+                after = t2;
                 off += n;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -156,7 +170,7 @@ async fn timed_write(out: Out<'_>, rec: &mut ServerRecord, data: &[u8]) -> Optio
         rec.aborted = true;
         return None;
     }
-    Some((first.unwrap_or(last), last))
+    Some((first.unwrap_or(last), last, after))
 }
 
 /// One write syscall of the chosen kind. tokio itself would use sendto(); real
@@ -313,7 +327,7 @@ async fn generate(
     let plan: Vec<PlannedWrite> = synth_plan::plan_writes(&events, args.write_mode);
     for w in &plan {
         sleep_until(t0 + w.at).await;
-        let Some((t0, t1)) = timed_write(out, rec, &w.data).await else {
+        let Some((t0, t1, t2)) = timed_write_after(out, rec, &w.data).await else {
             return false;
         };
         for _ in 0..w.content_starts {
@@ -321,6 +335,7 @@ async fn generate(
         }
         for _ in 0..w.content_ends {
             rec.token_ns.push(t1);
+            rec.token_after_ns.push(t2);
         }
     }
     let Some((_, t)) = timed_write(out, rec, http::LAST_CHUNK).await else {

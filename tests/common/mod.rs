@@ -220,3 +220,12 @@ pub fn ttft_agrees(agent_ms: f64, c: &testbed::ClientRecord) -> bool {
         None => false,
     }
 }
+
+/// The value of the first exposition line that starts with `series` (name and labels).
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
