@@ -372,7 +372,7 @@ impl Worker<'_> {
             r.seq_on_conn = c.next_seq();
             r.request_bytes = req.len();
             r.send_ns = mono_ns();
-            match c.send(&req, self.deadline) {
+            match c.send(&req, r.send_ns, self.deadline) {
                 // The kernel's stamp of the request leaving (one GSO segment up to 64 KiB):
                 // immune to this thread being preempted between the clock read and write().
                 Ok(Some(tx)) if req.len() <= 64 * 1024 && tx >= r.send_ns => r.send_ns = tx,

@@ -169,22 +169,26 @@ impl Conn {
         self.seq - 1
     }
 
-    /// Writes the request; returns the kernel's transmit stamp of its last send, if one came.
-    pub fn send(&mut self, data: &[u8], deadline: Instant) -> Result<Option<u64>> {
+    /// Writes the request; returns the kernel's transmit stamp of it, if one came. `sent_after`
+    /// is the clock just before the write: stamps older than that, and any later than the
+    /// earliest new one (a retransmission's), are not this send's.
+    pub fn send(&mut self, data: &[u8], sent_after: u64, deadline: Instant) -> Result<Option<u64>> {
         self.stream.set_write_timeout(Some(remaining(deadline)?))?;
         self.stream.write_all(data)?;
         // The stamp is queued when the segment is scheduled, normally inside write() itself.
-        let mut last = None;
+        let mut first: Option<u64> = None;
         for _ in 0..20 {
             while let Some(t) = tx_stamp(&self.stream) {
-                last = Some(t);
+                if t >= sent_after {
+                    first = Some(first.map_or(t, |f| f.min(t)));
+                }
             }
-            if last.is_some() {
+            if first.is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        Ok(last)
+        Ok(first)
     }
 
     /// Read into the buffer; returns bytes read (0 = peer closed) and when they arrived: the
