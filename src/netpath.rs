@@ -75,8 +75,13 @@ pub struct NetPath {
     pub hooks: Vec<AttachedHook>,
 }
 
-macro_rules! reuse {
-    ($open:expr, $l7:expr, $($m:ident),+) => {
+/// Makes an object's copies of the maps shared with the L7 object reuse L7's fds, so every
+/// program sees one copy (the list matches `src/bpf/maps.h`).
+macro_rules! reuse_shared_maps {
+    ($open:expr, $l7:expr) => {
+        reuse_shared_maps!(@each $open, $l7, conns, listen_ports, target_ports, flows, pre2post, stats)
+    };
+    (@each $open:expr, $l7:expr, $($m:ident),+) => {
         $( $open.maps.$m.reuse_fd($l7.maps.$m.as_fd()).context(concat!("sharing map ", stringify!($m)))?; )+
     };
 }
@@ -87,16 +92,7 @@ impl NetPath {
         let mut open = TcpSkelBuilder::default()
             .open(obj)
             .context("opening tcp.bpf.o")?;
-        reuse!(
-            open,
-            l7,
-            conns,
-            listen_ports,
-            target_ports,
-            flows,
-            pre2post,
-            stats
-        );
+        reuse_shared_maps!(open, l7);
         let tcp = open.load().context("loading tcp.bpf.o")?;
         let (tcp_links, mut progs) =
             crate::loader::attach_all(tcp.object(), "TCP lifecycle", |_| false)?;
@@ -105,16 +101,7 @@ impl NetPath {
         let mut open = NetpathSkelBuilder::default()
             .open(obj)
             .context("opening netpath.bpf.o")?;
-        reuse!(
-            open,
-            l7,
-            conns,
-            listen_ports,
-            target_ports,
-            flows,
-            pre2post,
-            stats
-        );
+        reuse_shared_maps!(open, l7);
         if tcx {
             open.progs
                 .tc_node_ingress

@@ -29,6 +29,24 @@ fn records_for(agent: &Agent, sp: &ServerPod, n: usize) -> Vec<Value> {
     mine
 }
 
+/// The agent tracing `sp`, with the client's link to the node as the node's ingress device.
+fn agent_with_uplink(sp: &ServerPod, outside: &Outside) -> Agent {
+    Agent::start(&[
+        "--no-auto",
+        "--target-cgroup",
+        sp.cg.cgroup_path(),
+        "--node-device",
+        outside.uplink(),
+    ])
+}
+
+/// Load sent from the client's namespace outside the node.
+fn load_from_outside(target: std::net::SocketAddr, outside: &Outside) -> LoadConfig {
+    let mut cfg = LoadConfig::new(target);
+    cfg.netns = Some(outside.netns_path());
+    cfg
+}
+
 /// Per request: every hop seen in path order, stages non-negative and summing to E2E, TTFT from
 /// node_in matching the client's.
 fn check_path(recs: &[Value], client: &[ClientRecord], dnat: bool) -> Vec<String> {
@@ -130,13 +148,7 @@ fn network_stages_direct_and_through_a_cluster_ip() {
     );
     let outside = Outside::create().expect("client outside the node");
     let svc = Service::dnat(80, sp.pod.addr(PORT)).expect("ClusterIP DNAT");
-    let agent = Agent::start(&[
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-        "--node-device",
-        outside.uplink(),
-    ]);
+    let agent = agent_with_uplink(&sp, &outside);
     let t = agent.get_json("/api/v1/targets");
     let ifs = t["interfaces"].as_array().unwrap();
     assert!(
@@ -151,8 +163,7 @@ fn network_stages_direct_and_through_a_cluster_ip() {
     );
 
     // Direct to the pod IP.
-    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
-    cfg.netns = Some(outside.netns_path());
+    let mut cfg = load_from_outside(sp.pod.addr(PORT), &outside);
     cfg.connections = 4;
     cfg.requests = 200;
     cfg.max_tokens = Some(6);
@@ -226,15 +237,8 @@ fn network_stages_through_a_vxlan_overlay() {
     let outside = Outside::create().expect("client on another node");
     let overlay = testbed::topo::Overlay::create(&outside, sp.pod.ip()).expect("VXLAN overlay");
     // The node's NIC is the underlay: our parser must read the inner headers there.
-    let agent = Agent::start(&[
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-        "--node-device",
-        outside.uplink(),
-    ]);
-    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
-    cfg.netns = Some(outside.netns_path());
+    let agent = agent_with_uplink(&sp, &outside);
+    let mut cfg = load_from_outside(sp.pod.addr(PORT), &outside);
     cfg.connections = 4;
     cfg.requests = 100;
     cfg.max_tokens = Some(6);
@@ -279,15 +283,8 @@ fn a_saturated_server_shows_in_socket_wait_not_in_the_network() {
         &["--workers", "1", "--busy-ms", "15", "--decode-ms", "1"],
     );
     let outside = Outside::create().expect("client outside the node");
-    let agent = Agent::start(&[
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-        "--node-device",
-        outside.uplink(),
-    ]);
-    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
-    cfg.netns = Some(outside.netns_path());
+    let agent = agent_with_uplink(&sp, &outside);
+    let mut cfg = load_from_outside(sp.pod.addr(PORT), &outside);
     cfg.connections = 6;
     cfg.requests = 60;
     cfg.max_tokens = Some(2);
