@@ -683,15 +683,6 @@ impl Drop for Prometheus {
     }
 }
 
-/// Removes a file on drop.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for &b in s.as_bytes() {
@@ -769,22 +760,12 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         // 2 ms of queueing: TTFT always over the tight SLO's 1 ms, so its alerts fire.
         &["--queue-delay-ms", "2", "--decode-ms", "1"],
     );
-    let cfg =
-        TempFile(std::env::temp_dir().join(format!("llmslo-dash-slo-{}.yaml", std::process::id())));
-    std::fs::write(
-        &cfg.0,
+    let agent = Agent::start_with_config(
         "slos:\n\
          - name: ttft-tight\n  objective: 0.99\n  window: 28d\n  selector: {model: synth-llm}\n  sli: {type: latency, metric: ttft, threshold_ms: 1}\n\
          - name: ttft-loose\n  objective: 0.99\n  window: 28d\n  sli: {type: latency, metric: ttft, threshold_ms: 500}\n",
-    )
-    .unwrap();
-    let agent = Agent::start(&[
-        "--config",
-        cfg.0.to_str().unwrap(),
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-    ]);
+        &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
+    );
     let prom = Prometheus::start(agent.addr);
     prom.wait_scraped(Duration::from_secs(30));
 

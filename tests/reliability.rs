@@ -25,17 +25,16 @@ fn ring_buffer_overflow_is_accounted_exactly() {
         "llmslo-synth-server",
         &["--decode-ms", "0.2", "--tokens", "64"],
     );
-    let cfg = std::env::temp_dir().join(format!("llmslo-loss-{}.yaml", std::process::id()));
     // A 16 KiB ring drained every 10 ms cannot hold a burst of 64-token streams.
-    std::fs::write(&cfg, "ringbuf_bytes: 16384\n").unwrap();
-    let agent = Agent::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-        "--no-network",
-    ]);
+    let agent = Agent::start_with_config(
+        "ringbuf_bytes: 16384\n",
+        &[
+            "--no-auto",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+            "--no-network",
+        ],
+    );
     let mut load = LoadConfig::new(sp.pod.addr(PORT));
     load.connections = 8;
     load.requests = 200;
@@ -51,7 +50,6 @@ fn ring_buffer_overflow_is_accounted_exactly() {
     assert!(full > 0.0, "the burst overflowed the ring");
     assert_eq!(read, submitted, "everything submitted was read");
     assert_eq!(lost, full, "generated - received = reported lost");
-    let _ = std::fs::remove_file(&cfg);
 }
 
 fn agent_tcx_programs(dev: &str) -> usize {

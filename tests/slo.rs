@@ -22,22 +22,13 @@ fn a_queueing_server_burns_the_ttft_budget() {
         "llmslo-synth-server",
         &["--queue-delay-ms", "30", "--decode-ms", "1"],
     );
-    let cfg = std::env::temp_dir().join(format!("llmslo-slo-{}.yaml", std::process::id()));
-    std::fs::write(
-        &cfg,
+    let agent = Agent::start_with_config(
         "slos:\n\
          - name: ttft-tight\n  objective: 0.99\n  window: 28d\n  selector: {model: synth-llm}\n  sli: {type: latency, metric: ttft, threshold_ms: 20}\n\
          - name: ttft-loose\n  objective: 0.99\n  window: 28d\n  sli: {type: latency, metric: ttft, threshold_ms: 500}\n\
          - name: other-model\n  objective: 0.99\n  window: 28d\n  selector: {model: not-served}\n  sli: {type: latency, metric: ttft, threshold_ms: 1}\n",
-    )
-    .unwrap();
-    let agent = Agent::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-    ]);
+        &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
+    );
     let mut load = LoadConfig::new(sp.pod.addr(PORT));
     load.connections = 4;
     load.requests = 60;
@@ -129,7 +120,6 @@ fn a_queueing_server_burns_the_ttft_budget() {
         ),
         "page_fast firing in /metrics"
     );
-    let _ = std::fs::remove_file(&cfg);
 }
 
 #[test]
@@ -144,15 +134,10 @@ fn violation_analysis_names_long_prompts_queueing() {
         "llmslo-synth-server",
         &["--prefill-us-per-kb", "2000", "--decode-ms", "1"],
     );
-    let cfg = std::env::temp_dir().join(format!("llmslo-slo-va-{}.yaml", std::process::id()));
-    std::fs::write(&cfg, "slos:\n- name: ttft\n  objective: 0.95\n  window: 1h\n  sli: {type: latency, metric: ttft, threshold_ms: 25}\n").unwrap();
-    let agent = Agent::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--no-auto",
-        "--target-cgroup",
-        sp.cg.cgroup_path(),
-    ]);
+    let agent = Agent::start_with_config(
+        "slos:\n- name: ttft\n  objective: 0.95\n  window: 1h\n  sli: {type: latency, metric: ttft, threshold_ms: 25}\n",
+        &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
+    );
     let mut load = LoadConfig::new(sp.pod.addr(PORT));
     load.connections = 4;
     load.requests = 80;
@@ -194,5 +179,4 @@ fn violation_analysis_names_long_prompts_queueing() {
             .0,
         404
     );
-    let _ = std::fs::remove_file(&cfg);
 }

@@ -40,9 +40,25 @@ pub struct Agent {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    /// A config file written for this agent, removed on drop.
+    config: Option<PathBuf>,
 }
 
 impl Agent {
+    /// Starts the agent with `yaml` as its `--config` file, plus `args`.
+    pub fn start_with_config(yaml: &str, args: &[&str]) -> Agent {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("llmslo-agent-{}-{n}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).unwrap();
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let mut a = Agent::start(&all);
+        a.config = Some(path);
+        a
+    }
+
     pub fn start(args: &[&str]) -> Agent {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -59,7 +75,12 @@ impl Agent {
             .stderr(logf)
             .spawn()
             .expect("spawning the agent");
-        let mut a = Agent { child, addr, log };
+        let mut a = Agent {
+            child,
+            addr,
+            log,
+            config: None,
+        };
         a.wait_ready(Duration::from_secs(30));
         a
     }
@@ -133,6 +154,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
+        }
+        if let Some(p) = &self.config {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
