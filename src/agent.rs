@@ -164,7 +164,7 @@ pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
 pub fn start_bpf(
     cfg: &Config,
     shared: Arc<Shared>,
-    targets: mpsc::Receiver<TargetSet>,
+    targets: mpsc::Receiver<Snapshot>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
@@ -192,7 +192,7 @@ fn bpf_thread(
     ringbuf_bytes: u32,
     asm_cfg: AssemblerConfig,
     shared: &Shared,
-    targets: mpsc::Receiver<TargetSet>,
+    targets: mpsc::Receiver<Snapshot>,
     ready: &mpsc::SyncSender<Result<()>>,
 ) -> Result<()> {
     let mut l7 = L7::load(ringbuf_bytes)?;
@@ -232,16 +232,19 @@ fn bpf_thread(
         0
     })?;
     let rb = builder.build()?;
-    let apply = |set: &TargetSet, l7: &mut L7, np: &mut Option<NetPath>| -> Result<()> {
-        l7.targets.apply(set)?;
+    // A snapshot is published (/api/v1/targets, pod labels) only once its targets are in the
+    // BPF maps: whoever sees a server listed can rely on its traffic being traced.
+    let apply = |snap: Snapshot, l7: &mut L7, np: &mut Option<NetPath>| -> Result<()> {
+        let res = l7.targets.apply(&snap.set);
         if let Some(np) = np.as_mut() {
-            np.apply(&set.hooks);
+            np.apply(&snap.set.hooks);
             *shared.hooks.write().expect("hooks lock") = np.hooks.clone();
         }
-        Ok(())
+        *shared.snapshot.write().expect("snapshot lock") = snap;
+        res
     };
-    if let Ok(set) = targets.try_recv() {
-        apply(&set, &mut l7, &mut netpath)?;
+    if let Ok(snap) = targets.try_recv() {
+        apply(snap, &mut l7, &mut netpath)?;
     }
     shared.ready.store(true, Ordering::SeqCst);
     let _ = ready.try_send(Ok(()));
@@ -258,8 +261,8 @@ fn bpf_thread(
             tracing::warn!(error = %e, "ring buffer consume failed");
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
-        while let Ok(set) = targets.try_recv() {
-            if let Err(e) = apply(&set, &mut l7, &mut netpath) {
+        while let Ok(snap) = targets.try_recv() {
+            if let Err(e) = apply(snap, &mut l7, &mut netpath) {
                 tracing::warn!(error = %e, "could not update target maps");
             }
         }
@@ -289,7 +292,7 @@ pub fn discovery_loop(
     cfg: DiscoveryConfig,
     interval: Duration,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<TargetSet>,
+    tx: mpsc::Sender<Snapshot>,
 ) {
     let mut last: Option<TargetSet> = None;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -297,11 +300,13 @@ pub fn discovery_loop(
         if last.as_ref() != Some(&snap.set) {
             tracing::info!(tgids = ?snap.set.tgids, cgroups = ?snap.set.cgroups, "targets changed");
             last = Some(snap.set.clone());
-            if tx.send(snap.set.clone()).is_err() {
+            // The BPF thread publishes it once the maps hold the new targets.
+            if tx.send(snap).is_err() {
                 return;
             }
+        } else {
+            *shared.snapshot.write().expect("snapshot lock") = snap;
         }
-        *shared.snapshot.write().expect("snapshot lock") = snap;
         let deadline = Instant::now() + interval;
         while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(50).min(interval));
@@ -338,9 +343,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
     let (tx, rx) = mpsc::channel();
     // The first scan runs before the programs attach, so targets are in place from the start.
     let dcfg = discovery_config(cfg, &shared.probe);
-    let first = discovery::scan(&dcfg);
-    tx.send(first.set.clone()).ok();
-    *shared.snapshot.write().expect("snapshot lock") = first;
+    tx.send(discovery::scan(&dcfg)).ok();
     let h = start_bpf(cfg, shared.clone(), rx)?;
     *shared.bpf_thread.lock().expect("thread lock") = Some(h);
     let interval = Duration::from_millis(cfg.discovery.interval_ms.max(50));
