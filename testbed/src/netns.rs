@@ -1,7 +1,8 @@
 //! A pod as a network namespace wired to the root namespace by a veth pair, the way a
-//! simple CNI does it, plus spawning processes that start life inside the pod's netns
-//! and cgroup. Everything is torn down on Drop (also on panic unwind), and leftovers of
-//! crashed runs are found by the creating pid encoded in their names.
+//! simple CNI does it or the way Calico, Cilium or a bridge CNI (Flannel) does it, plus
+//! spawning processes that start life inside the pod's netns and cgroup. Everything is torn
+//! down on Drop (also on panic unwind), and leftovers of crashed runs are found by the
+//! creating pid encoded in their names.
 
 use crate::cgroup::{cleanup_stale_cgroups, PodCgroup};
 use crate::rng::SplitMix64;
@@ -23,6 +24,11 @@ use std::time::{Duration, Instant};
 pub const PREFIX: &str = "llmslo";
 /// Host-side veth names start with this (device names allow 15 characters).
 pub const VETH_PREFIX: &str = "lsh";
+/// Every prefix our host-side devices carry: `<prefix><pid hex>x<n hex>`. Real CNIs name theirs
+/// `<prefix><hex>` with no `x`, so the stale sweep cannot mistake them for ours.
+const DEVICE_PREFIXES: [&str; 6] = [VETH_PREFIX, "cali", "lxc", "veth", "cni", "lsvx"];
+/// The gateway Calico gives every pod: answered by proxy ARP on the host side, never assigned.
+pub const CALICO_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Where `ip netns` keeps its namespaces.
 pub const NETNS_DIR: &str = "/var/run/netns";
 /// Lock file and subnet reservations shared by all test processes on the machine.
@@ -33,15 +39,53 @@ const SUBNETS: u64 = 1 << 14;
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static STALE_SWEEP: Once = Once::new();
 
-/// A network namespace posing as a pod: `eth0` at 10.200.x.y+2/30 inside, host side
-/// `lsh<id>` at .1 in the root netns, default route via the host side.
+/// How a pod is wired to the node, after the CNI it imitates. Every pod gets `eth0` inside
+/// and a reserved 10.200.x.y/30; what differs is the host side and the pod's routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wiring {
+    /// Host side `lsh…` with .1/30, pod .2/30 with its default route via .1.
+    Subnet,
+    /// Calico: host side `cali…` without an address, proxy ARP on it, a /32 route to the pod
+    /// through it; the pod has .2/32 and `default via 169.254.1.1 dev eth0 onlink`.
+    Calico,
+    /// Cilium (endpoint routes): host side `lxc…` without an address, a /32 route to the pod;
+    /// the pod's gateway is the router address .1 on-link. Cilium answers the pod's ARP in its
+    /// tc program; proxy ARP stands in for it here.
+    Cilium,
+    /// The bridge plugin under Flannel: host side `veth…` enslaved to `bridge`, the gateway .1/30
+    /// on the bridge, pod .2/30 with its default route via .1.
+    Bridge(String),
+}
+
+impl Wiring {
+    fn host_prefix(&self) -> &'static str {
+        match self {
+            Wiring::Subnet => VETH_PREFIX,
+            Wiring::Calico => "cali",
+            Wiring::Cilium => "lxc",
+            Wiring::Bridge(_) => "veth",
+        }
+    }
+}
+
+/// A network namespace posing as a pod: `eth0` at 10.200.x.y+2 inside, the host side in the
+/// root netns wired as [`Wiring`] says (by default `lsh<id>` at .1/30, the pod's gateway).
 #[derive(Debug)]
 pub struct Pod {
     name: String,
     host_veth: String,
     host_ip: Ipv4Addr,
     ip: Ipv4Addr,
+    wiring: Wiring,
     subnet_lock: PathBuf,
+}
+
+/// A device name `<prefix><pid hex>x<n hex>` of at most 15 characters: `n` is cut to fit.
+pub(crate) fn device_name(prefix: &str, n: u32) -> String {
+    let pid = format!("{:x}", std::process::id());
+    let room = 15usize.saturating_sub(prefix.len() + pid.len() + 1).min(8);
+    let n = u64::from(n) & ((1u64 << (4 * room)) - 1);
+    format!("{prefix}{pid}x{n:x}")
 }
 
 /// Machine-wide lock (flock) so that concurrent test processes neither pick the same
@@ -79,8 +123,14 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Pod {
-    /// Create a pod; `name_hint` (sanitized, shortened) ends up in the netns name.
+    /// Create a pod wired the simple way ([`Wiring::Subnet`]); `name_hint` (sanitized,
+    /// shortened) ends up in the netns name.
     pub fn create(name_hint: &str) -> Result<Pod> {
+        Pod::create_wired(name_hint, Wiring::Subnet)
+    }
+
+    /// Create a pod wired the way `wiring`'s CNI does it.
+    pub fn create_wired(name_hint: &str, wiring: Wiring) -> Result<Pod> {
         require_root()?;
         let pid = std::process::id();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF;
@@ -97,10 +147,7 @@ impl Pod {
             .collect();
         let hint = if hint.is_empty() { "pod".into() } else { hint };
         let name = format!("{PREFIX}-{pid}-{n}-{hint}");
-        let host_veth = format!("{VETH_PREFIX}{pid:x}x{n:x}");
-        if host_veth.len() > 15 {
-            bail!("veth name {host_veth} longer than 15 characters");
-        }
+        let host_veth = device_name(wiring.host_prefix(), n);
 
         let _lock = state_lock()?;
         STALE_SWEEP.call_once(|| {
@@ -114,8 +161,12 @@ impl Pod {
         let pod = Pod {
             name,
             host_veth,
-            host_ip: Ipv4Addr::from(base + 1),
+            host_ip: match wiring {
+                Wiring::Calico => CALICO_GATEWAY,
+                _ => Ipv4Addr::from(base + 1),
+            },
             ip: Ipv4Addr::from(base + 2),
+            wiring,
             subnet_lock,
         };
         pod.setup()
@@ -125,9 +176,7 @@ impl Pod {
 
     fn setup(&self) -> Result<()> {
         let (ns, veth) = (self.name.as_str(), self.host_veth.as_str());
-        let host_cidr = format!("{}/30", self.host_ip);
-        let pod_cidr = format!("{}/30", self.ip);
-        let host_ip = self.host_ip.to_string();
+        let gw = self.host_ip.to_string();
         ip(&["netns", "add", ns])?;
         // The peer is created directly inside the pod as eth0: no temporary name in
         // the root netns that parallel pods could collide on.
@@ -139,12 +188,46 @@ impl Pod {
         // Loose reverse-path filtering: replies from the pod must never be dropped
         // on hosts that default to strict mode.
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{veth}/rp_filter"), "0");
-        ip(&["addr", "add", &host_cidr, "dev", veth])?;
+        let routed = matches!(self.wiring, Wiring::Calico | Wiring::Cilium);
+        match &self.wiring {
+            Wiring::Subnet => ip(&["addr", "add", &format!("{gw}/30"), "dev", veth])?,
+            Wiring::Calico | Wiring::Cilium => {
+                // No address on the host side: the host answers ARP for the gateway (which
+                // no device holds) by proxy, at once rather than after proxy_delay's jitter,
+                // as Calico configures it.
+                let conf = format!("/proc/sys/net/ipv4/conf/{veth}/proxy_arp");
+                std::fs::write(&conf, "1").with_context(|| format!("writing {conf}"))?;
+                let delay = format!("/proc/sys/net/ipv4/neigh/{veth}/proxy_delay");
+                let _ = std::fs::write(delay, "0");
+            }
+            Wiring::Bridge(br) => {
+                ip(&["link", "set", veth, "master", br])?;
+                ip(&["addr", "add", &format!("{gw}/30"), "dev", br])?;
+            }
+        }
         ip(&["link", "set", veth, "up"])?;
+        if routed {
+            ip(&["route", "add", &format!("{}/32", self.ip), "dev", veth])?;
+        }
+        let pod_len = if routed { 32 } else { 30 };
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", ns, "addr", "add", &pod_cidr, "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/{pod_len}", self.ip),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", ns, "route", "add", "default", "via", &host_ip])?;
+        if routed {
+            ip(&[
+                "-n", ns, "route", "add", "default", "via", &gw, "dev", "eth0", "onlink",
+            ])?;
+        } else {
+            ip(&["-n", ns, "route", "add", "default", "via", &gw])?;
+        }
         let mut v6off = Command::new("sh");
         v6off.args(["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"]);
         let _ = self.output(v6off);
@@ -156,9 +239,14 @@ impl Pod {
         self.ip
     }
 
-    /// The host side's address (the pod's default gateway).
+    /// The pod's default gateway: the host side's address ([`Wiring::Subnet`]), the bridge's
+    /// ([`Wiring::Bridge`]), or an address no device holds, answered by proxy ARP.
     pub fn host_ip(&self) -> Ipv4Addr {
         self.host_ip
+    }
+
+    pub fn wiring(&self) -> &Wiring {
+        &self.wiring
     }
 
     /// Name of the host-side veth in the root netns.
@@ -297,6 +385,9 @@ impl Drop for Pod {
         // Deleting the host end removes the pair at once; the netns teardown itself is
         // asynchronous in the kernel and would leave the veth around for a while.
         let _ = ip(&["link", "del", &self.host_veth]);
+        if let Wiring::Bridge(br) = &self.wiring {
+            let _ = ip(&["addr", "del", &format!("{}/30", self.host_ip), "dev", br]);
+        }
         let _ = ip(&["netns", "del", &self.name]);
         let _ = std::fs::remove_file(&self.subnet_lock);
     }
@@ -318,6 +409,19 @@ fn reserve_subnet(pid: u32, n: u32, name: &str) -> Result<(u64, PathBuf)> {
         return Ok((idx, path));
     }
     bail!("all {SUBNETS} testbed subnets in 10.200.0.0/16 are taken; run cleanup_stale")
+}
+
+/// The pid in a device name of ours, `<prefix><pid hex>x<n hex>` (see [`device_name`]).
+fn device_owner(name: &str) -> Option<i32> {
+    let (pid, n) = DEVICE_PREFIXES
+        .iter()
+        .find_map(|p| name.strip_prefix(p))?
+        .split_once('x')?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(pid) || !hex(n) {
+        return None;
+    }
+    i32::from_str_radix(pid, 16).ok()
 }
 
 fn owner_pid(lock_text: &str) -> Option<i32> {
@@ -357,7 +461,7 @@ fn kill_netns_procs(ns_path: &Path) {
 }
 
 /// Remove leftovers of earlier crashed runs: netns named `<prefix>-<pid>-...`, host
-/// veths `lsh<pid hex>x...`, subnet reservations and owner-marked cgroups, each only
+/// devices `lsh|cali|lxc|veth|cni|lsvx<pid hex>x...`, testbed VXLAN devices, subnet reservations and owner-marked cgroups, each only
 /// when the pid that created it is dead. Returns how many things were removed.
 pub fn cleanup_stale(prefix: &str) -> Result<usize> {
     require_root()?;
@@ -385,10 +489,7 @@ fn cleanup_stale_locked(prefix: &str) -> Result<usize> {
     if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix(VETH_PREFIX)
-                .and_then(|r| r.split_once('x'))
-                .and_then(|(p, _)| i32::from_str_radix(p, 16).ok());
+            let pid = device_owner(&name).or_else(|| crate::topo::overlay_owner(&name));
             if dead(pid) && ip(&["link", "del", &name]).is_ok() {
                 removed += 1;
             }
@@ -458,5 +559,39 @@ impl PodProcess {
 impl Drop for PodProcess {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_device_names_fit_and_name_their_creator() {
+        let me = std::process::id() as i32;
+        for prefix in DEVICE_PREFIXES {
+            for n in [0, 7, 0xFFFF, u32::MAX] {
+                let name = device_name(prefix, n);
+                assert!(name.len() <= 15, "{name}");
+                assert_eq!(device_owner(&name), Some(me), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn real_cni_devices_are_never_taken_for_ours() {
+        for name in [
+            "cali0123456789a",
+            "lxc1a2b3c4d5e6f",
+            "lxc_health",
+            "veth1a2b3c4",
+            "veth0a1b2c3d",
+            "cni0",
+            "vethx",
+            "lshx1",
+            "eth0",
+        ] {
+            assert_eq!(device_owner(name), None, "{name}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Node topologies for the network-path tests: a client outside the node (its own netns,
 //! reaching the node through an uplink veth the agent treats as the node's NIC), server pods
-//! behind host-side veths, and kube-proxy-style DNAT from a ClusterIP to a pod.
+//! behind host-side veths, kube-proxy-style DNAT from a ClusterIP to a pod, a cni0-style
+//! bridge, and a VXLAN overlay to another node (Flannel's `flannel.<VNI>` on port 8472).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -99,6 +100,43 @@ impl Drop for Service {
 }
 
 static VX: AtomicU32 = AtomicU32::new(0);
+static BR: AtomicU32 = AtomicU32::new(0);
+
+/// A cni0-style bridge in the root netns for [`crate::netns::Wiring::Bridge`] pods, which put
+/// their gateway address on it. Named `cni<pid hex>x<n>` (stale runs are swept by the pid);
+/// deleted on drop, after its pods (drop them first).
+pub struct Bridge {
+    pub name: String,
+}
+
+impl Bridge {
+    pub fn create() -> Result<Bridge> {
+        crate::require_root()?;
+        let name = crate::netns::device_name("cni", BR.fetch_add(1, Ordering::Relaxed));
+        run_ip(&["link", "add", &name, "type", "bridge"])?;
+        let br = Bridge { name };
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", br.name),
+            "1",
+        );
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/rp_filter", br.name),
+            "0",
+        );
+        run_ip(&["link", "set", &br.name, "up"])?;
+        Ok(br)
+    }
+
+    pub fn wiring(&self) -> crate::netns::Wiring {
+        crate::netns::Wiring::Bridge(self.name.clone())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = run_ip(&["link", "del", &self.name]);
+    }
+}
 
 /// Flannel-style: the client is on another node reached over a VXLAN overlay. The underlay is
 /// the client's link to this node (`Outside::uplink`); the overlay devices carry inner
@@ -106,6 +144,30 @@ static VX: AtomicU32 = AtomicU32::new(0);
 pub struct Overlay {
     pub device: String,
     underlay_client_ip: Ipv4Addr,
+}
+
+/// Flannel names its device `flannel.<VNI>`. Ours carry VNI = 2 × pid + (0 or 1), which fits the
+/// 15-character limit (pid_max is at most 2^22) and tells the stale sweep the creating pid.
+fn flannel_device() -> (String, String) {
+    let vni = 2 * std::process::id() + VX.load(Ordering::Relaxed) % 2;
+    (format!("flannel.{vni}"), vni.to_string())
+}
+
+/// The pid that created a leftover `flannel.<VNI>` of ours: only for a VXLAN device whose
+/// underlay address is in the testbed's 10.200.0.0/16, so a real node's Flannel is never swept.
+pub(crate) fn overlay_owner(name: &str) -> Option<i32> {
+    let vni: u32 = name.strip_prefix("flannel.")?.parse().ok()?;
+    let out = Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", name])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let info = &v[0]["linkinfo"];
+    let ours = info["info_kind"] == "vxlan"
+        && info["info_data"]["local"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("10.200."));
+    ours.then_some((vni / 2) as i32)
 }
 
 fn run_ip(args: &[&str]) -> Result<()> {
@@ -125,16 +187,32 @@ fn run_ip(args: &[&str]) -> Result<()> {
 
 impl Overlay {
     /// Builds the overlay between `outside`'s client and this node and routes `pod_ip` over it.
+    /// The node's device is named `lsvx…`, which names no CNI.
     pub fn create(outside: &Outside, pod_ip: Ipv4Addr) -> Result<Overlay> {
+        let device = crate::netns::device_name("lsvx", VX.load(Ordering::Relaxed));
+        Overlay::build(outside, pod_ip, device, None)
+    }
+
+    /// As [`Overlay::create`], with the node's device named like Flannel's: `flannel.<VNI>`.
+    pub fn flannel(outside: &Outside, pod_ip: Ipv4Addr) -> Result<Overlay> {
+        let (device, vni) = flannel_device();
+        Overlay::build(outside, pod_ip, device, Some(vni))
+    }
+
+    fn build(
+        outside: &Outside,
+        pod_ip: Ipv4Addr,
+        device: String,
+        vni: Option<String>,
+    ) -> Result<Overlay> {
         let n = (std::process::id() % 250) * 64 + VX.fetch_add(1, Ordering::Relaxed) % 64;
-        let device = format!("lsvx{n:x}");
+        let vni = vni.unwrap_or_else(|| (n + 100).to_string());
         let (node_under, client_under) = (outside.client.host_ip(), outside.client.ip());
         let (node_inner, client_inner) = (
             Ipv4Addr::new(10, 201, (n >> 6) as u8, ((n & 63) * 4 + 1) as u8),
             Ipv4Addr::new(10, 201, (n >> 6) as u8, ((n & 63) * 4 + 2) as u8),
         );
         let ns = outside.client.netns_name().to_string();
-        let vni = (n + 100).to_string();
         // Node side (like flannel.1): VXLAN on 8472, Linux's and flannel's port.
         run_ip(&[
             "link",
