@@ -2,6 +2,9 @@
 //! L7 object's maps, attaches the netfilter DNAT hooks, and attaches/detaches tc programs on
 //! the interfaces a hook plan names (tcx links on kernels >= 6.6, clsact filters below).
 
+mod clsact;
+mod tcdump;
+
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
@@ -10,9 +13,7 @@ use std::ptr::NonNull;
 use anyhow::{Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::NetfilterOpts;
-use libbpf_rs::{
-    AsRawLibbpf, Link, OpenObject, ProgramAttachType, TcHookBuilder, TC_EGRESS, TC_INGRESS,
-};
+use libbpf_rs::{AsRawLibbpf, Link, OpenObject, ProgramAttachType};
 use serde::Serialize;
 
 use crate::loader::AttachedProg;
@@ -53,15 +54,23 @@ pub struct AttachedHook {
 /// TCX_NEXT, so the packet goes on to the filters already there (Cilium's return a verdict,
 /// which would end the chain before us were we placed after them) and its fate is theirs.
 /// Priority 1 with our own handle: a newer filter at an equal priority runs first.
-pub const CLSACT_HANDLE: u32 = 0x11c5;
-pub const CLSACT_PRIORITY: u32 = 1;
+pub const CLSACT_HANDLE: u32 = clsact::HANDLE;
+pub const CLSACT_PRIORITY: u32 = clsact::PRIORITY;
+pub use clsact::{DEFAULT_STATE_DIR, ENV_STATE_DIR};
+
+/// `LLMSLO_TC_ATTACH=clsact` makes the agent use classic clsact filters even where the kernel
+/// has tcx (to test the clsact path, or to sit in the same chain as a CNI that uses clsact).
+pub const ENV_TC_ATTACH: &str = "LLMSLO_TC_ATTACH";
+
+/// True when [`ENV_TC_ATTACH`] asks for clsact.
+pub fn clsact_forced() -> bool {
+    std::env::var(ENV_TC_ATTACH).is_ok_and(|v| v.trim().eq_ignore_ascii_case("clsact"))
+}
 
 enum Attachment {
     Links(Vec<Link>),
-    Clsact {
-        ifindex: i32,
-        points: Vec<libbpf_rs::TcAttachPoint>,
-    },
+    /// Filters on this ifindex, owned through the ledger.
+    Clsact(i32),
 }
 
 pub struct NetPath {
@@ -71,6 +80,7 @@ pub struct NetPath {
     _nf_links: Vec<Link>,
     tcx: bool,
     attached: BTreeMap<HookSpec, Attachment>,
+    ledger: clsact::Ledger,
     pub progs: Vec<AttachedProg>,
     pub hooks: Vec<AttachedHook>,
 }
@@ -88,6 +98,21 @@ macro_rules! reuse_shared_maps {
 
 impl NetPath {
     pub fn load(l7: &L7Skel<'static>, tcx: bool, netfilter: bool) -> Result<NetPath> {
+        // Filters a crashed agent left would stamp packets alongside ours: remove them first.
+        let state = clsact::state_dir();
+        let swept = clsact::sweep_stale(&state);
+        if swept > 0 {
+            tracing::info!(
+                devices = swept,
+                "removed the clsact filters of an agent that did not exit cleanly"
+            );
+        }
+        let tcx = if tcx && clsact_forced() {
+            tracing::info!("{ENV_TC_ATTACH}=clsact: clsact filters although the kernel has tcx");
+            false
+        } else {
+            tcx
+        };
         let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = TcpSkelBuilder::default()
             .open(obj)
@@ -163,6 +188,7 @@ impl NetPath {
             _nf_links: nf_links,
             tcx,
             attached: BTreeMap::new(),
+            ledger: clsact::Ledger::new(&state),
             progs,
             hooks: Vec::new(),
         })
@@ -178,7 +204,7 @@ impl NetPath {
             .collect();
         for h in gone {
             if let Some(a) = self.attached.remove(&h) {
-                detach(a);
+                self.detach(a);
                 tracing::info!(ifname = %h.ifname, "detached tc programs");
             }
         }
@@ -225,7 +251,7 @@ impl NetPath {
             .collect();
     }
 
-    fn attach(&self, h: &HookSpec) -> Result<Attachment> {
+    fn attach(&mut self, h: &HookSpec) -> Result<Attachment> {
         let p = &self.net.progs;
         let (ingress, egress) = match h.role {
             Role::Node => (&p.tc_node_ingress, &p.tc_node_egress),
@@ -265,20 +291,16 @@ impl NetPath {
             }
             Ok(Attachment::Links(links))
         } else {
-            let mut points = Vec::new();
-            for (prog, point) in [(ingress, TC_INGRESS), (egress, TC_EGRESS)] {
-                let mut hook = TcHookBuilder::new(prog.as_fd())
-                    .ifindex(ifindex)
-                    .replace(true)
-                    .handle(CLSACT_HANDLE)
-                    .priority(CLSACT_PRIORITY)
-                    .hook(point);
-                hook.create().ok();
-                hook.attach()
-                    .with_context(|| format!("clsact attach on {}", h.ifname))?;
-                points.push(point);
-            }
-            Ok(Attachment::Clsact { ifindex, points })
+            self.ledger
+                .attach(ifindex, &h.ifname, ingress.as_fd(), egress.as_fd())?;
+            Ok(Attachment::Clsact(ifindex))
+        }
+    }
+
+    fn detach(&mut self, a: Attachment) {
+        match a {
+            Attachment::Links(l) => drop(l), // closing a tcx link detaches it
+            Attachment::Clsact(ifindex) => self.ledger.detach(ifindex),
         }
     }
 
@@ -291,33 +313,10 @@ impl NetPath {
     }
 }
 
-fn detach(a: Attachment) {
-    match a {
-        Attachment::Links(l) => drop(l), // closing a tcx link detaches it
-        Attachment::Clsact { ifindex, points } => {
-            for point in points {
-                // Only our filter (handle + priority) goes; the clsact qdisc may hold others'.
-                let fd = placeholder_fd();
-                let mut hook = TcHookBuilder::new(fd.as_fd())
-                    .ifindex(ifindex)
-                    .handle(CLSACT_HANDLE)
-                    .priority(CLSACT_PRIORITY)
-                    .hook(point);
-                let _ = hook.detach();
-            }
-        }
-    }
-}
-
-/// TcHook needs a program fd even to detach by handle/priority; /dev/null stands in.
-fn placeholder_fd() -> std::fs::File {
-    std::fs::File::open("/dev/null").expect("/dev/null")
-}
-
 impl Drop for NetPath {
     fn drop(&mut self) {
         for (_, a) in std::mem::take(&mut self.attached) {
-            detach(a);
+            self.detach(a);
         }
     }
 }

@@ -2,6 +2,8 @@
 //! hook points from sysfs and the CNI config; the agent's config can force the adapter, add
 //! pod-veth prefixes, and name node devices the planner cannot guess.
 
+use std::path::PathBuf;
+
 use cni_adapters::sysfs::{read_node_view, Paths};
 use cni_adapters::{detect, plan as cni_plan, Cni, HookPoint, PlanOptions};
 use serde::Serialize;
@@ -20,6 +22,28 @@ pub struct NetCfg {
     pub kernel: (u32, u32),
     pub tcx: bool,
     pub netfilter: bool,
+}
+
+/// Where the node's CNI config lives when not at `/etc/cni/net.d`, e.g. the host's directory
+/// mounted into the agent's container at `/host/etc/cni/net.d`.
+pub const ENV_CNI_CONF_DIR: &str = "LLMSLO_CNI_CONF_DIR";
+/// The root under which the CNI state paths (`/run/flannel/subnet.env`, `/var/run/calico`,
+/// `/run/cilium`) are looked up, when not `/`.
+pub const ENV_CNI_STATE_ROOT: &str = "LLMSLO_CNI_STATE_ROOT";
+
+/// The host's paths, with the CNI config directory and state root taken from
+/// [`ENV_CNI_CONF_DIR`] and [`ENV_CNI_STATE_ROOT`] where they are set. Interfaces and routes
+/// always come from the agent's own sysfs and procfs: they are its network namespace's.
+pub fn node_paths(env: impl Fn(&str) -> Option<String>) -> Paths {
+    let mut p = Paths::host();
+    let set = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = set(ENV_CNI_CONF_DIR) {
+        p.cni_conf_dir = d;
+    }
+    if let Some(d) = set(ENV_CNI_STATE_ROOT) {
+        p.state_root = d;
+    }
+    p
 }
 
 /// What `/api/v1/targets` says about the CNI.
@@ -68,7 +92,9 @@ pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
     if !cfg.enabled {
         return (Vec::new(), None);
     }
-    let view = match read_node_view(&Paths::host(), cfg.kernel, cfg.tcx, cfg.netfilter) {
+    let paths = node_paths(|k| std::env::var(k).ok());
+    let tcx = cfg.tcx && !crate::netpath::clsact_forced();
+    let view = match read_node_view(&paths, cfg.kernel, tcx, cfg.netfilter) {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the node's interfaces: no packet hooks");
@@ -141,6 +167,20 @@ mod tests {
                 ("veth2".into(), Role::Node),
             ]
         );
+    }
+
+    #[test]
+    fn node_paths_take_the_cni_dirs_from_the_environment() {
+        let env = |k: &str| match k {
+            ENV_CNI_CONF_DIR => Some("/host/etc/cni/net.d".to_string()),
+            ENV_CNI_STATE_ROOT => Some(String::new()),
+            _ => None,
+        };
+        let p = node_paths(env);
+        assert_eq!(p.cni_conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert_eq!(p.state_root, Paths::host().state_root, "empty means unset");
+        assert_eq!(p.sys_class_net, Paths::host().sys_class_net);
+        assert_eq!(node_paths(|_| None), Paths::host());
     }
 
     #[test]
