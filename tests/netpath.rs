@@ -2,8 +2,11 @@
 //! reaching a pod directly and through a kube-proxy-style ClusterIP DNAT; tc programs at the
 //! node's uplink and the pod's veth, netfilter programs around the DNAT.
 
+#[path = "netpath/cni.rs"]
+mod cni;
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::node::{server_pod, ServerPod, PORT};
@@ -41,7 +44,7 @@ fn agent_with_uplink(sp: &ServerPod, outside: &Outside) -> Agent {
 }
 
 /// Load sent from the client's namespace outside the node.
-fn load_from_outside(target: std::net::SocketAddr, outside: &Outside) -> LoadConfig {
+fn load_from_outside(target: SocketAddr, outside: &Outside) -> LoadConfig {
     let mut cfg = LoadConfig::new(target);
     cfg.netns = Some(outside.netns_path());
     cfg
@@ -135,6 +138,45 @@ fn check_path(recs: &[Value], client: &[ClientRecord], dnat: bool) -> Vec<String
     bad
 }
 
+/// `requests` requests from outside the node to `target`, every one checked along its path.
+fn load_and_check(
+    agent: &Agent,
+    sp: &ServerPod,
+    outside: &Outside,
+    target: SocketAddr,
+    requests: usize,
+) {
+    let dnat = target != sp.pod.addr(PORT);
+    let mut cfg = load_from_outside(target, outside);
+    cfg.connections = 4;
+    cfg.requests = requests;
+    cfg.max_tokens = Some(6);
+    cfg.allow_other_targets = dnat;
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        client.iter().all(|c| c.status == 200),
+        "requests failed: {:?}",
+        client.iter().find(|c| c.status != 200)
+    );
+    let recs = records_for(agent, sp, client.len());
+    assert_path(&target.to_string(), &recs, &client, dnat);
+}
+
+/// [`check_path`], failing with the first problems found; prints one request's timeline.
+fn assert_path(what: &str, recs: &[Value], client: &[ClientRecord], dnat: bool) {
+    eprintln!(
+        "{what}: a request's timestamps {} stages {}",
+        recs[0]["timestamps"], recs[0]["stages"]
+    );
+    let bad = check_path(recs, client, dnat);
+    assert!(
+        bad.is_empty(),
+        "{what}: {} problems:\n{}",
+        bad.len(),
+        bad[..bad.len().min(15)].join("\n")
+    );
+}
+
 #[test]
 fn network_stages_direct_and_through_a_cluster_ip() {
     if !kernel_tests_enabled("network_stages_direct_and_through_a_cluster_ip") {
@@ -174,13 +216,7 @@ fn network_stages_direct_and_through_a_cluster_ip() {
         direct.iter().find(|c| c.status != 200)
     );
     let recs = records_for(&agent, &sp, direct.len());
-    let bad = check_path(&recs, &direct, false);
-    assert!(
-        bad.is_empty(),
-        "direct: {} problems:\n{}",
-        bad.len(),
-        bad[..bad.len().min(15)].join("\n")
-    );
+    assert_path("direct", &recs, &direct, false);
 
     // Through the ClusterIP.
     let mut cfg = cfg.clone();
@@ -194,17 +230,7 @@ fn network_stages_direct_and_through_a_cluster_ip() {
     );
     let all = records_for(&agent, &sp, direct.len() + via.len());
     let later: Vec<Value> = all.into_iter().skip(direct.len()).collect();
-    eprintln!(
-        "a request through the ClusterIP: timestamps {} stages {}",
-        later[0]["timestamps"], later[0]["stages"]
-    );
-    let bad = check_path(&later, &via, true);
-    assert!(
-        bad.is_empty(),
-        "via ClusterIP: {} problems:\n{}",
-        bad.len(),
-        bad[..bad.len().min(15)].join("\n")
-    );
+    assert_path("via ClusterIP", &later, &via, true);
 
     // Breakdown has the network stages with shares.
     let bd = agent.get_json("/api/v1/breakdown?window=5m");
@@ -238,23 +264,7 @@ fn network_stages_through_a_vxlan_overlay() {
     let overlay = testbed::topo::Overlay::create(&outside, sp.pod.ip()).expect("VXLAN overlay");
     // The node's NIC is the underlay: our parser must read the inner headers there.
     let agent = agent_with_uplink(&sp, &outside);
-    let mut cfg = load_from_outside(sp.pod.addr(PORT), &outside);
-    cfg.connections = 4;
-    cfg.requests = 100;
-    cfg.max_tokens = Some(6);
-    let client = testbed::loadgen::run(&cfg).unwrap();
-    assert!(
-        client.iter().all(|c| c.status == 200),
-        "requests over the overlay failed"
-    );
-    let recs = records_for(&agent, &sp, client.len());
-    let bad = check_path(&recs, &client, false);
-    assert!(
-        bad.is_empty(),
-        "vxlan: {} problems:\n{}",
-        bad.len(),
-        bad[..bad.len().min(15)].join("\n")
-    );
+    load_and_check(&agent, &sp, &outside, sp.pod.addr(PORT), 100);
     drop(agent);
     drop(overlay);
 }

@@ -1,10 +1,14 @@
-//! A pod of the testbed with the synthetic server in it, for the kernel tests.
+//! A pod of the testbed with the synthetic server in it, for the kernel tests; [`cni`] has the
+//! rest of a CNI's node (config files, a CNI's own tc program).
+
+pub mod cni;
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use testbed::netns::Wiring;
 use testbed::{CgroupDriver, Pod, PodCgroup, PodProcess, ServerRecord};
 
 pub const PORT: u16 = 8000;
@@ -21,7 +25,18 @@ pub struct ServerPod {
 /// A pod (netns + kubelet-style cgroup) running the synthetic server. `arg0` is what the
 /// server's command line says it is (e.g. "vllm" for discovery by signature).
 pub fn server_pod(name: &str, driver: CgroupDriver, arg0: &str, server_args: &[&str]) -> ServerPod {
-    let pod = Pod::create(name).expect("creating pod netns");
+    server_pod_wired(name, Wiring::Subnet, driver, arg0, server_args)
+}
+
+/// [`server_pod`] with the pod wired the way `wiring`'s CNI does it.
+pub fn server_pod_wired(
+    name: &str,
+    wiring: Wiring,
+    driver: CgroupDriver,
+    arg0: &str,
+    server_args: &[&str],
+) -> ServerPod {
+    let pod = Pod::create_wired(name, wiring).expect("creating pod netns");
     let cg = PodCgroup::create(driver, "burstable").expect("creating pod cgroup");
     let log = std::env::temp_dir().join(format!(
         "llmslo-synth-{}-{}.jsonl",
