@@ -352,9 +352,9 @@ impl RequestRecord {
             Ts::SockQueued,
             Ts::ReadFirst,
         ]
-            .into_iter()
-            .filter_map(|t| ts.get(t).map(|v| (v, t)))
-            .min();
+        .into_iter()
+        .filter_map(|t| ts.get(t).map(|v| (v, t)))
+        .min();
         self.origin = origin.map(|(_, t)| t.name());
         self.start_ns = origin.map(|(v, _)| v);
         self.end_ns = [Ts::RespLast, Ts::SidecarLast, Ts::PodOut, Ts::NodeOut]

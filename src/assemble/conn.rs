@@ -472,11 +472,7 @@ impl Conn {
         }
         if client {
             // Nothing answers these here: keep only the request still being written.
-            while self
-                .fifo
-                .front()
-                .is_some_and(|p| p.seq < self.noted_seq)
-            {
+            while self.fifo.front().is_some_and(|p| p.seq < self.noted_seq) {
                 self.fifo.pop_front();
             }
         }

@@ -64,10 +64,13 @@ enum Held {
     Sidecar(Box<RequestRecord>),
 }
 
+/// A request a process read: (its connection's sock, index on the connection, read at).
+type Read = (u64, u64, u64);
+
 #[derive(Default)]
 pub(crate) struct Joiner {
-    /// Requests read by each process, by content, not yet forwarded: (sock, seq, read at).
-    reads: HashMap<(u32, u64), VecDeque<(u64, u64, u64)>>,
+    /// Requests read by each (process, content fingerprint), not yet forwarded.
+    reads: HashMap<(u32, u64), VecDeque<Read>>,
     n_reads: usize,
     /// Forwardings by (sidecar end, app end, request index on that connection).
     links: HashMap<(SocketAddr, SocketAddr, u64), (Link, u64)>,

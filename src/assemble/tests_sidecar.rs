@@ -108,7 +108,10 @@ fn a_request_through_a_sidecar_is_one_record_with_both_sidecar_stages() {
     let (app_tok1, app_last) = s.stream(&a, APP, 3);
     // The proxy relays the response (its reads of the upstream are not requests).
     s.io(&u, EventKind::Read, UP, SSE_HEAD);
-    assert!(s.recs.is_empty(), "the app's record waits for the sidecar's");
+    assert!(
+        s.recs.is_empty(),
+        "the app's record waits for the sidecar's"
+    );
     let (client_tok1, client_last) = s.stream(&f, FRONT, 3);
 
     assert_eq!(s.recs.len(), 1, "one record per request: {:#?}", s.recs);
@@ -134,7 +137,10 @@ fn a_request_through_a_sidecar_is_one_record_with_both_sidecar_stages() {
         r.stages.get(Stage::SidecarInbound),
         Some(app_read - ts.get(Ts::SidecarQueued).unwrap())
     );
-    assert_eq!(r.stages.get(Stage::SidecarOutbound), Some(client_last - app_last));
+    assert_eq!(
+        r.stages.get(Stage::SidecarOutbound),
+        Some(client_last - app_last)
+    );
     assert_eq!(
         sc.outbound_first_token_ms,
         Some((client_tok1 - app_tok1) as f64 / 1e6)
@@ -192,14 +198,24 @@ fn identical_requests_pair_in_the_order_the_sidecar_read_and_forwarded_them() {
         s.accept_as(&fronts[i], FRONT + i as u64);
         s.accept_as(&apps[i], APP + i as u64);
     }
-    for i in 0..3 {
-        s.io(&fronts[i], EventKind::Read, FRONT + i as u64, &client_req("same"));
+    for (i, f) in fronts.iter().enumerate() {
+        s.io(f, EventKind::Read, FRONT + i as u64, &client_req("same"));
     }
     // Forwarded in read order, over the pool in reverse.
     for i in 0..3 {
         let j = 2 - i;
-        s.io(&ups[j], EventKind::Write, UP + j as u64, &proxied_req("same"));
-        s.io(&apps[j], EventKind::Read, APP + j as u64, &proxied_req("same"));
+        s.io(
+            &ups[j],
+            EventKind::Write,
+            UP + j as u64,
+            &proxied_req("same"),
+        );
+        s.io(
+            &apps[j],
+            EventKind::Read,
+            APP + j as u64,
+            &proxied_req("same"),
+        );
     }
     // Completions in yet another order: client i's request went to upstream 2 - i.
     for i in [1usize, 0, 2] {
@@ -232,7 +248,10 @@ fn the_sidecars_record_may_complete_first() {
     s.io(&a, EventKind::Write, APP, SSE_HEAD);
     s.io(&a, EventKind::Write, APP, &chunk(&token_event("x")));
     s.stream(&f, FRONT, 1);
-    assert!(s.recs.is_empty(), "the sidecar's record waits for the app's");
+    assert!(
+        s.recs.is_empty(),
+        "the sidecar's record waits for the app's"
+    );
     s.io(&a, EventKind::Write, APP, &chunk(DONE));
     s.io(&a, EventKind::Write, APP, b"0\r\n\r\n");
     assert_eq!(s.recs.len(), 1);
