@@ -277,6 +277,22 @@ fn render_health(s: &Shared, out: &mut String) {
         "Requests whose response never completed.",
         &[(&[], h.assembler.aborted as f64)],
     );
+    let j = &h.assembler.sidecar;
+    write_counter(
+        out,
+        "llmslo_agent_sidecar_joins_total",
+        "Sidecar join outcomes: requests joined with their sidecar's record; records handed out \
+         without a partner; forwardings matching no request read; entries dropped at a cap.",
+        &[
+            (&[("result", "joined")], j.joined as f64),
+            (&[("result", "unjoined")], j.unjoined as f64),
+            (
+                &[("result", "unmatched_forward")],
+                j.unmatched_forwards as f64,
+            ),
+            (&[("result", "dropped")], j.dropped as f64),
+        ],
+    );
     write_counter(
         out,
         "llmslo_agent_connections_evicted_total",

@@ -3,6 +3,7 @@
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use std::net::SocketAddr;
 
 /// Named points of a request's timeline, in the order a request passes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -13,36 +14,42 @@ pub enum Ts {
     NodeIn,
     NatDone,
     PodIn,
-    SockQueued,
+    SidecarQueued,
     SidecarRead,
     SidecarWrite,
+    SockQueued,
     ReadFirst,
     ReadDone,
     RespFirst,
     Token1,
     TokenN,
     RespLast,
+    SidecarToken1,
+    SidecarLast,
     PodOut,
     NodeOut,
 }
 
 impl Ts {
-    pub const ALL: [Ts; 17] = [
+    pub const ALL: [Ts; 20] = [
         Ts::Syn,
         Ts::Established,
         Ts::Accepted,
         Ts::NodeIn,
         Ts::NatDone,
         Ts::PodIn,
-        Ts::SockQueued,
+        Ts::SidecarQueued,
         Ts::SidecarRead,
         Ts::SidecarWrite,
+        Ts::SockQueued,
         Ts::ReadFirst,
         Ts::ReadDone,
         Ts::RespFirst,
         Ts::Token1,
         Ts::TokenN,
         Ts::RespLast,
+        Ts::SidecarToken1,
+        Ts::SidecarLast,
         Ts::PodOut,
         Ts::NodeOut,
     ];
@@ -55,15 +62,18 @@ impl Ts {
             Ts::NodeIn => "node_in",
             Ts::NatDone => "nat_done",
             Ts::PodIn => "pod_in",
-            Ts::SockQueued => "sock_queued",
+            Ts::SidecarQueued => "sidecar_queued",
             Ts::SidecarRead => "sidecar_read",
             Ts::SidecarWrite => "sidecar_write",
+            Ts::SockQueued => "sock_queued",
             Ts::ReadFirst => "read_first",
             Ts::ReadDone => "read_done",
             Ts::RespFirst => "resp_first",
             Ts::Token1 => "token_1",
             Ts::TokenN => "token_n",
             Ts::RespLast => "resp_last",
+            Ts::SidecarToken1 => "sidecar_token_1",
+            Ts::SidecarLast => "sidecar_last",
             Ts::PodOut => "pod_out",
             Ts::NodeOut => "node_out",
         }
@@ -72,7 +82,7 @@ impl Ts {
 
 /// The timestamps of one request that were seen (CLOCK_MONOTONIC ns).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Timestamps([Option<u64>; 17]);
+pub struct Timestamps([Option<u64>; Ts::ALL.len()]);
 
 impl Timestamps {
     pub fn get(&self, t: Ts) -> Option<u64> {
@@ -80,6 +90,9 @@ impl Timestamps {
     }
     pub fn set(&mut self, t: Ts, ns: u64) {
         self.0[t as usize] = Some(ns);
+    }
+    pub fn clear(&mut self, t: Ts) {
+        self.0[t as usize] = None;
     }
     /// Sets `t` only if it was not seen yet.
     pub fn set_first(&mut self, t: Ts, ns: u64) {
@@ -196,14 +209,20 @@ impl Stages {
         // present boundary to its own end boundary.
         let token1 = if streaming { ts.get(Ts::Token1) } else { None };
         let (sock_queued, read_first) = (ts.get(Ts::SockQueued), ts.get(Ts::ReadFirst));
+        // With a sidecar, the packets reach the sidecar's socket (sidecar_queued); everything
+        // from there until the app's socket holds the request is the sidecar's (its own socket
+        // wait, its processing, the loopback hop).
+        let sidecar_in = ts.get(Ts::SidecarQueued).or(ts.get(Ts::SidecarRead));
+        let app_in = sock_queued.or(read_first);
         // nat_done bounds a link only after node_in: without it (e.g. pod-to-service traffic
         // from the same node) it precedes the origin, and chaining from it overshoots E2E.
         let node_in = ts.get(Ts::NodeIn);
         let nat_done = ts.get(Ts::NatDone).filter(|_| node_in.is_some());
-        let chain: [(Option<Stage>, Option<u64>); 8] = [
+        let chain: [(Option<Stage>, Option<u64>); 10] = [
             (None, node_in.or(ts.get(Ts::PodIn))),
             (Some(Stage::LoadBalancing), nat_done),
-            (Some(Stage::ContainerNetwork), sock_queued.or(read_first)),
+            (Some(Stage::ContainerNetwork), sidecar_in.or(app_in)),
+            (Some(Stage::SidecarInbound), sidecar_in.and(app_in)),
             (Some(Stage::SocketWait), sock_queued.and(read_first)),
             (Some(Stage::RequestRead), ts.get(Ts::ReadDone)),
             (Some(Stage::QueuePrefill), token1),
@@ -215,6 +234,7 @@ impl Stages {
                 }),
                 ts.get(Ts::RespLast),
             ),
+            (Some(Stage::SidecarOutbound), ts.get(Ts::SidecarLast)),
             (
                 Some(Stage::EgressNetwork),
                 ts.get(Ts::PodOut).max(ts.get(Ts::NodeOut)),
@@ -282,6 +302,9 @@ pub struct RequestRecord {
     pub itl_ms: Vec<f64>,
     pub timestamps: Timestamps,
     pub stages: Stages,
+    /// The sidecar proxy the request passed through (absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarInfo>,
     /// Write time of every content event, for traces; not part of the JSON record.
     #[serde(skip)]
     pub token_ns: Vec<u64>,
@@ -290,20 +313,51 @@ pub struct RequestRecord {
     pub cgroup_id: u64,
     #[serde(skip)]
     pub sock_id: u64,
+    /// The connection's (local, remote) addresses, for the sidecar join.
+    #[serde(skip)]
+    pub conn_addrs: Option<(SocketAddr, SocketAddr)>,
+    /// Index of the request on its connection (0 = first one seen).
+    #[serde(skip)]
+    pub conn_seq: u64,
+    /// Whether it was the first request of a connection whose accept was seen.
+    #[serde(skip)]
+    pub first_on_conn: bool,
+    /// Content fingerprint of the request (method and body), for the sidecar join.
+    #[serde(skip)]
+    pub fingerprint: u64,
+}
+
+/// The sidecar's side of a request that went through one (DESIGN.md §3).
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct SidecarInfo {
+    pub pid: u32,
+    pub comm: String,
+    /// The sidecar's end of its connection to the app (`ip:port`).
+    pub upstream: String,
+    /// First token: the app wrote it → the sidecar wrote it on to the client.
+    pub outbound_first_token_ms: Option<f64>,
 }
 
 impl RequestRecord {
     /// Fills every derived field (origin, start/end, headline latencies, ITL, stages) from
     /// `timestamps` and `token_ns`. Call once the request is complete or aborted.
     pub fn finish(&mut self, first_on_conn: bool) {
+        self.first_on_conn = first_on_conn;
         let ts = &self.timestamps;
-        let origin = [Ts::NodeIn, Ts::PodIn, Ts::SockQueued, Ts::ReadFirst]
-            .into_iter()
-            .filter_map(|t| ts.get(t).map(|v| (v, t)))
-            .min();
+        let origin = [
+            Ts::NodeIn,
+            Ts::PodIn,
+            Ts::SidecarQueued,
+            Ts::SidecarRead,
+            Ts::SockQueued,
+            Ts::ReadFirst,
+        ]
+        .into_iter()
+        .filter_map(|t| ts.get(t).map(|v| (v, t)))
+        .min();
         self.origin = origin.map(|(_, t)| t.name());
         self.start_ns = origin.map(|(v, _)| v);
-        self.end_ns = [Ts::RespLast, Ts::PodOut, Ts::NodeOut]
+        self.end_ns = [Ts::RespLast, Ts::SidecarLast, Ts::PodOut, Ts::NodeOut]
             .into_iter()
             .filter_map(|t| ts.get(t))
             .max();
@@ -312,8 +366,9 @@ impl RequestRecord {
             _ => None,
         };
         self.ttfb_ms = since_start(ts.get(Ts::RespFirst));
+        // Behind a sidecar the client gets each token when the sidecar writes it on.
         self.ttft_ms = if self.streaming {
-            since_start(ts.get(Ts::Token1))
+            since_start(ts.get(Ts::SidecarToken1).or(ts.get(Ts::Token1)))
         } else {
             None
         };
@@ -334,6 +389,15 @@ impl RequestRecord {
             _ => None,
         };
         self.stages = Stages::compute(&self.timestamps, first_on_conn, self.streaming);
+        if let Some(sc) = self.sidecar.as_mut() {
+            sc.outbound_first_token_ms = match (
+                self.timestamps.get(Ts::Token1),
+                self.timestamps.get(Ts::SidecarToken1),
+            ) {
+                (Some(a), Some(b)) if self.streaming => Some(ns_to_ms(b.saturating_sub(a))),
+                _ => None,
+            };
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use crate::record::{RequestRecord, Ts};
 use super::body::Body;
 use super::http::{self, Class, HeadBuf};
 use super::scan::{self, KeyScan};
+use super::sidecar::{Fingerprint, Joiner};
 use super::sse::Sse;
 use super::{AssemblerConfig, AssemblerStats, UnparsedReason};
 
@@ -31,6 +32,14 @@ pub(crate) struct Sink<'a> {
     pub(crate) out: &'a mut dyn FnMut(RequestRecord),
     pub(crate) next_id: &'a mut u64,
     pub(crate) stats: &'a mut AssemblerStats,
+    pub(crate) joiner: &'a mut Joiner,
+}
+
+impl Sink<'_> {
+    fn emit(&mut self, rec: RequestRecord) {
+        self.joiner
+            .on_record(rec, &mut *self.out, &mut self.stats.requests);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +47,9 @@ enum Mode {
     /// Nothing classified yet.
     Fresh,
     Http,
+    /// The process writes requests here: the client side of a connection (a sidecar's or
+    /// gateway's upstream). Its requests are parsed from the writes, for the sidecar join.
+    Client,
     /// Not ours (unparsed, client side, upgraded, failed): wait for close or a new accept.
     Ignored,
 }
@@ -136,6 +148,10 @@ pub(crate) struct Conn {
     resp_head_ts: u64,
     sse: Sse,
     body_scan: KeyScan,
+    /// Content fingerprint of the request being read.
+    fp: Fingerprint,
+    /// Requests before this index were handed to the joiner.
+    noted_seq: u64,
 }
 
 fn unspecified(a: &SocketAddr) -> bool {
@@ -183,6 +199,8 @@ impl Conn {
             resp_head_ts: 0,
             sse: Sse::default(),
             body_scan: KeyScan::default(),
+            fp: Fingerprint::default(),
+            noted_seq: 0,
         }
     }
 
@@ -199,6 +217,7 @@ impl Conn {
         self.resync = if accepted { 0 } else { RESYNC_READS };
         self.seen_request = false;
         self.next_seq = 0;
+        self.noted_seq = 0;
         self.ident.sock_id = ev.sock_id;
         self.ident.local = ev.local;
         self.ident.remote = ev.remote;
@@ -379,6 +398,7 @@ impl Conn {
             cgroup: ev.cgroup_id,
         };
         match ev.kind {
+            EventKind::Read if self.mode == Mode::Client => {}
             EventKind::Read => {
                 if self.joined_mid_request(head) {
                     return;
@@ -388,15 +408,28 @@ impl Conn {
                     self.read_gap(gap, &io, sink);
                 }
                 self.read(tail, &io, cfg, sink);
+                self.note_requests(sink);
             }
             EventKind::Write => {
-                // A server that writes a request first is the client here (an upstream call).
+                // A process that writes a request first is the client here (an upstream call):
+                // parse what it writes as requests, stamped when the write began.
                 if self.mode == Mode::Fresh
                     && self.start.is_none()
                     && http::classify(head) == Class::Http1
                 {
-                    self.mode = Mode::Ignored;
-                    return;
+                    self.mode = Mode::Client;
+                }
+                if self.mode == Mode::Client {
+                    let io = Io {
+                        exit: io.enter,
+                        ..io
+                    };
+                    self.read(head, &io, cfg, sink);
+                    if gap > 0 {
+                        self.read_gap(gap, &io, sink);
+                    }
+                    self.read(tail, &io, cfg, sink);
+                    return self.note_requests(sink);
                 }
                 let whole = gap == 0 && tail.is_empty();
                 self.write(head, (true, whole), &io, cfg, sink);
@@ -406,6 +439,42 @@ impl Conn {
                 self.write(tail, (false, true), &io, cfg, sink);
             }
             EventKind::Accept | EventKind::Close => {}
+        }
+    }
+
+    /// Hands requests read completely since the last call to the joiner: as requests the
+    /// server read, or (client side) as requests this process forwarded.
+    fn note_requests(&mut self, sink: &mut Sink<'_>) {
+        let client = self.mode == Mode::Client;
+        let from = self.noted_seq;
+        for p in self.fifo.iter().filter(|p| p.seq >= from) {
+            if p.rec.timestamps.get(Ts::ReadDone).is_none() {
+                break;
+            }
+            self.noted_seq = p.seq + 1;
+            let read_first = p.rec.timestamps.get(Ts::ReadFirst).unwrap_or(0);
+            if client {
+                sink.joiner.note_forward(
+                    p.rec.pid,
+                    p.rec.fingerprint,
+                    (self.ident.local, self.ident.remote),
+                    p.seq,
+                    read_first,
+                );
+            } else {
+                sink.joiner.note_read(
+                    p.rec.pid,
+                    p.rec.fingerprint,
+                    (self.ident.sock_id, p.seq),
+                    read_first,
+                );
+            }
+        }
+        if client {
+            // Nothing answers these here: keep only the request still being written.
+            while self.fifo.front().is_some_and(|p| p.seq < self.noted_seq) {
+                self.fifo.pop_front();
+            }
         }
     }
 
@@ -437,6 +506,8 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
     rec.src = id.remote.to_string();
     rec.dst = id.local.to_string();
     rec.sock_id = id.sock_id;
+    rec.conn_addrs = Some((id.local, id.remote));
+    rec.conn_seq = p.seq;
     if let Some(t) = p.token_last {
         rec.timestamps.set(Ts::TokenN, t);
     }
@@ -448,7 +519,7 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
     if aborted {
         sink.stats.aborted += 1;
     }
-    (sink.out)(rec);
+    sink.emit(rec);
 }
 
 /// The response's last byte left the server in this write: resp_last (when the server issued

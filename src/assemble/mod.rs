@@ -7,11 +7,14 @@ mod body;
 mod conn;
 mod http;
 mod scan;
+mod sidecar;
 mod sse;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_edge;
+#[cfg(test)]
+mod tests_sidecar;
 #[cfg(test)]
 mod tests_stream;
 
@@ -22,6 +25,8 @@ use crate::event::{EventKind, SockEvent};
 use crate::record::RequestRecord;
 
 use conn::{Conn, Sink};
+pub use sidecar::JoinStats;
+use sidecar::Joiner;
 
 #[derive(Debug, Clone)]
 pub struct AssemblerConfig {
@@ -54,6 +59,8 @@ pub struct AssemblerStats {
     pub conns_evicted: u64,
     /// Connections given up on, by reason (index with `UnparsedReason as usize`).
     pub unparsed: [u64; UnparsedReason::COUNT],
+    /// The sidecar join's counters.
+    pub sidecar: JoinStats,
 }
 
 /// Why a connection's traffic could not be assembled into requests.
@@ -139,6 +146,7 @@ pub struct Assembler {
     free: Vec<u32>,
     newest: u32,
     oldest: u32,
+    joiner: Joiner,
 }
 
 impl Assembler {
@@ -152,6 +160,7 @@ impl Assembler {
             free: Vec::new(),
             newest: NIL,
             oldest: NIL,
+            joiner: Joiner::default(),
         }
     }
 
@@ -191,8 +200,10 @@ impl Assembler {
                 out,
                 next_id: &mut self.next_id,
                 stats: &mut self.stats,
+                joiner: &mut self.joiner,
             };
             self.slots[idx as usize].conn.on_io(ev, cfg, &mut sink);
+            self.stats.sidecar = self.joiner.stats.clone();
         }
         self.stats.conns_active = self.map.len() as u64;
     }
@@ -211,7 +222,14 @@ impl Assembler {
             self.with_sink(idx, out, |c, s| c.abort(s));
             self.release(idx);
         }
+        self.joiner.expire(now_ns, out);
+        self.stats.sidecar = self.joiner.stats.clone();
         self.stats.conns_active = self.map.len() as u64;
+    }
+
+    /// Records waiting for their sidecar partner (see `sidecar`).
+    pub fn held(&self) -> usize {
+        self.joiner.held()
     }
 
     fn with_sink(
@@ -224,6 +242,7 @@ impl Assembler {
             out,
             next_id: &mut self.next_id,
             stats: &mut self.stats,
+            joiner: &mut self.joiner,
         };
         f(&mut self.slots[idx as usize].conn, &mut sink);
     }

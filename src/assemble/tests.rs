@@ -10,6 +10,25 @@ use crate::record::Ts;
 
 pub(super) const SOCK: u64 = 0xffff_8880_1234_5600;
 
+/// The process and connection addresses of an event.
+pub(super) struct Who {
+    pub(super) tgid: u32,
+    pub(super) comm: &'static str,
+    pub(super) local: SocketAddr,
+    pub(super) remote: SocketAddr,
+}
+
+impl Who {
+    pub(super) fn server() -> Who {
+        Who {
+            tgid: 4242,
+            comm: "vllm-server",
+            local: "10.0.0.2:8000".parse().unwrap(),
+            remote: "10.0.0.9:51234".parse().unwrap(),
+        }
+    }
+}
+
 /// Drives an `Assembler` with synthetic events on an advancing clock and collects records.
 pub(super) struct Sim {
     pub(super) a: Assembler,
@@ -44,10 +63,22 @@ impl Sim {
         head: &[u8],
         tail: &[u8],
     ) -> (u64, u64) {
+        self.ev_as(&Who::server(), kind, sock, ret, head, tail)
+    }
+
+    /// One event of process `who` on its connection `who.local`–`who.remote`.
+    pub(super) fn ev_as(
+        &mut self,
+        who: &Who,
+        kind: EventKind,
+        sock: u64,
+        ret: i64,
+        head: &[u8],
+        tail: &[u8],
+    ) -> (u64, u64) {
         let (enter, exit) = (self.t, self.t + 7);
         self.t += 1000;
-        let local: SocketAddr = "10.0.0.2:8000".parse().unwrap();
-        let remote: SocketAddr = "10.0.0.9:51234".parse().unwrap();
+        let (local, remote) = (who.local, who.remote);
         let ev = SockEvent {
             kind,
             ts_enter: enter,
@@ -58,14 +89,14 @@ impl Sim {
             } else {
                 None
             },
-            tgid: 4242,
-            tid: 4243,
+            tgid: who.tgid,
+            tid: who.tgid + 1,
             fd: 17,
             cgroup_id: 99,
             ret,
             local,
             remote,
-            comm: "vllm-server",
+            comm: who.comm,
             head,
             tail,
             net: self.net.take().unwrap_or_default(),

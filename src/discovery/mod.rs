@@ -55,6 +55,28 @@ pub struct Target {
     pub container: Option<String>,
 }
 
+/// Sidecar proxies recognised in an inference pod's other containers, by process name (comm or
+/// argv[0]'s base name).
+pub const SIDECAR_NAMES: &[&str] = &[
+    "envoy",
+    "pilot-agent",
+    "istio-proxy",
+    "linkerd2-proxy",
+    "linkerd-proxy",
+    "nginx",
+    "haproxy",
+];
+
+/// The sidecar a process is, from its comm and argv[0].
+pub fn sidecar_name(comm: &str, argv0: Option<&str>) -> Option<&'static str> {
+    let base = argv0.map(|a| a.rsplit('/').next().unwrap_or(a));
+    SIDECAR_NAMES.iter().copied().find(|&n| {
+        comm == n
+            || comm.starts_with(&format!("{n}:"))
+            || base.is_some_and(|b| b == n || b.starts_with(&format!("{n}:")))
+    })
+}
+
 /// Labels for records of one process or cgroup.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -275,6 +297,17 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
             container: meta.container,
         });
     }
+    if let Some(m) = &cg_mount {
+        let pods: BTreeSet<String> = snap
+            .targets
+            .iter()
+            .filter(|t| t.pod_uid.is_some())
+            .filter_map(|t| t.cgroup_path.clone())
+            .collect();
+        for rel in pods {
+            add_sidecars(&mut snap, cfg, m, &rel);
+        }
+    }
     (snap.set.hooks, snap.cni) = net::plan(&cfg.net);
     for path in &cfg.cgroups {
         // "/kubepods.slice/..." as /proc/<pid>/cgroup shows it, or a full filesystem path.
@@ -317,6 +350,58 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
     snap
 }
 
+/// Targets the sidecar proxies among the other containers of the pod of container cgroup
+/// `rel`: their requests are joined with the app's (see `assemble::sidecar`).
+fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &str) {
+    let container = mount.join(rel.trim_start_matches('/'));
+    let Some(pod_dir) = container.parent() else {
+        return;
+    };
+    let Ok(dir) = std::fs::read_dir(pod_dir) else {
+        return;
+    };
+    for ent in dir.flatten() {
+        let path = ent.path();
+        if path == container || !path.is_dir() {
+            continue;
+        }
+        let Some(id) = cgroup_id(&path) else { continue };
+        if snap.set.cgroups.contains(&id) {
+            continue;
+        }
+        let pids = cgroup_pids(&path);
+        let Some((pid, name)) = pids.iter().find_map(|&pid| {
+            let comm = read_comm(&cfg.proc_root, pid)?;
+            let argv = read_cmdline(&cfg.proc_root, pid);
+            let argv0 = argv.as_ref().and_then(|a| a.first()).map(String::as_str);
+            sidecar_name(&comm, argv0).map(|n| (pid, n))
+        }) else {
+            continue;
+        };
+        let rel = format!("/{}", path.strip_prefix(mount).unwrap_or(&path).display());
+        let kube = parse_kube_cgroup(&rel);
+        let meta = meta_for(kube.as_ref(), pod_name_from_env(&cfg.proc_root, pid));
+        snap.set.cgroups.insert(id);
+        snap.by_cgroup.insert(id, meta.clone());
+        for &p in &pids {
+            snap.set.tgids.insert(p);
+            snap.by_tgid.insert(p, meta.clone());
+            snap.set.listen.extend(listen_ports(&cfg.proc_root, p));
+        }
+        snap.targets.push(Target {
+            pid: Some(pid),
+            comm: read_comm(&cfg.proc_root, pid),
+            reason: format!("sidecar:{name}"),
+            cgroup_path: Some(rel),
+            cgroup_id: Some(id),
+            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
+            pod: meta.pod,
+            namespace: meta.namespace,
+            container: meta.container,
+        });
+    }
+}
+
 fn cgroup_pids(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
@@ -332,6 +417,29 @@ pub fn signatures(extra: &[String]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sidecars_are_recognised_by_comm_or_argv0() {
+        assert_eq!(
+            sidecar_name("envoy", Some("/usr/local/bin/envoy")),
+            Some("envoy")
+        );
+        assert_eq!(
+            sidecar_name("nginx", Some("nginx: worker process")),
+            Some("nginx")
+        );
+        assert_eq!(sidecar_name("linkerd2-proxy", None), Some("linkerd2-proxy"));
+        assert_eq!(
+            sidecar_name("pilot-agent", Some("/usr/local/bin/pilot-agent")),
+            Some("pilot-agent")
+        );
+        assert_eq!(
+            sidecar_name("python3", Some("/usr/bin/haproxy")),
+            Some("haproxy")
+        );
+        assert_eq!(sidecar_name("python3", Some("python3")), None);
+        assert_eq!(sidecar_name("nginxish", Some("nginxish")), None);
+    }
+
     use super::*;
 
     fn sigs() -> Vec<String> {

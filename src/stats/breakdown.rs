@@ -94,13 +94,32 @@ impl Aggregator {
                         Some((st.name().to_string(), o.into()))
                     })
                     .collect();
-                json!({
+                let mut g = json!({
                     "key": key,
                     "name": name,
                     "count": d.requests,
                     "metrics": metrics,
                     "stages": stages,
-                })
+                });
+                // Only where requests went through a sidecar: absent, not zero, without one.
+                let sc = |st: Stage| d.stage_e2e_ns[st as usize];
+                let sidecar_e2e = sc(Stage::SidecarInbound) + sc(Stage::SidecarOutbound);
+                let has_sidecar =
+                    [Stage::SidecarInbound, Stage::SidecarOutbound]
+                        .iter()
+                        .any(|&st| {
+                            d.hists[STAGE0 + st as usize]
+                                .as_ref()
+                                .is_some_and(|h| !h.is_empty())
+                        });
+                if has_sidecar {
+                    let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+                    g["sidecar_share"] = json!({
+                        "of_ttft": ratio(d.sidecar_ttft_ns, d.sum_ns[TTFT]),
+                        "of_e2e": ratio(sidecar_e2e, e2e_total),
+                    });
+                }
+                g
             })
             .collect();
         json!({ "window_s": window_s, "group_by": fields, "groups": groups })

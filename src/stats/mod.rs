@@ -231,9 +231,19 @@ impl Series {
             self.hists[STAGE0 + s as usize].observe(spec(STAGE0), v);
         }
 
+        // The sidecar's part of TTFT: inbound, and the first token's way back out.
+        let sidecar_ttft = match (ttft, rec.sidecar.as_ref()) {
+            (Some(_), Some(sc)) => rec
+                .stages
+                .get(crate::record::Stage::SidecarInbound)
+                .unwrap_or(0)
+                .saturating_add(sc.outbound_first_token_ms.and_then(ms_to_ns).unwrap_or(0)),
+            _ => 0,
+        };
         self.window.advance(slot);
         self.window.record(|d: &mut SlotData, sf| {
             d.requests += 1;
+            d.sidecar_ttft_ns = d.sidecar_ttft_ns.saturating_add(sidecar_ttft);
             for (m, v) in [(TTFT, ttft), (TPOT, tpot), (E2E, e2e)] {
                 if let Some(v) = v {
                     d.observe(m, v, sf);

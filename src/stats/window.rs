@@ -32,6 +32,8 @@ pub(crate) struct SlotData {
     /// Stage time of records that also have an E2E: the numerator of `share_of_e2e`, so that
     /// aborted requests (stages but no E2E) cannot push shares past 1.
     pub stage_e2e_ns: [u64; N_STAGES],
+    /// Of TTFT's sum, the time spent in a sidecar (inbound + first token outbound).
+    pub sidecar_ttft_ns: u64,
     pub requests: u64,
 }
 
@@ -41,6 +43,7 @@ impl Default for SlotData {
             hists: std::array::from_fn(|_| None),
             sum_ns: [0; N_METRICS],
             stage_e2e_ns: [0; N_STAGES],
+            sidecar_ttft_ns: 0,
             requests: 0,
         }
     }
@@ -64,6 +67,7 @@ impl SlotData {
         }
         self.sum_ns = [0; N_METRICS];
         self.stage_e2e_ns = [0; N_STAGES];
+        self.sidecar_ttft_ns = 0;
         self.requests = 0;
     }
 
@@ -84,6 +88,7 @@ impl SlotData {
         for (a, b) in self.stage_e2e_ns.iter_mut().zip(&o.stage_e2e_ns) {
             *a = a.saturating_add(*b);
         }
+        self.sidecar_ttft_ns = self.sidecar_ttft_ns.saturating_add(o.sidecar_ttft_ns);
         self.requests = self.requests.saturating_add(o.requests);
     }
 
@@ -108,6 +113,8 @@ impl SlotData {
             ok &= *a >= *b;
             *a = a.saturating_sub(*b);
         }
+        ok &= self.sidecar_ttft_ns >= o.sidecar_ttft_ns;
+        self.sidecar_ttft_ns = self.sidecar_ttft_ns.saturating_sub(o.sidecar_ttft_ns);
         ok &= self.requests >= o.requests;
         self.requests = self.requests.saturating_sub(o.requests);
         ok

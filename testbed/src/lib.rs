@@ -10,6 +10,7 @@ pub mod loadgen;
 mod loadgen_conn;
 pub mod netns;
 mod rng;
+pub mod sidecar;
 pub mod synth;
 mod synth_handle;
 mod synth_plan;

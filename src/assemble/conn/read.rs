@@ -98,6 +98,7 @@ impl Conn {
                     };
                     let seq = *seq;
                     let mut owner = self.fifo.back_mut().filter(|p| p.seq == seq);
+                    self.fp.feed(st.data);
                     if let Some(p) = owner.as_deref_mut() {
                         p.rec.request_bytes =
                             p.rec.request_bytes.saturating_add(st.consumed as u64);
@@ -113,6 +114,7 @@ impl Conn {
                     if st.done {
                         if let Some(p) = owner {
                             p.rec.timestamps.set(Ts::ReadDone, io.exit);
+                            p.rec.fingerprint = self.fp.finish();
                         }
                         self.req = ReqState::Head;
                         self.model_scan.reset();
@@ -137,9 +139,14 @@ impl Conn {
         let seq = self.next_seq;
         self.next_seq += 1;
         let (head, connect) = (method == "HEAD", method == "CONNECT");
+        let body = Body::new(framing);
+        self.fp.start(&method, &path, body.is_some());
         let mut p = self.pending(seq, st, Some(method), Some(path), head, connect);
-        match Body::new(framing) {
-            None => p.rec.timestamps.set(Ts::ReadDone, io.exit),
+        match body {
+            None => {
+                p.rec.timestamps.set(Ts::ReadDone, io.exit);
+                p.rec.fingerprint = self.fp.finish();
+            }
             Some(body) => {
                 self.req = ReqState::Body { body, seq };
                 self.model_scan.reset();
@@ -160,11 +167,13 @@ impl Conn {
         };
         let seq = *seq;
         self.model_scan.reset();
+        self.fp.gap(used);
         let owner = self.fifo.back_mut().filter(|p| p.seq == seq);
         if let Some(p) = owner {
             p.rec.request_bytes = p.rec.request_bytes.saturating_add(used);
             if done {
                 p.rec.timestamps.set(Ts::ReadDone, io.exit);
+                p.rec.fingerprint = self.fp.finish();
             }
         }
         if done {
