@@ -57,6 +57,9 @@ pub struct NetStamps {
     pub pod_in: Option<u64>,
     pub pod_out: Option<u64>,
     pub node_out: Option<u64>,
+    /// Reads: the latest arrival of data on the socket before the read returned (at the read
+    /// that completes a request, when its last bytes were queued).
+    pub queued_last: Option<u64>,
 }
 
 impl NetStamps {
@@ -71,6 +74,7 @@ impl NetStamps {
             pod_in: o(a[4]),
             pod_out: o(a[5]),
             node_out: o(a[6]),
+            queued_last: o(a[7]),
         }
     }
 }

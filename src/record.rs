@@ -18,6 +18,7 @@ pub enum Ts {
     SidecarRead,
     SidecarWrite,
     SockQueued,
+    SockQueuedLast,
     ReadFirst,
     ReadDone,
     RespFirst,
@@ -31,7 +32,7 @@ pub enum Ts {
 }
 
 impl Ts {
-    pub const ALL: [Ts; 20] = [
+    pub const ALL: [Ts; 21] = [
         Ts::Syn,
         Ts::Established,
         Ts::Accepted,
@@ -42,6 +43,7 @@ impl Ts {
         Ts::SidecarRead,
         Ts::SidecarWrite,
         Ts::SockQueued,
+        Ts::SockQueuedLast,
         Ts::ReadFirst,
         Ts::ReadDone,
         Ts::RespFirst,
@@ -66,6 +68,7 @@ impl Ts {
             Ts::SidecarRead => "sidecar_read",
             Ts::SidecarWrite => "sidecar_write",
             Ts::SockQueued => "sock_queued",
+            Ts::SockQueuedLast => "sock_queued_last",
             Ts::ReadFirst => "read_first",
             Ts::ReadDone => "read_done",
             Ts::RespFirst => "resp_first",
@@ -213,7 +216,12 @@ impl Stages {
         // from there until the app's socket holds the request is the sidecar's (its own socket
         // wait, its processing, the loopback hop).
         let sidecar_in = ts.get(Ts::SidecarQueued).or(ts.get(Ts::SidecarRead));
-        let app_in = sock_queued.or(read_first);
+        // The whole request is in the app's socket: its first bytes, or where it came in
+        // pieces (a large prompt on a slow link) its last ones. Until then the request is on
+        // the network, even if the server already reads its first bytes.
+        let app_in = sock_queued
+            .or(read_first)
+            .map(|a| a.max(ts.get(Ts::SockQueuedLast).unwrap_or(0)));
         // nat_done bounds a link only after node_in: without it (e.g. pod-to-service traffic
         // from the same node) it precedes the origin, and chaining from it overshoots E2E.
         let node_in = ts.get(Ts::NodeIn);
@@ -240,13 +248,16 @@ impl Stages {
                 ts.get(Ts::PodOut).max(ts.get(Ts::NodeOut)),
             ),
         ];
+        // A boundary earlier than the previous one (the server read the first bytes before the
+        // last ones arrived) makes a zero stage and does not move the chain back: the stages
+        // still telescope to E2E.
         let mut prev: Option<u64> = None;
         for (stage, at) in chain {
             let Some(at) = at else { continue };
             if let (Some(stage), Some(p)) = (stage, prev) {
                 st.0[stage as usize] = Some(at.saturating_sub(p));
             }
-            prev = Some(at);
+            prev = Some(prev.map_or(at, |p| p.max(at)));
         }
         st
     }
@@ -455,6 +466,44 @@ mod tests {
         assert_eq!(r.stages.get(Stage::Inference), None);
         assert_eq!(r.stages.get(Stage::ContainerNetwork), None);
         assert_eq!(in_e2e_sum(&r), 29_000_000);
+    }
+
+    #[test]
+    fn a_request_arriving_in_pieces_is_on_the_network_until_its_last_bytes() {
+        // The server reads the first bytes at 1.2 ms, the last ones arrive at 9 ms (a slow
+        // link), it has read everything at 9.1 ms.
+        let r = rec(
+            &[
+                (Ts::NodeIn, 1_000_000),
+                (Ts::SockQueued, 1_100_000),
+                (Ts::ReadFirst, 1_200_000),
+                (Ts::SockQueuedLast, 9_000_000),
+                (Ts::ReadDone, 9_100_000),
+                (Ts::RespFirst, 10_000_000),
+                (Ts::RespLast, 20_000_000),
+            ],
+            &[11_000_000, 20_000_000],
+        );
+        assert_eq!(r.stages.get(Stage::ContainerNetwork), Some(8_000_000));
+        assert_eq!(r.stages.get(Stage::SocketWait), Some(0));
+        assert_eq!(r.stages.get(Stage::RequestRead), Some(100_000));
+        assert_eq!(r.stages.get(Stage::QueuePrefill), Some(1_900_000));
+        assert_eq!(in_e2e_sum(&r), 19_000_000);
+        // Busy server: everything arrived (5 ms) before it read (7 ms).
+        let r = rec(
+            &[
+                (Ts::NodeIn, 1_000_000),
+                (Ts::SockQueued, 1_100_000),
+                (Ts::SockQueuedLast, 5_000_000),
+                (Ts::ReadFirst, 7_000_000),
+                (Ts::ReadDone, 7_000_000),
+                (Ts::RespLast, 20_000_000),
+            ],
+            &[11_000_000, 20_000_000],
+        );
+        assert_eq!(r.stages.get(Stage::ContainerNetwork), Some(4_000_000));
+        assert_eq!(r.stages.get(Stage::SocketWait), Some(2_000_000));
+        assert_eq!(in_e2e_sum(&r), 19_000_000);
     }
 
     #[test]

@@ -316,3 +316,108 @@ fn a_saturated_server_shows_in_socket_wait_not_in_the_network() {
         .iter()
         .all(|r| r["stages"].get("load_balancing").is_none()));
 }
+
+/// Runs `n` requests with a 200 KiB prompt from outside; returns the client's view.
+fn big_prompts(sp: &ServerPod, outside: &Outside, n: usize, id_base: u64) -> Vec<ClientRecord> {
+    let mut cfg = load_from_outside(sp.pod.addr(PORT), outside);
+    cfg.connections = 1;
+    cfg.requests = n;
+    cfg.prompt_bytes = vec![200 * 1024];
+    cfg.max_tokens = Some(2);
+    cfg.request_id_base = id_base;
+    cfg.seed = id_base + 1;
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(client.iter().all(|c| c.status == 200));
+    client
+}
+
+#[test]
+fn a_slow_pod_link_shows_in_container_network_not_in_the_server() {
+    if !kernel_tests_enabled("a_slow_pod_link_shows_in_container_network_not_in_the_server") {
+        return;
+    }
+    const N: usize = 8;
+    // tbf on the host side of the pod's veth, towards the pod: 8 Mbit/s, with a bucket of
+    // 4 KiB (full before a connection's first request, partly refilled before the next ones:
+    // the expectation takes half of it, an uncertainty of 1 % here).
+    const RATE_BYTES_S: f64 = 1_000_000.0;
+    const BURST: f64 = 4.0 * 1024.0;
+    let sp = server_pod(
+        "tbf",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "1"],
+    );
+    let outside = Outside::create().expect("client outside the node");
+    let agent = agent_with_uplink(&sp, &outside);
+    let before = big_prompts(&sp, &outside, N, 0);
+    let shaped_from = testbed::mono_ns();
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("tc")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dev = sp.pod.host_veth().to_string();
+    tc(&[
+        "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "8mbit", "burst", "4kb", "latency",
+        "2s",
+    ]);
+    let after = big_prompts(&sp, &outside, N, 1000);
+    tc(&["qdisc", "del", "dev", &dev, "root"]);
+
+    let recs = records_for(&agent, &sp, 2 * N);
+    assert_eq!(recs.len(), 2 * N, "every request recorded");
+    let (shaped, plain): (Vec<Value>, Vec<Value>) = recs
+        .into_iter()
+        .partition(|r| r["start_ns"].as_u64().unwrap_or(0) > shaped_from);
+    assert_eq!((plain.len(), shaped.len()), (N, N));
+    assert_path("tbf (unshaped)", &plain, &before, false);
+    assert_path("tbf (shaped)", &shaped, &after, false);
+    // What the shaping adds: the request's bytes on the wire (Ethernet, IP and TCP headers on
+    // every 1448-byte segment) past the bucket, at the rate.
+    let wire = after[0].request_bytes as f64 * 1514.0 / 1448.0;
+    let expected_ms = (wire - BURST / 2.0) / RATE_BYTES_S * 1e3;
+    let med = |recs: &[Value], st: &str| median_stage(recs, st).unwrap_or(f64::NAN);
+    let extra = med(&shaped, "container_network") - med(&plain, "container_network");
+    let qp = (med(&plain, "queue_prefill"), med(&shaped, "queue_prefill"));
+    let read = (med(&plain, "request_read"), med(&shaped, "request_read"));
+    let each: Vec<String> = shaped
+        .iter()
+        .map(|r| {
+            format!(
+                "{:.1}",
+                r["stages"]["container_network"].as_f64().unwrap_or(-1.0)
+            )
+        })
+        .collect();
+    eprintln!(
+        "tbf: shaped container_network per request (ms): {}",
+        each.join(" ")
+    );
+    eprintln!(
+        "tbf: expected extra {expected_ms:.1} ms, container_network +{extra:.1} ms; \
+         queue_prefill {:.3} → {:.3} ms; request_read {:.3} → {:.3} ms",
+        qp.0, qp.1, read.0, read.1
+    );
+    assert!(
+        (extra - expected_ms).abs() <= 0.1 * expected_ms,
+        "container_network grew by {extra:.1} ms, the link adds {expected_ms:.1} ms"
+    );
+    assert!(
+        (qp.1 - qp.0).abs() < 1.0,
+        "queue_prefill must not carry the link's delay: {:.3} → {:.3} ms",
+        qp.0,
+        qp.1
+    );
+    assert!(
+        read.1 < 0.1 * expected_ms,
+        "request_read must not carry the link's delay: {:.3} ms",
+        read.1
+    );
+}

@@ -395,3 +395,40 @@ fn network_stamps_join_the_request_in_path_order() {
     assert_eq!(ts.get(Ts::NodeOut), Some(w + 5));
     assert_eq!(s.recs[0].origin, Some("node_in"));
 }
+
+#[test]
+fn the_read_that_completes_a_request_says_when_its_last_bytes_arrived() {
+    use crate::event::NetStamps;
+    let mut s = Sim::new();
+    s.accept(SOCK);
+    let req = chat_request("");
+    let (a, b) = req.split_at(req.len() - 10);
+    s.queued = Some(s.t - 100);
+    s.net = Some(NetStamps {
+        queued_last: Some(s.t - 100),
+        ..Default::default()
+    });
+    s.read(SOCK, a);
+    let last = s.t + 500;
+    s.t += 1000;
+    s.net = Some(NetStamps {
+        queued_last: Some(last),
+        ..Default::default()
+    });
+    let done = s.read(SOCK, b).1;
+    s.write(SOCK, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    let ts = &s.recs[0].timestamps;
+    assert_eq!(ts.get(Ts::SockQueuedLast), Some(last));
+    assert_eq!(ts.get(Ts::ReadDone), Some(done));
+    // In one piece: no separate last arrival.
+    let mut s = Sim::new();
+    s.accept(SOCK);
+    s.queued = Some(s.t - 100);
+    s.net = Some(NetStamps {
+        queued_last: Some(s.t - 100),
+        ..Default::default()
+    });
+    s.read(SOCK, &req);
+    s.write(SOCK, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(s.recs[0].timestamps.get(Ts::SockQueuedLast), None);
+}

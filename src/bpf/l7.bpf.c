@@ -335,10 +335,12 @@ static __always_inline int exit_io(long ret, const __u16 io)
 
 	__u64 key = a.sk;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	__u64 queued_last = 0;
 	if (ci) {
 		if (a.kind == LLMSLO_EV_READ) {
 			s->hdr.queued_ts = ci->queued_ts;
 			ci->queued_ts = 0;
+			queued_last = ci->queued_last_ts;
 		}
 	} else {
 		struct conn_info fresh = {};
@@ -351,6 +353,7 @@ static __always_inline int exit_io(long ret, const __u16 io)
 		else
 			copy_flat(s, a.buf, ret);
 		take_flow_stamps(&s->hdr, sk, a.kind);
+		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
 	return submit(s);
 }
@@ -524,8 +527,10 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 	__u64 key = (__u64)ctx->skaddr;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	if (ci) {
+		__u64 now = bpf_ktime_get_ns();
 		if (!ci->queued_ts)
-			ci->queued_ts = bpf_ktime_get_ns();
+			ci->queued_ts = now;
+		ci->queued_last_ts = now;
 		return 0;
 	}
 	struct sock *sk = (struct sock *)ctx->skaddr;
@@ -535,7 +540,8 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 	struct listen_key lk = listen_key_of(sk);
 	if (!bpf_map_lookup_elem(&listen_ports, &lk))
 		return 0;
-	struct conn_info fresh = { .queued_ts = bpf_ktime_get_ns() };
+	__u64 now = bpf_ktime_get_ns();
+	struct conn_info fresh = { .queued_ts = now, .queued_last_ts = now };
 	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
 		bump(LLMSLO_ST_CONN_FULL);
 	return 0;

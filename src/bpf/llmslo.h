@@ -20,6 +20,7 @@ enum llmslo_net_ts {
 	LLMSLO_NET_POD_IN = 4,      /* the same packet entering the pod (host side of its veth) */
 	LLMSLO_NET_POD_OUT = 5,     /* latest response packet leaving the pod (writes) */
 	LLMSLO_NET_NODE_OUT = 6,    /* latest response packet leaving the node (writes) */
+	LLMSLO_NET_QUEUED_LAST = 7, /* reads: latest sk_data_ready on the socket before the read returned */
 	LLMSLO_NET_MAX = 8,
 };
 

@@ -11,7 +11,8 @@
 #define IPPROTO_TCP 6
 
 struct conn_info {
-	__u64 queued_ts; /* first sk_data_ready since the last read, 0 when consumed */
+	__u64 queued_ts;      /* first sk_data_ready since the last read, 0 when consumed */
+	__u64 queued_last_ts; /* latest sk_data_ready (the request's last bytes, at its last read) */
 };
 
 /* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */

@@ -4,8 +4,9 @@
 use super::super::body::Body;
 use super::super::http::{self, Class, Framing, HeadStep};
 use super::super::scan::{self, Hit};
+use super::super::sidecar::Fingerprint;
 use super::super::{AssemblerConfig, UnparsedReason};
-use super::{path_string, Conn, Io, Mode, ReqState, Sink, Start, FIFO_MAX};
+use super::{path_string, Conn, Io, Mode, Pending, ReqState, Sink, Start, FIFO_MAX};
 use crate::record::Ts;
 
 impl Conn {
@@ -113,8 +114,7 @@ impl Conn {
                     data = &data[st.consumed..];
                     if st.done {
                         if let Some(p) = owner {
-                            p.rec.timestamps.set(Ts::ReadDone, io.exit);
-                            p.rec.fingerprint = self.fp.finish();
+                            read_done(p, io, &self.fp);
                         }
                         self.req = ReqState::Head;
                         self.model_scan.reset();
@@ -143,10 +143,7 @@ impl Conn {
         self.fp.start(&method, &path, body.is_some());
         let mut p = self.pending(seq, st, Some(method), Some(path), head, connect);
         match body {
-            None => {
-                p.rec.timestamps.set(Ts::ReadDone, io.exit);
-                p.rec.fingerprint = self.fp.finish();
-            }
+            None => read_done(&mut p, io, &self.fp),
             Some(body) => {
                 self.req = ReqState::Body { body, seq };
                 self.model_scan.reset();
@@ -172,8 +169,7 @@ impl Conn {
         if let Some(p) = owner {
             p.rec.request_bytes = p.rec.request_bytes.saturating_add(used);
             if done {
-                p.rec.timestamps.set(Ts::ReadDone, io.exit);
-                p.rec.fingerprint = self.fp.finish();
+                read_done(p, io, &self.fp);
             }
         }
         if done {
@@ -182,6 +178,21 @@ impl Conn {
             if used < n {
                 self.fail(UnparsedReason::Truncated, sink);
             }
+        }
+    }
+}
+
+/// The request's last byte was read by `io`: read_done, its content fingerprint, and when its
+/// last bytes reached the socket (the latest arrival before that read returned, when it is
+/// after the first bytes' arrival: a request that came in several pieces).
+fn read_done(p: &mut Pending, io: &Io, fp: &Fingerprint) {
+    let ts = &mut p.rec.timestamps;
+    ts.set(Ts::ReadDone, io.exit);
+    p.rec.fingerprint = fp.finish();
+    let first = ts.get(Ts::SockQueued).or(ts.get(Ts::ReadFirst));
+    if let (Some(last), Some(first)) = (io.net.queued_last, first) {
+        if last > first && last <= io.exit {
+            ts.set(Ts::SockQueuedLast, last);
         }
     }
 }
