@@ -148,35 +148,39 @@ impl NetPath {
         let net = open.load().context("loading netpath.bpf.o")?;
         let mut nf_links = Vec::new();
         if netfilter {
-            // NF_IP_PRI_NAT_DST is -100: one hook just before it, one just after.
-            for (prog, prio, name) in [
-                (&net.progs.nf_pre_dnat, -101, "nf_pre_dnat"),
-                (&net.progs.nf_post_dnat, -99, "nf_post_dnat"),
-            ] {
-                let opts = NetfilterOpts {
-                    protocol_family: libc::NFPROTO_IPV4,
-                    hooknum: 0,
-                    priority: prio,
-                    ..Default::default()
-                };
-                match prog.attach_netfilter_with_opts(opts) {
-                    Ok(l) => {
-                        nf_links.push(l);
-                        progs.push(AttachedProg {
-                            name: name.into(),
-                            section: format!("netfilter/ipv4/prerouting/{prio}"),
-                            attached: true,
-                            error: None,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(name, error = %e, "netfilter hook not attached: no load_balancing stage");
-                        progs.push(AttachedProg {
-                            name: name.into(),
-                            section: "netfilter".into(),
-                            attached: false,
-                            error: Some(e.to_string()),
-                        });
+            // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just before it, one
+            // just after, for IPv4 and IPv6 (kube-proxy DNATs both families the same way).
+            for (family, fam) in [(libc::NFPROTO_IPV4, "ipv4"), (libc::NFPROTO_IPV6, "ipv6")] {
+                for (prog, prio, name) in [
+                    (&net.progs.nf_pre_dnat, -101, "nf_pre_dnat"),
+                    (&net.progs.nf_post_dnat, -99, "nf_post_dnat"),
+                ] {
+                    let opts = NetfilterOpts {
+                        protocol_family: family,
+                        hooknum: 0,
+                        priority: prio,
+                        ..Default::default()
+                    };
+                    let section = format!("netfilter/{fam}/prerouting/{prio}");
+                    match prog.attach_netfilter_with_opts(opts) {
+                        Ok(l) => {
+                            nf_links.push(l);
+                            progs.push(AttachedProg {
+                                name: name.into(),
+                                section,
+                                attached: true,
+                                error: None,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(name, family = fam, error = %e, "netfilter hook not attached: no load_balancing stage");
+                            progs.push(AttachedProg {
+                                name: name.into(),
+                                section,
+                                attached: false,
+                                error: Some(e.to_string()),
+                            });
+                        }
                     }
                 }
             }

@@ -421,3 +421,72 @@ fn a_slow_pod_link_shows_in_container_network_not_in_the_server() {
         read.1
     );
 }
+
+#[test]
+fn network_stages_over_ipv6() {
+    if !kernel_tests_enabled("network_stages_over_ipv6") {
+        return;
+    }
+    let (sp, ip6) =
+        common::node::server_pod_dual_stack("ipv6", CgroupDriver::Cgroupfs, &["--decode-ms", "2"]);
+    // The client is the node itself: its packets enter the pod through the host-side veth.
+    let agent = Agent::start(&["--no-auto", "--target-cgroup", sp.cg.cgroup_path()]);
+    let mut cfg = LoadConfig::new(SocketAddr::from((ip6, PORT)));
+    cfg.connections = 2;
+    cfg.requests = 100;
+    cfg.max_tokens = Some(4);
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        client.iter().all(|c| c.status == 200),
+        "IPv6 requests failed"
+    );
+    let dst = SocketAddr::from((ip6, PORT)).to_string();
+    let recs = agent.wait_requests(Duration::from_secs(20), |r| {
+        r.iter().filter(|x| x["dst"] == dst.as_str()).count() >= client.len()
+    });
+    let mut mine: Vec<Value> = recs
+        .into_iter()
+        .filter(|x| x["dst"] == dst.as_str())
+        .collect();
+    mine.sort_by_key(|r| r["start_ns"].as_u64());
+    assert_eq!(mine.len(), client.len(), "every IPv6 request recorded");
+    let mut bad = Vec::new();
+    for r in &mine {
+        let order: Vec<Option<u64>> = ["pod_in", "sock_queued", "read_first"]
+            .iter()
+            .map(|n| ts(r, n))
+            .collect();
+        if order.iter().any(Option::is_none) || order.windows(2).any(|w| w[0] > w[1]) {
+            bad.push(format!(
+                "path order pod_in, sock_queued, read_first = {order:?}"
+            ));
+        }
+        if r["origin"] != "pod_in" {
+            bad.push(format!("origin {}", r["origin"]));
+        }
+        if r["stages"]["container_network"].as_f64().is_none() || ts(r, "pod_out").is_none() {
+            bad.push(format!("no container_network or pod_out: {}", r["stages"]));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} problems over IPv6:\n{}",
+        bad.len(),
+        bad[..bad.len().min(10)].join("\n")
+    );
+    // The netfilter hooks are in place for IPv6 too.
+    let t = agent.get_json("/api/v1/targets");
+    let nf6 = t["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["section"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("netfilter/ipv6/")
+        })
+        .filter(|p| p["attached"] == true)
+        .count();
+    assert_eq!(nf6, 2, "IPv6 netfilter hooks: {t}");
+}

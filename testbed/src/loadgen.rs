@@ -225,11 +225,12 @@ fn check_config(cfg: &LoadConfig) -> Result<()> {
             a.is_loopback()
                 || (u32::from(a) >> 16) == (u32::from(Ipv4Addr::new(10, 200, 0, 0)) >> 16)
         }
-        IpAddr::V6(a) => a.is_loopback(),
+        // Pods' IPv6 addresses (Pod::enable_ipv6): fd00:200::/48.
+        IpAddr::V6(a) => a.is_loopback() || a.segments()[..3] == [0xfd00, 0x200, 0],
     };
     if !in_testbed && !cfg.allow_other_targets {
         bail!(
-            "refusing to send load to {}: only loopback and testbed pods (10.200.0.0/16) \
+            "refusing to send load to {}: only loopback and testbed pods (10.200.0.0/16, fd00:200::/48) \
              unless allow_other_targets is set for an address the test created",
             cfg.target
         );

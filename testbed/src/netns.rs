@@ -10,7 +10,7 @@ use crate::{pid_alive, require_root};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -232,6 +232,63 @@ impl Pod {
         v6off.args(["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"]);
         let _ = self.output(v6off);
         Ok(())
+    }
+
+    /// Gives a [`Wiring::Subnet`] pod an IPv6 address beside its IPv4 one:
+    /// `fd00:200:0:<subnet>::2/64` inside, `::1` on the host side as its default gateway.
+    /// Duplicate address detection and router solicitations stay off, so no stray packets
+    /// cross the hooks. The root netns reaches the pod directly (no forwarding needed).
+    pub fn enable_ipv6(&self) -> Result<Ipv6Addr> {
+        if !matches!(self.wiring, Wiring::Subnet) {
+            bail!("IPv6 is wired for subnet pods only");
+        }
+        let index = (u32::from(self.ip) - u32::from(Ipv4Addr::new(10, 200, 0, 0))) / 4;
+        let net = format!("fd00:200:0:{index:x}");
+        let (ns, veth) = (self.name.as_str(), self.host_veth.as_str());
+        let conf = |dev: &str, key: &str| format!("/proc/sys/net/ipv6/conf/{dev}/{key}");
+        for (k, v) in [
+            ("accept_dad", "0"),
+            ("router_solicitations", "0"),
+            ("disable_ipv6", "0"),
+        ] {
+            std::fs::write(conf(veth, k), v).with_context(|| conf(veth, k))?;
+        }
+        ip(&["addr", "add", &format!("{net}::1/64"), "dev", veth, "nodad"])?;
+        let mut on = Command::new("sh");
+        on.args([
+            "-c",
+            "for d in all default eth0; do echo 0 > /proc/sys/net/ipv6/conf/$d/accept_dad; \
+             echo 0 > /proc/sys/net/ipv6/conf/$d/router_solicitations; done; \
+             echo 0 > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
+             echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+        ]);
+        let out = self.output(on)?;
+        if !out.status.success() {
+            bail!(
+                "enabling IPv6 in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{net}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{net}::1"),
+        ])?;
+        Ok(format!("{net}::2").parse()?)
     }
 
     /// The pod's address (eth0 inside the pod).

@@ -37,6 +37,32 @@ pub fn server_pod_wired(
     server_args: &[&str],
 ) -> ServerPod {
     let pod = Pod::create_wired(name, wiring).expect("creating pod netns");
+    start_server(pod, name, driver, arg0, server_args)
+}
+
+/// A dual-stack pod (IPv4 and IPv6) whose server listens on both; returns its IPv6 address.
+#[allow(dead_code)]
+pub fn server_pod_dual_stack(
+    name: &str,
+    driver: CgroupDriver,
+    server_args: &[&str],
+) -> (ServerPod, std::net::Ipv6Addr) {
+    let pod = Pod::create(name).expect("creating pod netns");
+    let ip6 = pod.enable_ipv6().expect("IPv6 in the pod");
+    let listen = format!("[::]:{PORT}");
+    let mut args = vec!["--listen", listen.as_str()];
+    args.extend_from_slice(server_args);
+    let sp = start_server(pod, name, driver, "llmslo-synth-server", &args);
+    (sp, ip6)
+}
+
+fn start_server(
+    pod: Pod,
+    name: &str,
+    driver: CgroupDriver,
+    arg0: &str,
+    server_args: &[&str],
+) -> ServerPod {
     let cg = PodCgroup::create(driver, "burstable").expect("creating pod cgroup");
     let log = std::env::temp_dir().join(format!(
         "llmslo-synth-{}-{}.jsonl",
@@ -45,9 +71,11 @@ pub fn server_pod_wired(
     ));
     let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new(super::agent_bin());
-    cmd.arg0(arg0)
-        .arg("synth-server")
-        .args(["--listen", &format!("0.0.0.0:{PORT}"), "--log"])
+    cmd.arg0(arg0).arg("synth-server");
+    if !server_args.contains(&"--listen") {
+        cmd.args(["--listen", &format!("0.0.0.0:{PORT}")]);
+    }
+    cmd.arg("--log")
         .arg(&log)
         .args(server_args)
         .env("HOSTNAME", name)
