@@ -160,6 +160,19 @@ fn load_and_check(
     );
     let recs = records_for(agent, sp, client.len());
     assert_path(&target.to_string(), &recs, &client, dnat);
+    // A segment seen at several hooks (the NIC and an overlay device, the DNAT hook, the pod's
+    // veth) is one segment, not a retransmit. Real retransmits on these veths are rare.
+    let m = agent.get("/metrics");
+    let rexmit = common::metric(
+        &m,
+        r#"llmslo_agent_bpf_stat_total{stat="retransmit_ignored"}"#,
+    )
+    .expect("retransmit_ignored exported");
+    assert!(
+        rexmit < (client.len() / 10) as f64,
+        "{rexmit} request segments taken for retransmits in {} requests",
+        client.len()
+    );
 }
 
 /// [`check_path`], failing with the first problems found; prints one request's timeline.

@@ -81,7 +81,13 @@ struct llmslo_flow_key {
 };
 
 /* Request-direction hops that filter retransmits by sequence number. */
-enum llmslo_hop { LLMSLO_HOP_NODE = 0, LLMSLO_HOP_NAT = 1, LLMSLO_HOP_POD = 2, LLMSLO_HOP_MAX = 4 };
+enum llmslo_hop {
+	LLMSLO_HOP_NODE = 0,
+	LLMSLO_HOP_NAT = 1,
+	LLMSLO_HOP_POD = 2,
+	LLMSLO_HOP_UNDERLAY = 3, /* overlay traffic seen encapsulated on the NIC */
+	LLMSLO_HOP_MAX = 4
+};
 
 struct llmslo_flow {
 	__u64 ts[LLMSLO_NET_MAX];

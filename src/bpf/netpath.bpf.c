@@ -27,6 +27,7 @@ struct pkt {
 	__u32 seq;
 	__u32 payload;
 	__u8 flags;
+	__u8 encap; /* parsed through a VXLAN header: the outer packet on the underlay */
 };
 
 /* Pending pre-NAT keys by skb address, between the two netfilter hooks of one packet. */
@@ -83,6 +84,7 @@ struct {
 				return -1;                                                       \
 			/* udp(8) + vxlan(8) + inner ethernet(14) */                             \
 			off = l4 + 8 + 8 + 14;                                                   \
+			p->encap = 1;                                                            \
 			continue;                                                                \
 		}                                                                                \
 		if (proto != IPPROTO_TCP)                                                        \
@@ -112,6 +114,7 @@ static __always_inline int parse_tc(struct __sk_buff *skb, struct pkt *p)
 	__u16 ethertype = 0;
 	__u32 off = 0;
 	__u32 total_len = skb->len;
+	p->encap = 0;
 	/* L2 devices (veth, NIC, vxlan) show the Ethernet header; L3 ones (ipip) do not. */
 	if (!bpf_skb_load_bytes(skb, 12, &ethertype, 2) && ethertype == skb->protocol)
 		off = 14;
@@ -174,7 +177,9 @@ static __always_inline void stamp_request(struct pkt *p, __u32 hop, __u32 slot, 
 	/* A segment that ends at or before what this hop saw is a retransmit: the request did not
 	 * start again, so it must not restart the stage. */
 	if (last && (__s32)(end - last) <= 0) {
-		bump(LLMSLO_ST_RETRANSMIT);
+		/* Counted once per segment: where it enters the pod (every hop sees it). */
+		if (hop == LLMSLO_HOP_POD)
+			bump(LLMSLO_ST_RETRANSMIT);
 		return;
 	}
 	f->seq_end[hop] = end;
@@ -205,7 +210,9 @@ int tc_node_ingress(struct __sk_buff *skb)
 	 * moves them), already translated, or aimed at a target port. */
 	if (!syn && !is_target_port(p.key.dport))
 		return TC_PASS;
-	stamp_request(&p, LLMSLO_HOP_NODE, LLMSLO_NET_NODE_IN, true);
+	/* The NIC sees an overlay's segments encapsulated, the overlay device decapsulated: two
+	 * sightings of one hop, kept apart so that the second is not taken for a retransmit. */
+	stamp_request(&p, p.encap ? LLMSLO_HOP_UNDERLAY : LLMSLO_HOP_NODE, LLMSLO_NET_NODE_IN, true);
 	return TC_PASS;
 }
 
@@ -263,6 +270,7 @@ static __always_inline int parse_nf(struct sk_buff *skb, struct pkt *p)
 {
 	__u32 off = 0;
 	__u32 total_len = BPF_CORE_READ(skb, len);
+	p->encap = 0;
 	PARSE_BODY(NF_LOAD)
 }
 
