@@ -156,6 +156,8 @@ pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
             kernel: crate::probe::kernel_version(&probe.kernel).unwrap_or((0, 0)),
             tcx: probe.has("tcx"),
             netfilter: probe.has("netfilter_link"),
+            cni_conf_dir: cfg.network.cni_conf_dir.clone(),
+            cni_state_root: cfg.network.cni_state_root.clone(),
         },
     }
 }

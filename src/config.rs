@@ -37,6 +37,12 @@ pub struct NetworkCfg {
     pub pod_veth_prefixes: Vec<String>,
     /// Force the CNI adapter: calico, cilium, flannel, generic; "auto" or empty detects it.
     pub cni: String,
+    /// CNI config directory read for detection (default: $LLMSLO_CNI_CONF_DIR, else
+    /// /etc/cni/net.d), e.g. the host's mounted at /host/etc/cni/net.d.
+    pub cni_conf_dir: Option<std::path::PathBuf>,
+    /// Root of the CNI state paths /run/flannel, /var/run/calico, /run/cilium (default:
+    /// $LLMSLO_CNI_STATE_ROOT, else /).
+    pub cni_state_root: Option<std::path::PathBuf>,
 }
 
 impl Default for NetworkCfg {
@@ -46,6 +52,8 @@ impl Default for NetworkCfg {
             node_devices: vec![],
             pod_veth_prefixes: vec![],
             cni: "auto".into(),
+            cni_conf_dir: None,
+            cni_state_root: None,
         }
     }
 }

@@ -39,6 +39,8 @@ const CAPS: [&str; 6] = [
 const NAMESPACE: &str = "llm-slo";
 const CONFIG_FILE: &str = "/etc/llm-slo/agent.yaml";
 const CHART: &str = "deploy/helm/llm-slo-agent";
+/// The agent's state directory (its clsact ledger), on the host (see `LLMSLO_STATE_DIR`).
+const STATE_DIR: &str = "/run/llm-slo-agent";
 
 /// (host path, mount path in the container); every one read-only.
 const HOST_MOUNTS: [(&str, &str); 9] = [
@@ -259,12 +261,19 @@ fn manifests_daemonset_mounts_env_probes_and_tolerations() {
             "{state}: no type check (absent on other CNIs' nodes)"
         );
     }
-    // Every hostPath volume is mounted, and read-only.
+    // Every hostPath volume is mounted read-only, but the agent's own state directory: the
+    // record of the clsact filters it attached, which must outlive a crashed container.
     for (path, (vol, ro)) in &mounts {
-        if vol.get("hostPath").is_some() {
+        if vol.get("hostPath").is_some() && *path != STATE_DIR {
             assert!(ro, "hostPath mount {path} must be read-only");
         }
     }
+    let (state, ro) = mounts
+        .get(STATE_DIR)
+        .unwrap_or_else(|| panic!("no mount at {STATE_DIR}"));
+    assert!(!ro, "{STATE_DIR} is written");
+    assert_eq!(s(state, "hostPath.path"), STATE_DIR);
+    assert_eq!(s(state, "hostPath.type"), "DirectoryOrCreate");
     let (cfg_vol, ro) = mounts["/etc/llm-slo"];
     assert!(ro);
     assert_eq!(

@@ -22,6 +22,9 @@ pub struct NetCfg {
     pub kernel: (u32, u32),
     pub tcx: bool,
     pub netfilter: bool,
+    /// From the config; they win over the environment ([`node_paths`]).
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_state_root: Option<PathBuf>,
 }
 
 /// Where the node's CNI config lives when not at `/etc/cni/net.d`, e.g. the host's directory
@@ -92,7 +95,13 @@ pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
     if !cfg.enabled {
         return (Vec::new(), None);
     }
-    let paths = node_paths(|k| std::env::var(k).ok());
+    let mut paths = node_paths(|k| std::env::var(k).ok());
+    if let Some(d) = &cfg.cni_conf_dir {
+        paths.cni_conf_dir = d.clone();
+    }
+    if let Some(d) = &cfg.cni_state_root {
+        paths.state_root = d.clone();
+    }
     let tcx = cfg.tcx && !crate::netpath::clsact_forced();
     let view = match read_node_view(&paths, cfg.kernel, tcx, cfg.netfilter) {
         Ok(v) => v,

@@ -96,11 +96,24 @@ fn calico_style_node_behind_a_cluster_ip() {
     }
     let files = CniFiles::new("calico");
     files.write("/etc/cni/net.d/10-calico.conflist", CALICO_CONFLIST);
-    let _env = files.agent_env();
     let sp = pod("calico", Wiring::Calico);
     let outside = Outside::create().expect("client outside the node");
     let svc = Service::dnat(80, sp.pod.addr(PORT)).expect("ClusterIP DNAT");
-    let agent = agent_with_uplink(&sp, &outside);
+    // This node's CNI paths come from the agent's config (the other tests use the environment).
+    let agent = Agent::start_with_config(
+        &format!(
+            "network:\n  cni_conf_dir: {}\n  cni_state_root: {}\n",
+            files.conf_dir().display(),
+            files.root.display()
+        ),
+        &[
+            "--no-auto",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+            "--node-device",
+            outside.uplink(),
+        ],
+    );
     let t = assert_detected(&agent, "calico", &sp);
     assert!(sp.pod.host_veth().starts_with("cali"), "{t}");
     load_and_check(&agent, &sp, &outside, svc.vip, 150);
