@@ -7,7 +7,7 @@ CARGO ?= cargo
 # System packages: BPF toolchain, netns testbed, real peers (promtool, nginx).
 APT_PKGS := clang llvm libelf-dev zlib1g-dev libbpf-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl
 
-.PHONY: all deps mounts build test test-unit test-kernel lint demo bench clean
+.PHONY: all deps mounts build test test-unit test-kernel lint fuzz demo bench clean
 
 all: build
 
@@ -40,6 +40,21 @@ test: deps mounts
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# cargo fuzz on the parsers (src/assemble/fuzz.rs), each target for FUZZ_SECONDS from the
+# checked-in corpus (fuzz/corpus/<target>; new finds go to fuzz/scratch/, not committed).
+# RUSTC_BOOTSTRAP lets the stable toolchain take cargo fuzz's -Z flags: no nightly needed.
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := http_head chunked sse assembler
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p scratch/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t scratch/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
+	    | grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)|ERROR|panicked|SUMMARY|==[0-9]+==' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz target $$t failed (crash input in fuzz/artifacts/$$t)"; exit 1; }; \
+	done
 
 demo: deps mounts
 	$(CARGO) build --release --bin llm-slo-agent

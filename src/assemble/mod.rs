@@ -5,6 +5,8 @@
 
 mod body;
 mod conn;
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod scan;
 mod sidecar;
