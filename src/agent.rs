@@ -319,19 +319,44 @@ pub fn discovery_loop(
 /// Runs discovery, the BPF thread and the HTTP server until SIGTERM or SIGINT, then stops
 /// everything and detaches the programs.
 pub async fn run_until_signal(cfg: Config) -> Result<()> {
+    // Token and certificate problems fail the start, before any program is loaded.
+    let auth = crate::serve::Auth::from_cfg(&cfg.api)?;
+    let tls = match (&cfg.api.tls_cert_file, &cfg.api.tls_key_file) {
+        (Some(c), Some(k)) => Some(crate::serve::tls_acceptor(c, k)?),
+        (None, None) => None,
+        _ => anyhow::bail!("api.tls_cert_file and api.tls_key_file go together"),
+    };
     let shared = start(&cfg)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, "serving /metrics and /api/v1");
+    tracing::info!(
+        listen = %cfg.listen,
+        tls = tls.is_some(),
+        token = cfg.api.token_file.is_some(),
+        "serving /metrics and /api/v1"
+    );
     let stop = shared.clone();
-    axum::serve(listener, crate::api::router(shared.clone()))
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            stop.stop.store(true, Ordering::SeqCst);
-        })
-        .await?;
+    let app = crate::api::router(shared.clone()).layer(axum::middleware::from_fn_with_state(
+        auth,
+        crate::serve::require_token,
+    ));
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.stop.store(true, Ordering::SeqCst);
+    };
+    match tls {
+        Some(acceptor) => {
+            let l = crate::serve::TlsListener::new(listener, acceptor)?;
+            axum::serve(l, app).with_graceful_shutdown(shutdown).await?
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+    }
     shared.stop.store(true, Ordering::SeqCst);
     if let Some(h) = shared.bpf_thread.lock().expect("thread lock").take() {
         let _ = h.join();

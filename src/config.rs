@@ -23,6 +23,8 @@ pub struct Config {
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
+    /// Bearer token and TLS of the HTTP endpoints.
+    pub api: crate::serve::ApiCfg,
 }
 
 /// Packet-path hooks (network stages).
@@ -84,6 +86,7 @@ impl Default for Config {
             max_connections: 65_536,
             network: NetworkCfg::default(),
             slos: Vec::new(),
+            api: crate::serve::ApiCfg::default(),
         }
     }
 }

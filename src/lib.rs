@@ -14,6 +14,7 @@ pub mod netpath;
 pub mod probe;
 pub mod record;
 pub mod ringbuf;
+pub mod serve;
 pub mod skel;
 pub mod slo;
 pub mod stats;

@@ -47,19 +47,20 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `yaml` as its `--config` file, plus `args`.
     pub fn start_with_config(yaml: &str, args: &[&str]) -> Agent {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("llmslo-agent-{}-{n}.yaml", std::process::id()));
-        std::fs::write(&path, yaml).unwrap();
-        let mut all = vec!["--config", path.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let mut a = Agent::start(&all);
-        a.config = Some(path);
+        let mut a = Agent::launch_with_config(yaml, args);
+        a.wait_ready(Duration::from_secs(30));
         a
     }
 
     pub fn start(args: &[&str]) -> Agent {
+        let mut a = Agent::launch(args);
+        a.wait_ready(Duration::from_secs(30));
+        a
+    }
+
+    /// Starts the agent without waiting for it to be ready (for agents that serve TLS, or
+    /// that are expected to fail).
+    pub fn launch(args: &[&str]) -> Agent {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log =
@@ -75,13 +76,27 @@ impl Agent {
             .stderr(logf)
             .spawn()
             .expect("spawning the agent");
-        let mut a = Agent {
+        Agent {
             child,
             addr,
             log,
             config: None,
-        };
-        a.wait_ready(Duration::from_secs(30));
+        }
+    }
+
+    /// `launch` with `yaml` as the `--config` file.
+    pub fn launch_with_config(yaml: &str, args: &[&str]) -> Agent {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "llmslo-agent-launch-{}-{n}.yaml",
+            std::process::id()
+        ));
+        std::fs::write(&path, yaml).unwrap();
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let mut a = Agent::launch(&all);
+        a.config = Some(path);
         a
     }
 
