@@ -76,6 +76,8 @@ pub struct Shared {
     pub snapshot: RwLock<Snapshot>,
     pub probe: ProbeReport,
     pub programs: RwLock<Vec<AttachedProg>>,
+    /// What the verifier did with each loaded program.
+    pub verifier: RwLock<Vec<crate::loader::VerifierStats>>,
     pub hooks: RwLock<Vec<AttachedHook>>,
     pub ready: AtomicBool,
     pub stop: AtomicBool,
@@ -110,6 +112,7 @@ impl Shared {
             snapshot: RwLock::new(Snapshot::default()),
             probe,
             programs: RwLock::new(Vec::new()),
+            verifier: RwLock::new(Vec::new()),
             hooks: RwLock::new(Vec::new()),
             ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -199,11 +202,13 @@ fn bpf_thread(
 ) -> Result<()> {
     let mut l7 = L7::load(ringbuf_bytes)?;
     let mut progs = l7.progs.clone();
+    let mut verifier = l7.verifier.clone();
     let mut netpath = if network {
         let tcx = shared.probe.has("tcx");
         match NetPath::load(&l7.skel, tcx, shared.probe.has("netfilter_link")) {
             Ok(n) => {
                 progs.extend(n.progs.clone());
+                verifier.extend(n.verifier.clone());
                 Some(n)
             }
             Err(e) => {
@@ -215,6 +220,7 @@ fn bpf_thread(
         None
     };
     *shared.programs.write().expect("programs lock") = progs;
+    *shared.verifier.write().expect("verifier lock") = verifier;
     let asm = RefCell::new(Assembler::new(asm_cfg));
     let pending: RefCell<Vec<RequestRecord>> = RefCell::new(Vec::with_capacity(256));
     let counters = RefCell::new((0u64, 0u64)); // (events read, decode errors)

@@ -178,11 +178,13 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
         (g.targets.clone(), g.cni.clone())
     };
     let programs = s.programs.read().expect("programs lock").clone();
+    let verifier = s.verifier.read().expect("verifier lock").clone();
     let hooks = s.hooks.read().expect("hooks lock").clone();
     Json(json!({
         "kernel": s.probe.kernel,
         "hooks": s.probe.features,
         "programs": programs,
+        "verifier": verifier,
         "targets": snap,
         "interfaces": hooks,
         "cni": cni,
@@ -276,6 +278,22 @@ fn render_health(s: &Shared, out: &mut String) {
         "llmslo_agent_requests_aborted_total",
         "Requests whose response never completed.",
         &[(&[], h.assembler.aborted as f64)],
+    );
+    let verifier = s.verifier.read().expect("verifier lock").clone();
+    let labels: Vec<[(&str, &str); 2]> = verifier
+        .iter()
+        .map(|v| [("object", v.object), ("program", v.program.as_str())])
+        .collect();
+    let rows: Vec<(&[(&str, &str)], f64)> = labels
+        .iter()
+        .zip(&verifier)
+        .map(|(l, v)| (&l[..], f64::from(v.verified_insns)))
+        .collect();
+    write_gauge(
+        out,
+        "llmslo_agent_bpf_verified_insns",
+        "Instructions the kernel's verifier processed per loaded BPF program.",
+        &rows,
     );
     let j = &h.assembler.sidecar;
     write_counter(

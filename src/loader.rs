@@ -37,6 +37,44 @@ pub struct TargetSet {
 }
 
 /// An attached program, for `/api/v1/targets` and `probe`.
+/// What the verifier did with one loaded program (`bpf_prog_info`), for `/api/v1/targets`,
+/// a metric, and the CI check that programs do not grow unnoticed.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct VerifierStats {
+    pub object: &'static str,
+    pub program: String,
+    /// Instructions the verifier processed (all paths): what limits a program's complexity.
+    pub verified_insns: u32,
+    /// Size after verification (BPF instructions) and after JIT (bytes).
+    pub xlated_insns: u32,
+    pub jited_bytes: u32,
+}
+
+/// The verifier statistics of every loaded program of `obj`.
+pub fn verifier_stats(obj: &libbpf_rs::Object, object: &'static str) -> Vec<VerifierStats> {
+    use std::os::fd::{AsFd, AsRawFd};
+    obj.progs()
+        .filter_map(|p| {
+            if !p.autoload() {
+                return None; // not loaded: no fd
+            }
+            let fd = p.as_fd().as_raw_fd();
+            let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
+            let mut len = std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_prog_info>() as u32;
+            // SAFETY: `info` is a bpf_prog_info of `len` bytes; the kernel fills at most that.
+            let rc =
+                unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+            (rc == 0).then(|| VerifierStats {
+                object,
+                program: p.name().to_string_lossy().into_owned(),
+                verified_insns: info.verified_insns,
+                xlated_insns: info.xlated_prog_len / 8,
+                jited_bytes: info.jited_prog_len,
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttachedProg {
     pub name: String,
@@ -49,6 +87,7 @@ pub struct L7 {
     pub skel: L7Skel<'static>,
     _links: Vec<Link>,
     pub progs: Vec<AttachedProg>,
+    pub verifier: Vec<VerifierStats>,
     /// Owned handles, usable while the ring buffer borrows `skel`.
     pub targets: TargetMaps,
     pub stats: StatsMap,
@@ -91,6 +130,7 @@ impl L7 {
             )
         })?;
         let loaded = std::time::Instant::now();
+        let verifier = verifier_stats(skel.object(), "l7");
         let (links, progs) =
             attach_all(skel.object(), "L7", |section| section.contains("syscalls/"))?;
         tracing::info!(
@@ -116,6 +156,7 @@ impl L7 {
             skel,
             _links: links,
             progs,
+            verifier,
             targets,
             stats,
         })

@@ -82,6 +82,7 @@ pub struct NetPath {
     attached: BTreeMap<HookSpec, Attachment>,
     ledger: clsact::Ledger,
     pub progs: Vec<AttachedProg>,
+    pub verifier: Vec<crate::loader::VerifierStats>,
     pub hooks: Vec<AttachedHook>,
 }
 
@@ -146,6 +147,8 @@ impl NetPath {
             open.progs.nf_post_dnat.set_autoload(false);
         }
         let net = open.load().context("loading netpath.bpf.o")?;
+        let mut verifier = crate::loader::verifier_stats(tcp.object(), "tcp");
+        verifier.extend(crate::loader::verifier_stats(net.object(), "netpath"));
         let mut nf_links = Vec::new();
         if netfilter {
             // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just before it, one
@@ -194,6 +197,7 @@ impl NetPath {
             attached: BTreeMap::new(),
             ledger: clsact::Ledger::new(&state),
             progs,
+            verifier,
             hooks: Vec::new(),
         })
     }

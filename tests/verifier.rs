@@ -1,0 +1,92 @@
+//! Kernel compatibility (issue: reliability): every BPF program loads on this kernel, and what
+//! the verifier did with each (instructions processed) is recorded in CI and compared with the
+//! checked-in baseline `docs/verifier-baseline.json`, so a change that grows a program sharply
+//! fails here instead of surprising a user on a kernel with tighter limits.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{kernel_tests_enabled, Agent};
+use serde_json::Value;
+
+/// Growth over the baseline that fails the test.
+const MAX_GROWTH: f64 = 1.5;
+/// Half of the kernel's 1M-instruction complexity limit: room left on every program.
+const MAX_INSNS: u64 = 500_000;
+
+#[test]
+fn verifier_statistics_stay_near_the_baseline() {
+    if !kernel_tests_enabled("verifier_statistics_stay_near_the_baseline") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let baseline: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/verifier-baseline.json")).unwrap(),
+    )
+    .unwrap();
+    let base: BTreeMap<String, u64> = baseline["verified_insns"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    // Network programs included: the netfilter ones load where the kernel has netfilter links.
+    let agent = Agent::start(&["--no-auto"]);
+    let t = agent.get_json("/api/v1/targets");
+    let now: BTreeMap<String, u64> = t["verifier"]
+        .as_array()
+        .expect("verifier stats in /api/v1/targets")
+        .iter()
+        .map(|v| {
+            (
+                format!(
+                    "{}/{}",
+                    v["object"].as_str().unwrap(),
+                    v["program"].as_str().unwrap()
+                ),
+                v["verified_insns"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+
+    let mut table = format!(
+        "verifier: instructions processed per program (kernel {})\n{:<32} {:>10} {:>10} {:>7}\n",
+        t["kernel"].as_str().unwrap_or("?"),
+        "program",
+        "baseline",
+        "now",
+        "ratio"
+    );
+    let mut bad = Vec::new();
+    for (name, &b) in &base {
+        let Some(&n) = now.get(name) else {
+            bad.push(format!("{name}: not loaded (baseline {b})"));
+            continue;
+        };
+        let ratio = n as f64 / b.max(1) as f64;
+        table += &format!("{name:<32} {b:>10} {n:>10} {ratio:>7.2}\n");
+        if ratio > MAX_GROWTH || n > MAX_INSNS {
+            bad.push(format!(
+                "{name}: {n} instructions, baseline {b} ({ratio:.2}x)"
+            ));
+        }
+    }
+    for (name, n) in now.iter().filter(|(k, _)| !base.contains_key(*k)) {
+        table += &format!("{name:<32} {:>10} {n:>10}   (new)\n", "-");
+        bad.push(format!("{name}: not in docs/verifier-baseline.json ({n})"));
+    }
+    // Recorded for CI's log (make test prints it).
+    let out = root.join("target/verifier-stats.txt");
+    std::fs::write(&out, &table).unwrap();
+    eprintln!("{table}");
+    assert!(
+        bad.is_empty(),
+        "verifier statistics off the baseline (update docs/verifier-baseline.json if intended):\n{}\n{table}",
+        bad.join("\n")
+    );
+    let metrics = agent.get("/metrics");
+    assert!(
+        metrics.contains("llmslo_agent_bpf_verified_insns{object=\"l7\",program=\"exit_read\"}")
+    );
+}
