@@ -276,6 +276,9 @@ fn bpf_thread(
         }
         if last_housekeeping.elapsed() >= Duration::from_millis(500) {
             last_housekeeping = Instant::now();
+            if let Some(np) = netpath.as_mut() {
+                np.log_churn();
+            }
             asm.borrow_mut()
                 .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));
             shared.accept(std::mem::take(&mut *pending.borrow_mut()));
@@ -306,7 +309,15 @@ pub fn discovery_loop(
     while !shared.stop.load(Ordering::Relaxed) {
         let snap = discovery::scan(&cfg);
         if last.as_ref() != Some(&snap.set) {
-            tracing::info!(tgids = ?snap.set.tgids, cgroups = ?snap.set.cgroups, "targets changed");
+            // Interfaces come and go with pods by hundreds: the BPF thread sums those up.
+            let same_targets = last.as_ref().is_some_and(|l| {
+                l.tgids == snap.set.tgids
+                    && l.cgroups == snap.set.cgroups
+                    && l.listen == snap.set.listen
+            });
+            if !same_targets {
+                tracing::info!(tgids = ?snap.set.tgids, cgroups = ?snap.set.cgroups, "targets changed");
+            }
             last = Some(snap.set.clone());
             // The BPF thread publishes it once the maps hold the new targets.
             if tx.send(snap).is_err() {

@@ -36,7 +36,6 @@ pub struct TargetSet {
     pub hooks: Vec<crate::netpath::HookSpec>,
 }
 
-/// An attached program, for `/api/v1/targets` and `probe`.
 /// What the verifier did with one loaded program (`bpf_prog_info`), for `/api/v1/targets`,
 /// a metric, and the CI check that programs do not grow unnoticed.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
@@ -75,6 +74,7 @@ pub fn verifier_stats(obj: &libbpf_rs::Object, object: &'static str) -> Vec<Veri
         .collect()
 }
 
+/// An attached program, for `/api/v1/targets` and `probe`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttachedProg {
     pub name: String,

@@ -84,7 +84,22 @@ pub struct NetPath {
     pub progs: Vec<AttachedProg>,
     pub verifier: Vec<crate::loader::VerifierStats>,
     pub hooks: Vec<AttachedHook>,
+    churn: ChurnLog,
 }
+
+/// Hook changes summed up for the log: a line once the set of interfaces has been quiet for
+/// `CHURN_QUIET`, or every `CHURN_LOG_EVERY` while pods keep coming and going.
+#[derive(Default)]
+struct ChurnLog {
+    attached: usize,
+    detached: usize,
+    failed: usize,
+    /// First and latest change not logged yet.
+    span: Option<(std::time::Instant, std::time::Instant)>,
+}
+
+const CHURN_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const CHURN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Makes an object's copies of the maps shared with the L7 object reuse L7's fds, so every
 /// program sees one copy (the list matches `src/bpf/maps.h`).
@@ -199,7 +214,27 @@ impl NetPath {
             progs,
             verifier,
             hooks: Vec::new(),
+            churn: ChurnLog::default(),
         })
+    }
+
+    /// Logs the summed-up hook changes when due (called on every change and periodically).
+    pub fn log_churn(&mut self) {
+        let c = &self.churn;
+        let Some((first, last)) = c.span else { return };
+        if last.elapsed() < CHURN_QUIET && first.elapsed() < CHURN_LOG_EVERY {
+            return;
+        }
+        let first_err = self.hooks.iter().find_map(|h| h.error.clone());
+        tracing::info!(
+            attached = c.attached,
+            detached = c.detached,
+            failed = c.failed,
+            total = self.attached.len(),
+            first_error = first_err.as_deref().unwrap_or(""),
+            "tc hooks changed"
+        );
+        self.churn = ChurnLog::default();
     }
 
     /// Makes the attached tc programs match `want`: attaches new interfaces, detaches gone ones.
@@ -210,10 +245,12 @@ impl NetPath {
             .filter(|h| !want.contains(h))
             .cloned()
             .collect();
+        // One line per change of the set, not one per interface: pods come and go by hundreds.
+        let (n_gone, mut n_new, mut n_failed) = (gone.len(), 0usize, 0usize);
         for h in gone {
             if let Some(a) = self.attached.remove(&h) {
                 self.detach(a);
-                tracing::info!(ifname = %h.ifname, "detached tc programs");
+                tracing::debug!(ifname = %h.ifname, "detached tc programs");
             }
         }
         for h in want {
@@ -222,11 +259,14 @@ impl NetPath {
             }
             match self.attach(h) {
                 Ok(a) => {
-                    tracing::info!(ifname = %h.ifname, role = ?h.role, "attached tc programs");
+                    tracing::debug!(ifname = %h.ifname, role = ?h.role, "attached tc programs");
                     self.attached.insert(h.clone(), a);
+                    n_new += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(ifname = %h.ifname, error = %e, "could not attach tc programs");
+                    // A veth deleted between the scan and now is normal churn: debug only.
+                    n_failed += 1;
+                    tracing::debug!(ifname = %h.ifname, error = %e, "could not attach tc programs");
                     self.hooks.retain(|x| x.ifindex != h.ifindex);
                     self.hooks.push(AttachedHook {
                         ifname: h.ifname.clone(),
@@ -238,6 +278,15 @@ impl NetPath {
                 }
             }
         }
+        if n_gone + n_new + n_failed > 0 {
+            let c = &mut self.churn;
+            c.attached += n_new;
+            c.detached += n_gone;
+            c.failed += n_failed;
+            let now = std::time::Instant::now();
+            c.span = Some((c.span.map_or(now, |(first, _)| first), now));
+        }
+        self.log_churn();
         let mech = if self.tcx { "tcx" } else { "clsact" };
         let errs: Vec<AttachedHook> = self
             .hooks
