@@ -133,3 +133,96 @@ fn five_hundred_pod_veths_come_and_go_without_leaks() {
         "the agent is alive"
     );
 }
+
+/// `n` connections, each one request (`Connection: close`), from `threads` threads.
+fn short_connections(to: std::net::SocketAddr, n: usize, threads: usize) -> usize {
+    use std::io::Read;
+    let per = n / threads;
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                for _ in 0..per {
+                    let Ok(mut s) =
+                        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    if s.write_all(
+                        b"GET /health HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n",
+                    )
+                    .is_err()
+                    {
+                        continue;
+                    }
+                    let mut buf = Vec::new();
+                    if s.read_to_end(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+#[test]
+fn ten_thousand_connections_leave_memory_flat() {
+    if !kernel_tests_enabled("ten_thousand_connections_leave_memory_flat") {
+        return;
+    }
+    let sp = common::node::server_pod(
+        "connchurn",
+        testbed::CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "1"],
+    );
+    let agent = Agent::start_with_config(
+        "recent_requests: 1000\nmax_connections: 4096\n",
+        &[
+            "--no-auto",
+            "--no-network",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+        ],
+    );
+    let apid = agent.child.id();
+    let to = sp.pod.addr(common::node::PORT);
+    // Warm-up fills the record store to its cap; then two rounds must not grow memory.
+    let mut ok = short_connections(to, 2000, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_a = proc_status(apid, "VmRSS:");
+    ok += short_connections(to, 4000, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_b = proc_status(apid, "VmRSS:");
+    ok += short_connections(to, 4000, 4);
+    std::thread::sleep(Duration::from_millis(1000));
+    let rss_c = proc_status(apid, "VmRSS:");
+    let m = agent.get("/metrics");
+    let assembled = common::metric(&m, "llmslo_agent_requests_assembled_total").unwrap_or(0.0);
+    let active = common::metric(&m, "llmslo_agent_connections_active").unwrap_or(-1.0);
+    let retained = common::metric(&m, "llmslo_agent_records_retained").unwrap_or(-1.0);
+    eprintln!(
+        "10,000 connections ({ok} answered): {assembled} requests assembled; RSS {rss_a} -> \
+         {rss_b} -> {rss_c} kB; connections tracked now {active}; records retained {retained}"
+    );
+    assert!(ok >= 9_900, "the server answered {ok} of 10,000");
+    assert!(
+        assembled >= ok as f64 * 0.99,
+        "{assembled} requests assembled for {ok} answered"
+    );
+    assert!(
+        active <= 8.0,
+        "closed connections are forgotten: {active} tracked"
+    );
+    assert!(
+        retained <= 1000.0,
+        "the record store keeps its cap: {retained}"
+    );
+    assert!(
+        rss_c < rss_a + 8 * 1024,
+        "RSS grew from {rss_a} to {rss_c} kB over 8,000 connections"
+    );
+}
