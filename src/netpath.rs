@@ -158,7 +158,6 @@ impl NetPath {
                 .set_attach_type(ProgramAttachType::TcxEgress);
         }
         if !netfilter {
-            open.progs.nf_pre_dnat.set_autoload(false);
             open.progs.nf_post_dnat.set_autoload(false);
         }
         let net = open.load().context("loading netpath.bpf.o")?;
@@ -166,13 +165,11 @@ impl NetPath {
         verifier.extend(crate::loader::verifier_stats(net.object(), "netpath"));
         let mut nf_links = Vec::new();
         if netfilter {
-            // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just before it, one
-            // just after, for IPv4 and IPv6 (kube-proxy DNATs both families the same way).
+            // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just after it, for
+            // IPv4 and IPv6 (kube-proxy DNATs both families the same way); the address before
+            // DNAT comes from the packet's conntrack entry.
             for (family, fam) in [(libc::NFPROTO_IPV4, "ipv4"), (libc::NFPROTO_IPV6, "ipv6")] {
-                for (prog, prio, name) in [
-                    (&net.progs.nf_pre_dnat, -101, "nf_pre_dnat"),
-                    (&net.progs.nf_post_dnat, -99, "nf_post_dnat"),
-                ] {
+                for (prog, prio, name) in [(&net.progs.nf_post_dnat, -99, "nf_post_dnat")] {
                     let opts = NetfilterOpts {
                         protocol_family: family,
                         hooknum: 0,

@@ -501,5 +501,5 @@ fn network_stages_over_ipv6() {
         })
         .filter(|p| p["attached"] == true)
         .count();
-    assert_eq!(nf6, 2, "IPv6 netfilter hooks: {t}");
+    assert_eq!(nf6, 1, "IPv6 netfilter hook: {t}");
 }

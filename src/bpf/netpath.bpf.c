@@ -30,13 +30,6 @@ struct pkt {
 	__u8 encap; /* parsed through a VXLAN header: the outer packet on the underlay */
 };
 
-/* Pending pre-NAT keys by skb address, between the two netfilter hooks of one packet. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, struct llmslo_flow_key);
-} nat_pending SEC(".maps");
 
 /* Parses IPv4/IPv6 + TCP at `off`, through at most one VXLAN encapsulation. LOAD(off, dst, n)
  * returns 0 on success. */
@@ -258,33 +251,16 @@ int tc_pod_out(struct __sk_buff *skb)
 
 /* ---- netfilter: the load-balancing (DNAT) hop ---- */
 
-static __always_inline int nf_load(struct sk_buff *skb, __u32 off, void *dst, __u32 n)
-{
-	unsigned char *head = BPF_CORE_READ(skb, head);
-	__u16 nh = BPF_CORE_READ(skb, network_header);
-	return bpf_probe_read_kernel(dst, n, head + nh + off);
-}
-#define NF_LOAD(o, d, n) nf_load(skb, (o), (d), (n))
+/* Reads at the network header, whose address is looked up once per packet. */
+#define NF_LOAD(o, d, n) bpf_probe_read_kernel((d), (n), nh + (o))
 
 static __always_inline int parse_nf(struct sk_buff *skb, struct pkt *p)
 {
 	__u32 off = 0;
 	__u32 total_len = BPF_CORE_READ(skb, len);
+	unsigned char *nh = BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, network_header);
 	p->encap = 0;
 	PARSE_BODY(NF_LOAD)
-}
-
-/* PRE_ROUTING just before the nat table: remember the packet's key as it arrived. */
-SEC("netfilter")
-int nf_pre_dnat(struct bpf_nf_ctx *ctx)
-{
-	struct sk_buff *skb = ctx->skb;
-	struct pkt p;
-	if (parse_nf(skb, &p))
-		return NF_ACCEPT;
-	__u64 id = (__u64)skb;
-	bpf_map_update_elem(&nat_pending, &id, &p.key, BPF_ANY);
-	return NF_ACCEPT;
 }
 
 static __always_inline bool key_eq(struct llmslo_flow_key *a, struct llmslo_flow_key *b)
@@ -296,24 +272,58 @@ static __always_inline bool key_eq(struct llmslo_flow_key *a, struct llmslo_flow
 	return true;
 }
 
-/* PRE_ROUTING just after the nat table: if DNAT rewrote the packet, record the mapping, move
- * the stamps taken under the service address, and stamp nat_done. */
+#define IPS_DST_NAT (1 << 5)
+#define IFF_LOOPBACK 0x8
+
+/* The flow key the packet had before DNAT: the original direction of its conntrack entry. */
+static __always_inline int pre_nat_key(struct sk_buff *skb, const struct llmslo_flow_key *post,
+				       struct llmslo_flow_key *pre)
+{
+	unsigned long nfct = BPF_CORE_READ(skb, _nfct);
+	struct nf_conn *ct = (struct nf_conn *)(nfct & ~7UL);
+	if (!ct)
+		return -1;
+	if (!(BPF_CORE_READ(ct, status) & IPS_DST_NAT))
+		return -1;
+	struct nf_conntrack_tuple t;
+	if (bpf_probe_read_kernel(&t, sizeof(t), &ct->tuplehash[0].tuple))
+		return -1;
+	__builtin_memset(pre, 0, sizeof(*pre));
+	pre->family = post->family;
+	if (post->family == AF_INET) {
+		__builtin_memcpy(pre->saddr, &t.src.u3.ip, 4);
+		__builtin_memcpy(pre->daddr, &t.dst.u3.ip, 4);
+	} else {
+		__builtin_memcpy(pre->saddr, &t.src.u3.in6, 16);
+		__builtin_memcpy(pre->daddr, &t.dst.u3.in6, 16);
+	}
+	pre->sport = bpf_ntohs(t.src.u.all);
+	pre->dport = bpf_ntohs(t.dst.u.all);
+	return 0;
+}
+
+/* PRE_ROUTING just after the nat table, the one netfilter program: for a packet to a target
+ * port that DNAT rewrote (kube-proxy's ClusterIP/NodePort), record the mapping from its
+ * conntrack entry, move the stamps taken under the service address, and stamp nat_done.
+ * Every other packet leaves after the parse and one port lookup. */
 SEC("netfilter")
 int nf_post_dnat(struct bpf_nf_ctx *ctx)
 {
 	struct sk_buff *skb = ctx->skb;
-	__u64 id = (__u64)skb;
-	struct llmslo_flow_key *prep = bpf_map_lookup_elem(&nat_pending, &id);
-	if (!prep)
+	/* Loopback traffic is the node talking to itself, never a Service's way to a pod. */
+	const struct net_device *in = ctx->state->in;
+	if (in && (in->flags & IFF_LOOPBACK))
 		return NF_ACCEPT;
-	struct llmslo_flow_key pre = *prep;
-	bpf_map_delete_elem(&nat_pending, &id);
 	struct pkt p;
 	if (parse_nf(skb, &p))
 		return NF_ACCEPT;
-	if (key_eq(&pre, &p.key) || !is_target_port(p.key.dport))
+	if (!is_target_port(p.key.dport))
 		return NF_ACCEPT;
-	bpf_map_update_elem(&pre2post, &pre, &p.key, BPF_ANY);
+	struct llmslo_flow_key pre;
+	if (pre_nat_key(skb, &p.key, &pre) || key_eq(&pre, &p.key))
+		return NF_ACCEPT;
+	if (!bpf_map_lookup_elem(&pre2post, &pre))
+		bpf_map_update_elem(&pre2post, &pre, &p.key, BPF_ANY);
 	struct llmslo_flow *old = bpf_map_lookup_elem(&flows, &pre);
 	struct llmslo_flow *f = flow_get(&p.key);
 	if (!f)
