@@ -168,36 +168,32 @@ impl NetPath {
             // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just after it, for
             // IPv4 and IPv6 (kube-proxy DNATs both families the same way); the address before
             // DNAT comes from the packet's conntrack entry.
+            const PRIO: i32 = -99;
+            let (prog, name) = (&net.progs.nf_post_dnat, "nf_post_dnat");
             for (family, fam) in [(libc::NFPROTO_IPV4, "ipv4"), (libc::NFPROTO_IPV6, "ipv6")] {
-                for (prog, prio, name) in [(&net.progs.nf_post_dnat, -99, "nf_post_dnat")] {
-                    let opts = NetfilterOpts {
-                        protocol_family: family,
-                        hooknum: 0,
-                        priority: prio,
-                        ..Default::default()
-                    };
-                    let section = format!("netfilter/{fam}/prerouting/{prio}");
-                    match prog.attach_netfilter_with_opts(opts) {
-                        Ok(l) => {
-                            nf_links.push(l);
-                            progs.push(AttachedProg {
-                                name: name.into(),
-                                section,
-                                attached: true,
-                                error: None,
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(name, family = fam, error = %e, "netfilter hook not attached: no load_balancing stage");
-                            progs.push(AttachedProg {
-                                name: name.into(),
-                                section,
-                                attached: false,
-                                error: Some(e.to_string()),
-                            });
-                        }
+                let opts = NetfilterOpts {
+                    protocol_family: family,
+                    hooknum: 0,
+                    priority: PRIO,
+                    ..Default::default()
+                };
+                let section = format!("netfilter/{fam}/prerouting/{PRIO}");
+                let (attached, error) = match prog.attach_netfilter_with_opts(opts) {
+                    Ok(l) => {
+                        nf_links.push(l);
+                        (true, None)
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(name, family = fam, error = %e, "netfilter hook not attached: no load_balancing stage");
+                        (false, Some(e.to_string()))
+                    }
+                };
+                progs.push(AttachedProg {
+                    name: name.into(),
+                    section,
+                    attached,
+                    error,
+                });
             }
         }
         Ok(NetPath {
