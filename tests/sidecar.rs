@@ -24,7 +24,7 @@ fn pod_with_sidecar(name: &str, proxy: Proxy, server_args: &[&str]) -> (ServerPo
 
 /// The agent, discovering the app by signature and its sidecar by itself.
 fn agent_for(sc: &Sidecar) -> Agent {
-    let agent = Agent::start(&["--signature", SIGNATURE, "--no-network"]);
+    let agent = Agent::start(&["--signature", SIGNATURE]);
     let listed = (0..100).any(|_| {
         let t = agent.get("/api/v1/targets");
         if t.contains("sidecar:") && t.contains(&format!("signature:{SIGNATURE}")) {
@@ -117,8 +117,18 @@ fn requests_through_an_nginx_sidecar_are_joined_exactly() {
             bad.push(format!("req {}: no sidecar join: {r}", c.request_id));
             continue;
         }
+        // The packets entered the pod addressed to the app's port; the REDIRECT moved them to
+        // the sidecar's: the pod's veth stamp still joins.
+        let ts = |n: &str| r["timestamps"][n].as_u64();
+        match (ts("pod_in"), ts("sidecar_queued"), ts("sidecar_read")) {
+            (Some(p), Some(q), Some(rd)) if p <= q && q <= rd && r["origin"] == "pod_in" => {}
+            other => bad.push(format!(
+                "req {}: pod_in, sidecar_queued, sidecar_read = {other:?}, origin {}",
+                c.request_id, r["origin"]
+            )),
+        }
         let st = r["stages"].as_object().unwrap();
-        for s in ["sidecar_inbound", "sidecar_outbound"] {
+        for s in ["sidecar_inbound", "sidecar_outbound", "container_network"] {
             if st.get(s).and_then(ms).is_none_or(|v| v < 0.0) {
                 bad.push(format!(
                     "req {}: {s} missing or negative: {st:?}",

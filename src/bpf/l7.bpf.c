@@ -178,27 +178,68 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 /* Moves the packet-path stamps of this socket's flow into the event: request-side stamps are
  * consumed by reads (the next request's first packet sets them again), response-side ones are
  * copied on writes, connection-setup ones on accept. */
+/* The flow under the port the packets were addressed to, when a REDIRECT inside the pod moved
+ * the connection to another port (a sidecar's capture port); NULL when there is none. */
+static __always_inline struct llmslo_flow *redirected_flow(struct llmslo_flow_key *k)
+{
+	struct llmslo_flow_key c = *k;
+	c.dport = 0;
+	__u16 *dp = bpf_map_lookup_elem(&flow_by_client, &c);
+	if (!dp || *dp == k->dport)
+		return NULL;
+	c.dport = *dp;
+	return bpf_map_lookup_elem(&flows, &c);
+}
+
+/* Moves `n` stamps from slot `from` on of flow `f` into the event (taking them when `take`),
+ * filling only slots still empty. Returns whether any was found. */
+static __always_inline bool copy_stamps(struct llmslo_event_hdr *h, struct llmslo_flow *f,
+					__u32 from, __u32 n, bool take)
+{
+	bool any = false;
+	for (__u32 i = 0; i < 3; i++) {
+		__u32 j = from + i;
+		if (i >= n || j >= LLMSLO_NET_MAX)
+			break;
+		if (!h->net_ts[j] && f->ts[j]) {
+			h->net_ts[j] = f->ts[j];
+			any = true;
+		}
+		if (take)
+			f->ts[j] = 0;
+	}
+	return any;
+}
+
+/* Moves the packet-path stamps of this socket's flow into the event: request-side stamps are
+ * consumed by reads (the next request's first packet sets them again), response-side ones are
+ * copied on writes, connection-setup ones on accept. A connection redirected inside the pod
+ * also looks at the flow of the port its packets were addressed to. */
 static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, struct sock *sk, __u16 kind)
 {
 	struct llmslo_flow_key k;
 	sock_flow_key(sk, &k);
-	struct llmslo_flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (!f)
-		return;
+	__u32 from, n;
+	bool take = false;
 	if (kind == LLMSLO_EV_READ) {
-		h->net_ts[LLMSLO_NET_NODE_IN] = f->ts[LLMSLO_NET_NODE_IN];
-		h->net_ts[LLMSLO_NET_NAT_DONE] = f->ts[LLMSLO_NET_NAT_DONE];
-		h->net_ts[LLMSLO_NET_POD_IN] = f->ts[LLMSLO_NET_POD_IN];
-		f->ts[LLMSLO_NET_NODE_IN] = 0;
-		f->ts[LLMSLO_NET_NAT_DONE] = 0;
-		f->ts[LLMSLO_NET_POD_IN] = 0;
+		from = LLMSLO_NET_NODE_IN; /* node_in, nat_done, pod_in */
+		n = 3;
+		take = true;
 	} else if (kind == LLMSLO_EV_WRITE) {
-		h->net_ts[LLMSLO_NET_POD_OUT] = f->ts[LLMSLO_NET_POD_OUT];
-		h->net_ts[LLMSLO_NET_NODE_OUT] = f->ts[LLMSLO_NET_NODE_OUT];
+		from = LLMSLO_NET_POD_OUT; /* pod_out, node_out */
+		n = 2;
 	} else if (kind == LLMSLO_EV_ACCEPT) {
-		h->net_ts[LLMSLO_NET_SYN] = f->ts[LLMSLO_NET_SYN];
-		h->net_ts[LLMSLO_NET_ESTABLISHED] = f->ts[LLMSLO_NET_ESTABLISHED];
+		from = LLMSLO_NET_SYN; /* syn, established */
+		n = 2;
+	} else {
+		return;
 	}
+	struct llmslo_flow *f = bpf_map_lookup_elem(&flows, &k);
+	if (f && copy_stamps(h, f, from, n, take) && kind != LLMSLO_EV_ACCEPT)
+		return;
+	struct llmslo_flow *r = redirected_flow(&k);
+	if (r)
+		copy_stamps(h, r, from, n, take);
 }
 
 /* Waking the reader for every event costs the traced syscall several microseconds; the reader

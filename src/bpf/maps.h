@@ -52,6 +52,16 @@ struct {
 	__type(value, struct llmslo_flow);
 } flows SEC(".maps");
 
+/* Flows stamped on their way into a pod, keyed by the flow with dport 0 → dport. A socket that
+ * a REDIRECT inside the pod moved to another port (a sidecar's inbound capture: Istio, Linkerd)
+ * finds its flow through it: a client's address and port name one connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct llmslo_flow_key);
+	__type(value, __u16);
+} flow_by_client SEC(".maps");
+
 /* DNAT: the flow as it arrived (service address) → the flow as the server sees it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

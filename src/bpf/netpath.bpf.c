@@ -232,6 +232,13 @@ int tc_pod_in(struct __sk_buff *skb)
 	if (!is_target_port(p.key.dport))
 		return TC_PASS;
 	stamp_request(&p, LLMSLO_HOP_POD, LLMSLO_NET_POD_IN, false);
+	if (p.payload) {
+		struct llmslo_flow_key c = p.key;
+		c.dport = 0;
+		__u16 *dp = bpf_map_lookup_elem(&flow_by_client, &c);
+		if (!dp || *dp != p.key.dport)
+			bpf_map_update_elem(&flow_by_client, &c, &p.key.dport, BPF_ANY);
+	}
 	return TC_PASS;
 }
 
