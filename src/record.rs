@@ -180,6 +180,10 @@ impl Stages {
     pub fn get(&self, s: Stage) -> Option<u64> {
         self.0[s as usize]
     }
+    /// Sum of the stages inside E2E (equal to E2E when the request's ends were seen).
+    pub fn in_e2e_sum(&self) -> u64 {
+        self.iter().filter(|(s, _)| s.in_e2e()).map(|(_, v)| v).sum()
+    }
     pub fn iter(&self) -> impl Iterator<Item = (Stage, u64)> + '_ {
         Stage::ALL
             .iter()
@@ -434,11 +438,7 @@ mod tests {
     }
 
     fn in_e2e_sum(r: &RequestRecord) -> u64 {
-        r.stages
-            .iter()
-            .filter(|(s, _)| s.in_e2e())
-            .map(|(_, v)| v)
-            .sum()
+        r.stages.in_e2e_sum()
     }
 
     #[test]
