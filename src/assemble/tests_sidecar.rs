@@ -2,7 +2,6 @@
 //! app) and the app behind it, as the kernel reports their syscalls.
 
 use super::tests::*;
-use super::*;
 use crate::event::EventKind;
 use crate::record::{Stage, Ts};
 
