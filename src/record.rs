@@ -182,7 +182,10 @@ impl Stages {
     }
     /// Sum of the stages inside E2E (equal to E2E when the request's ends were seen).
     pub fn in_e2e_sum(&self) -> u64 {
-        self.iter().filter(|(s, _)| s.in_e2e()).map(|(_, v)| v).sum()
+        self.iter()
+            .filter(|(s, _)| s.in_e2e())
+            .map(|(_, v)| v)
+            .sum()
     }
     pub fn iter(&self) -> impl Iterator<Item = (Stage, u64)> + '_ {
         Stage::ALL

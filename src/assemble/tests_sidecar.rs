@@ -86,7 +86,6 @@ impl Sim {
     }
 }
 
-
 #[test]
 fn a_request_through_a_sidecar_is_one_record_with_both_sidecar_stages() {
     let mut s = Sim::new();
@@ -137,7 +136,11 @@ fn a_request_through_a_sidecar_is_one_record_with_both_sidecar_stages() {
         sc.outbound_first_token_ms,
         Some((client_tok1 - app_tok1) as f64 / 1e6)
     );
-    assert_eq!(r.stages.in_e2e_sum(), client_last - start, "stages partition E2E");
+    assert_eq!(
+        r.stages.in_e2e_sum(),
+        client_last - start,
+        "stages partition E2E"
+    );
     assert_eq!(r.itl_ms.len(), 2, "ITL as the client saw it");
     assert_eq!(s.a.stats().sidecar.joined, 1);
     assert_eq!(s.a.stats().requests, 1);

@@ -52,13 +52,37 @@ struct active_io {
 	__u16 pad;
 };
 
-/* One in-flight traced syscall per thread. */
+/* One in-flight traced syscall per thread, in the thread's own storage: no hash, no lock, no
+ * capacity to run out of, and freed with the thread. Every syscall exit on the node asks for
+ * it, and for a thread that was never traced the answer is one pointer load. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct active_io);
 } active SEC(".maps");
+
+/* Records the traced syscall now entering; false when the storage cannot be had. */
+static __always_inline bool active_put(const struct active_io *a)
+{
+	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0,
+						      BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!slot)
+		return false;
+	*slot = *a;
+	return true;
+}
+
+/* Takes the traced syscall now exiting, if this thread entered one. */
+static __always_inline bool active_take(struct active_io *out)
+{
+	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
+	if (!slot || !slot->kind)
+		return false;
+	*out = *slot;
+	slot->kind = 0;
+	return true;
+}
 
 struct scratch {
 	struct llmslo_event_hdr hdr;
@@ -343,8 +367,7 @@ static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kin
 		.iovcnt = iovcnt,
 		.kind = kind,
 	};
-	__u64 id = bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+	if (!active_put(&a))
 		bump(LLMSLO_ST_ACTIVE_FULL);
 	return 0;
 }
@@ -353,12 +376,9 @@ static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kin
  * routine it needs: the verifier then walks one path, not both (load time, instruction count). */
 static __always_inline int exit_io(long ret, const __u16 io)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct active_io *ap = bpf_map_lookup_elem(&active, &id);
-	if (!ap)
+	struct active_io a;
+	if (!active_take(&a))
 		return 0;
-	struct active_io a = *ap;
-	bpf_map_delete_elem(&active, &id);
 
 	if (ret <= 0) {
 		/* EAGAIN/EINTR are the normal life of non-blocking servers; only hard errors say the
@@ -474,20 +494,16 @@ static __always_inline int enter_accept_common(void)
 	if (!is_target())
 		return 0;
 	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .kind = LLMSLO_EV_ACCEPT };
-	__u64 id = bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&active, &id, &a, BPF_ANY))
+	if (!active_put(&a))
 		bump(LLMSLO_ST_ACTIVE_FULL);
 	return 0;
 }
 
 static __always_inline int exit_accept_common(long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct active_io *ap = bpf_map_lookup_elem(&active, &id);
-	if (!ap)
+	struct active_io a;
+	if (!active_take(&a))
 		return 0;
-	struct active_io a = *ap;
-	bpf_map_delete_elem(&active, &id);
 	if (ret < 0)
 		return 0;
 	struct sock *sk = fd_to_sock(ret);
