@@ -244,5 +244,13 @@ fn cuda_uprobes_count_exactly() {
         after,
         "counts changed after the process exited"
     );
+    let m = agent.get("/metrics");
+    common::promtool_check(&m);
+    // One series per family (one pod), labelled by namespace and pod only.
+    let gpu: Vec<&str> = m.lines().filter(|l| l.starts_with("llmslo_gpu_")).collect();
+    assert_eq!(gpu.len(), 5, "{gpu:?}");
+    for l in gpu {
+        assert!(l.contains("{namespace=\"\",pod=\"\"} "), "{l}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
