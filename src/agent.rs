@@ -79,6 +79,7 @@ pub struct Shared {
     /// What the verifier did with each loaded program.
     pub verifier: RwLock<Vec<crate::loader::VerifierStats>>,
     pub hooks: RwLock<Vec<AttachedHook>>,
+    pub gpu: RwLock<crate::gpu::GpuView>,
     pub ready: AtomicBool,
     pub stop: AtomicBool,
     pub started: Instant,
@@ -114,6 +115,7 @@ impl Shared {
             programs: RwLock::new(Vec::new()),
             verifier: RwLock::new(Vec::new()),
             hooks: RwLock::new(Vec::new()),
+            gpu: RwLock::new(Default::default()),
             ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             started: Instant::now(),
@@ -219,6 +221,10 @@ fn bpf_thread(
     } else {
         None
     };
+    let mut gpu = crate::gpu::Gpu::load(&l7.skel)
+        .inspect(|g| verifier.extend(g.verifier.clone()))
+        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "GPU uprobes not loaded"))
+        .ok();
     *shared.programs.write().expect("programs lock") = progs;
     *shared.verifier.write().expect("verifier lock") = verifier;
     let asm = RefCell::new(Assembler::new(asm_cfg));
@@ -242,8 +248,12 @@ fn bpf_thread(
     let rb = builder.build()?;
     // A snapshot is published (/api/v1/targets, pod labels) only once its targets are in the
     // BPF maps: whoever sees a server listed can rely on its traffic being traced.
-    let apply = |snap: Snapshot, l7: &mut L7, np: &mut Option<NetPath>| -> Result<()> {
+    type Gpu = Option<crate::gpu::Gpu>;
+    let apply = |snap: Snapshot, l7: &mut L7, np: &mut Option<NetPath>, gpu: &mut Gpu| {
         let res = l7.targets.apply(&snap.set);
+        if let Some(g) = gpu.as_mut() {
+            g.apply(&snap.set.cuda);
+        }
         if let Some(np) = np.as_mut() {
             np.apply(&snap.set.hooks);
             *shared.hooks.write().expect("hooks lock") = np.hooks.clone();
@@ -252,7 +262,7 @@ fn bpf_thread(
         res
     };
     if let Ok(snap) = targets.try_recv() {
-        apply(snap, &mut l7, &mut netpath)?;
+        apply(snap, &mut l7, &mut netpath, &mut gpu)?;
     }
     shared.ready.store(true, Ordering::SeqCst);
     let _ = ready.try_send(Ok(()));
@@ -270,7 +280,7 @@ fn bpf_thread(
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
         while let Ok(snap) = targets.try_recv() {
-            if let Err(e) = apply(snap, &mut l7, &mut netpath) {
+            if let Err(e) = apply(snap, &mut l7, &mut netpath, &mut gpu) {
                 tracing::warn!(error = %e, "could not update target maps");
             }
         }
@@ -278,6 +288,10 @@ fn bpf_thread(
             last_housekeeping = Instant::now();
             if let Some(np) = netpath.as_mut() {
                 np.log_churn();
+            }
+            if let Some(g) = gpu.as_mut() {
+                let view = g.refresh(&shared.snapshot.read().expect("snapshot lock"));
+                *shared.gpu.write().expect("gpu lock") = view;
             }
             asm.borrow_mut()
                 .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));
@@ -294,6 +308,7 @@ fn bpf_thread(
     let _ = rb.consume();
     shared.accept(std::mem::take(&mut *pending.borrow_mut()));
     drop(netpath);
+    drop(gpu);
     tracing::info!("BPF thread stopped; detaching programs");
     Ok(())
 }

@@ -180,6 +180,7 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
     let programs = s.programs.read().expect("programs lock").clone();
     let verifier = s.verifier.read().expect("verifier lock").clone();
     let hooks = s.hooks.read().expect("hooks lock").clone();
+    let gpu_libs = s.gpu.read().expect("gpu lock").libs.clone();
     Json(json!({
         "kernel": s.probe.kernel,
         "hooks": s.probe.features,
@@ -188,6 +189,7 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
         "targets": snap,
         "interfaces": hooks,
         "cni": cni,
+        "gpu_libraries": gpu_libs,
     }))
     .into_response()
 }
@@ -201,6 +203,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         st.slo.render(now, &mut out);
     }
     render_health(&s, &mut out);
+    crate::gpu::render(&s.gpu.read().expect("gpu lock"), &mut out);
     (
         [(
             header::CONTENT_TYPE,

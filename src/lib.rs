@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod event;
+pub mod gpu;
 pub mod loader;
 pub mod netpath;
 pub mod probe;

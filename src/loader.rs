@@ -23,6 +23,7 @@ pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
     "flow_map_full",
     "packet_unparsed",
     "retransmit_ignored",
+    "gpu_map_full",
 ];
 
 /// What the agent traces: processes by tgid and cgroups by cgroup v2 id.
@@ -34,6 +35,8 @@ pub struct TargetSet {
     pub listen: BTreeSet<(u32, u16)>,
     /// Interfaces that get packet hooks.
     pub hooks: Vec<crate::netpath::HookSpec>,
+    /// libcuda files the target tgids map (GPU uprobes).
+    pub cuda: std::collections::BTreeMap<crate::gpu::LibKey, crate::gpu::CudaLib>,
 }
 
 /// What the verifier did with one loaded program (`bpf_prog_info`), for `/api/v1/targets`,

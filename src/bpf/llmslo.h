@@ -44,7 +44,8 @@ enum llmslo_stat {
 	LLMSLO_ST_FLOW_FULL = 8,     /* packet-path flow map insert failed */
 	LLMSLO_ST_PKT_PARSE = 9,     /* a packet at a hook could not be parsed (counted, passed) */
 	LLMSLO_ST_RETRANSMIT = 10,   /* retransmitted request segments ignored for timestamps */
-	LLMSLO_ST_MAX = 11,
+	LLMSLO_ST_GPU_MAP_FULL = 11, /* GPU per-tgid counter or in-flight sync map full: call not counted */
+	LLMSLO_ST_MAX = 12,
 };
 
 struct llmslo_event_hdr {
@@ -94,6 +95,15 @@ struct llmslo_flow {
 	__u32 seq_end[LLMSLO_HOP_MAX]; /* highest request sequence end seen per hop (0: none) */
 	__u32 retransmits;             /* tcp_retransmit_skb on the server's socket */
 	__u32 pad;
+};
+
+/* CUDA driver activity of one process (gpu.bpf.c), per CPU; userspace sums the CPUs. */
+struct llmslo_gpu_counts {
+	__u64 launches;       /* cuLaunchKernel, cuLaunchKernelEx */
+	__u64 graph_launches; /* cuGraphLaunch */
+	__u64 memcpy_bytes;   /* size argument of cuMemcpyHtoDAsync_v2, cuMemcpyDtoHAsync_v2, cuMemcpyAsync */
+	__u64 syncs;          /* cuStreamSynchronize, cuCtxSynchronize (counted when they return) */
+	__u64 sync_wait_ns;   /* their return - entry */
 };
 
 struct llmslo_event {

@@ -277,6 +277,7 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
         };
         snap.set.tgids.insert(pid);
         snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+        crate::gpu::add_target(&mut snap.set.cuda, &cfg.proc_root, pid);
         snap.by_tgid.insert(pid, meta.clone());
         // A server in a pod is also targeted by its container's cgroup: that covers its worker
         // processes, and works where our /proc's pids are not the kernel's (a node that is

@@ -1,0 +1,130 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* CUDA driver activity of target processes from uprobes on libcuda: kernel and graph launches,
+ * async memcpy bytes, synchronisation count and wait. Aggregated here into per-tgid per-CPU
+ * counters; nothing goes through the ring buffer, so a launch costs a uprobe and two lookups.
+ * The loader attaches these programs per libcuda file found in a target's mappings. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "llmslo.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct llmslo_gpu_counts _gpu_counts = {};
+
+/* Shared with the L7 object (the loader reuses its fds). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} target_tgids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LLMSLO_ST_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct llmslo_gpu_counts);
+} gpu_counts SEC(".maps");
+
+/* Entry time of a synchronisation call in flight, per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} gpu_sync_start SEC(".maps");
+
+static __always_inline void bump(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* This process's counters when it is a target, else NULL. The target check comes first. */
+static __always_inline struct llmslo_gpu_counts *target_counts(__u32 tgid)
+{
+	if (!bpf_map_lookup_elem(&target_tgids, &tgid))
+		return NULL;
+	struct llmslo_gpu_counts *c = bpf_map_lookup_elem(&gpu_counts, &tgid);
+	if (c)
+		return c;
+	struct llmslo_gpu_counts zero = {};
+	bpf_map_update_elem(&gpu_counts, &tgid, &zero, BPF_NOEXIST);
+	c = bpf_map_lookup_elem(&gpu_counts, &tgid);
+	if (!c)
+		bump(LLMSLO_ST_GPU_MAP_FULL);
+	return c;
+}
+
+/* cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) and
+ * cuLaunchKernelEx(config, f, params, extra). */
+SEC("uprobe")
+int BPF_UPROBE(cu_launch)
+{
+	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
+	if (c)
+		c->launches += 1;
+	return 0;
+}
+
+/* cuGraphLaunch(graph_exec, stream). */
+SEC("uprobe")
+int BPF_UPROBE(cu_graph_launch)
+{
+	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
+	if (c)
+		c->graph_launches += 1;
+	return 0;
+}
+
+/* cuMemcpyHtoDAsync_v2(dst, src, bytes, stream), cuMemcpyDtoHAsync_v2(dst, src, bytes, stream),
+ * cuMemcpyAsync(dst, src, bytes, stream): the size is the third argument of all three. */
+SEC("uprobe")
+int BPF_UPROBE(cu_memcpy_async, __u64 dst, __u64 src, __u64 bytes)
+{
+	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
+	if (c)
+		c->memcpy_bytes += bytes;
+	return 0;
+}
+
+/* cuStreamSynchronize(stream), cuCtxSynchronize(): entry. */
+SEC("uprobe")
+int BPF_UPROBE(cu_sync_enter)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
+	if (!bpf_map_lookup_elem(&target_tgids, &tgid))
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&gpu_sync_start, &id, &now, BPF_ANY))
+		bump(LLMSLO_ST_GPU_MAP_FULL);
+	return 0;
+}
+
+/* ... and return: wait = return - entry. */
+SEC("uretprobe")
+int BPF_URETPROBE(cu_sync_exit)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 *start = bpf_map_lookup_elem(&gpu_sync_start, &id);
+	if (!start)
+		return 0;
+	__u64 wait = bpf_ktime_get_ns() - *start;
+	bpf_map_delete_elem(&gpu_sync_start, &id);
+	struct llmslo_gpu_counts *c = target_counts(id >> 32);
+	if (c) {
+		c->syncs += 1;
+		c->sync_wait_ns += wait;
+	}
+	return 0;
+}
