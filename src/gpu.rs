@@ -128,7 +128,10 @@ pub struct GpuView {
 
 pub struct Gpu {
     skel: GpuSkel<'static>,
-    attached: BTreeMap<LibKey, (AttachedLib, Vec<Link>)>,
+    /// Per library file, its probes per target process: uprobes are attached with the
+    /// process's pid, so the kernel plants the breakpoints only in targets' memory and other
+    /// processes mapping the same libcuda never trap.
+    attached: BTreeMap<LibKey, (AttachedLib, BTreeMap<u32, Vec<Link>>)>,
     counts: MapHandle,
     /// Labels of every tgid with counters, so a process's totals stay with its pod after it
     /// exits (folded into `retired`, and its kernel entry removed).
@@ -166,7 +169,8 @@ impl Gpu {
         })
     }
 
-    /// Attaches to the libraries in `want` not yet attached; detaches those gone from it.
+    /// Attaches to the libraries in `want` for each target process mapping them; detaches
+    /// processes and libraries gone from it.
     pub fn apply(&mut self, want: &BTreeMap<LibKey, CudaLib>) {
         self.attached.retain(|k, (lib, _)| {
             let keep = want.contains_key(k);
@@ -176,24 +180,33 @@ impl Gpu {
             keep
         });
         for (key, lib) in want {
-            if let Some((a, _)) = self.attached.get_mut(key) {
-                a.tgids.clone_from(&lib.tgids);
-                continue;
+            let mut entry = self.attached.remove(key).unwrap_or_else(|| {
+                let info = AttachedLib {
+                    key: key.clone(),
+                    path: lib.path.clone(),
+                    tgids: BTreeSet::new(),
+                    attached: Vec::new(),
+                    errors: Vec::new(),
+                };
+                (info, BTreeMap::new())
+            });
+            entry.1.retain(|tgid, _| lib.tgids.contains(tgid));
+            for &tgid in &lib.tgids {
+                if entry.1.contains_key(&tgid) {
+                    continue;
+                }
+                let (links, attached, errors) = self.attach(&lib.open_path, tgid);
+                tracing::info!(path = %lib.path, inode = key.inode, tgid, probes = links.len(), failed = errors.len(), "libcuda uprobes attached");
+                entry.0.attached = attached;
+                entry.0.errors = errors;
+                entry.1.insert(tgid, links);
             }
-            let (links, attached, errors) = self.attach(&lib.open_path);
-            tracing::info!(path = %lib.path, inode = key.inode, probes = links.len(), failed = errors.len(), "libcuda uprobes attached");
-            let info = AttachedLib {
-                key: key.clone(),
-                path: lib.path.clone(),
-                tgids: lib.tgids.clone(),
-                attached,
-                errors,
-            };
-            self.attached.insert(key.clone(), (info, links));
+            entry.0.tgids.clone_from(&lib.tgids);
+            self.attached.insert(key.clone(), entry);
         }
     }
 
-    fn attach(&self, path: &Path) -> (Vec<Link>, Vec<String>, Vec<String>) {
+    fn attach(&self, path: &Path, tgid: u32) -> (Vec<Link>, Vec<String>, Vec<String>) {
         let (mut links, mut ok, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         let p = &self.skel.progs;
         // (program, symbol, return probe)
@@ -216,7 +229,7 @@ impl Gpu {
                 ..Default::default()
             };
             let what = if retprobe { "uretprobe" } else { "uprobe" };
-            match prog.attach_uprobe_with_opts(-1, path, 0, opts) {
+            match prog.attach_uprobe_with_opts(tgid as i32, path, 0, opts) {
                 Ok(l) => {
                     links.push(l);
                     ok.push(format!("{what}:{func}"));
