@@ -43,3 +43,14 @@ pub mod tcp {
 pub mod netpath {
     include!(concat!(env!("OUT_DIR"), "/netpath.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    dead_code,
+    unused
+)]
+pub mod exec {
+    include!(concat!(env!("OUT_DIR"), "/exec.skel.rs"));
+}
