@@ -457,12 +457,13 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
 
 /// Starts discovery and the BPF thread; returns once programs are attached.
 pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
-    let probe = crate::probe::run();
+    // Before the probe, which would only fail with libbpf's EPERM noise.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     crate::caps::check(
         cfg,
-        crate::probe::kernel_version(&probe.kernel).unwrap_or((0, 0)),
+        crate::probe::kernel_version(release.trim()).unwrap_or((0, 0)),
     )?;
-    let shared = Shared::new(cfg, probe)?;
+    let shared = Shared::new(cfg, crate::probe::run())?;
     let (tx, rx) = mpsc::channel();
     let k8s_on = cfg.kubernetes.active();
     let node = cfg.kubernetes.node();
