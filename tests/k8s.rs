@@ -487,8 +487,8 @@ fn kubernetes_node_scenario() {
         Some(0.0)
     );
     // A pod started now is named node-locally (HOSTNAME, short container id). Known issue
-    // (README "Limits"): right after a traced server was killed, the first connection of a
-    // new server is sometimes not recorded, so this sends up to three batches.
+    // (README "Limits"): the first connection to a server found through its exec is sometimes
+    // not recorded (here: every run), so this sends up to three batches.
     let late = TestPod::new("k8slate", CgroupDriver::Cgroupfs, &sig);
     let mut recs = Vec::new();
     for batch in 1..=3 {
