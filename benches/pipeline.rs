@@ -302,6 +302,7 @@ fn filled_aggregator(sets: usize, per_set: usize) -> Aggregator {
                 pod: format!("vllm-{}-7d9c5b8f4-x{s:03}", s / 5),
                 model: format!("model-{}", s % 5),
                 route: route_of(rec.path.as_deref()),
+                ..Default::default()
             };
             agg.record(rec, labels, NOW_S - 290 + (k as u64 * 290 / per_set as u64));
         }

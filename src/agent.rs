@@ -2,10 +2,10 @@
 //! and the state the HTTP API reads.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -13,6 +13,7 @@ use libbpf_rs::RingBufferBuilder;
 
 use crate::assemble::{Assembler, AssemblerConfig, AssemblerStats};
 use crate::config::Config;
+use crate::discovery::k8s::K8sState;
 use crate::discovery::{self, DiscoveryConfig, Snapshot};
 use crate::loader::{AttachedProg, TargetSet, L7, STAT_NAMES};
 use crate::netpath::{AttachedHook, NetPath};
@@ -28,6 +29,8 @@ pub struct Store {
     pub slo: crate::slo::SloEngine,
     pub heatmap: crate::stats::heatmap::Heatmap,
     pub abnormal: crate::abnormal::Abnormal,
+    /// `kubernetes.labels`: the pod labels request series carry, in order.
+    pod_label_keys: Vec<String>,
 }
 
 impl Store {
@@ -39,6 +42,7 @@ impl Store {
             slo,
             heatmap: Default::default(),
             abnormal: crate::abnormal::Abnormal::new(100),
+            pod_label_keys: Vec::new(),
         }
     }
 
@@ -48,6 +52,13 @@ impl Store {
             pod: rec.pod.clone().unwrap_or_default(),
             model: rec.model.clone().unwrap_or_default(),
             route: route_of(rec.path.as_deref()),
+            container: rec.container.clone().unwrap_or_default(),
+            node: rec.node.clone().unwrap_or_default(),
+            pod_labels: self
+                .pod_label_keys
+                .iter()
+                .map(|k| rec.labels.get(k).cloned().unwrap_or_default())
+                .collect(),
         };
         self.slo.observe(&rec, &labels.route, now_s);
         self.agg.record(&rec, labels, now_s);
@@ -70,8 +81,37 @@ pub struct Health {
     pub assembler: AssemblerStats,
 }
 
+/// Wakes the discovery loop before its interval is up (a new server exec'd, a target exited,
+/// the Kubernetes index changed).
+#[derive(Default)]
+pub struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub fn wake(&self) {
+        *self.pending.lock().expect("wake lock") = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits up to `d` for a wake-up; true when woken.
+    pub fn wait(&self, d: Duration) -> bool {
+        let g = self.pending.lock().expect("wake lock");
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |p| !*p)
+            .expect("wake lock");
+        std::mem::replace(&mut *g, false)
+    }
+}
+
 pub struct Shared {
     pub store: Mutex<Store>,
+    pub k8s: Arc<K8sState>,
+    pub wake: Arc<Wake>,
+    /// Exec/exit events that woke discovery (the `sched_process_exec` watcher).
+    pub exec_wakes: std::sync::atomic::AtomicU64,
     pub health: Mutex<Health>,
     pub snapshot: RwLock<Snapshot>,
     pub probe: ProbeReport,
@@ -81,7 +121,7 @@ pub struct Shared {
     pub hooks: RwLock<Vec<AttachedHook>>,
     pub gpu: RwLock<crate::gpu::GpuView>,
     pub ready: AtomicBool,
-    pub stop: AtomicBool,
+    pub stop: Arc<AtomicBool>,
     pub started: Instant,
     bpf_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -105,10 +145,16 @@ impl Shared {
         let slo = crate::slo::SloEngine::new(cfg.slos.clone())?;
         let agg = Aggregator::new(AggregatorConfig {
             max_label_sets: cfg.max_label_sets,
+            pod_labels: cfg.kubernetes.labels.clone(),
             ..Default::default()
         });
+        let mut store = Store::new(cfg.recent_requests, agg, slo);
+        store.pod_label_keys.clone_from(&cfg.kubernetes.labels);
         Ok(Arc::new(Shared {
-            store: Mutex::new(Store::new(cfg.recent_requests, agg, slo)),
+            store: Mutex::new(store),
+            k8s: Arc::default(),
+            wake: Arc::default(),
+            exec_wakes: Default::default(),
             health: Mutex::new(Health::default()),
             snapshot: RwLock::new(Snapshot::default()),
             probe,
@@ -117,7 +163,7 @@ impl Shared {
             hooks: RwLock::new(Vec::new()),
             gpu: RwLock::new(Default::default()),
             ready: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
+            stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             bpf_thread: Mutex::new(None),
         }))
@@ -135,6 +181,8 @@ impl Shared {
                     r.namespace.clone_from(&m.namespace);
                     r.pod.clone_from(&m.pod);
                     r.container.clone_from(&m.container);
+                    r.node.clone_from(&m.node);
+                    r.labels.clone_from(&m.labels);
                 }
             }
         }
@@ -313,16 +361,39 @@ fn bpf_thread(
     Ok(())
 }
 
-/// Rescans /proc and cgroups every interval and hands changed target sets to the BPF thread.
-pub fn discovery_loop(
-    cfg: DiscoveryConfig,
-    interval: Duration,
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<Snapshot>,
-) {
+/// What the discovery loop needs besides the scan config.
+pub struct DiscoveryLoop {
+    pub cfg: DiscoveryConfig,
+    pub interval: Duration,
+    /// Series of a pod that has had no target this long are dropped.
+    pub forget_after: Duration,
+    pub label_keys: Vec<String>,
+    /// Set when Kubernetes enrichment is on.
+    pub node: Option<String>,
+}
+
+impl DiscoveryLoop {
+    /// One scan, labelled from the Kubernetes index.
+    pub fn scan(&self, k8s: &K8sState) -> Snapshot {
+        let mut snap = discovery::scan(&self.cfg);
+        snap.enrich(k8s, &self.label_keys, self.node.as_deref());
+        snap
+    }
+}
+
+/// Gaps between the rescans that follow a wake-up.
+const FOLLOWUPS_MS: [u64; 4] = [100, 400, 1000, 3000];
+
+/// Rescans /proc and cgroups every interval, or at once when woken, and hands changed target
+/// sets to the BPF thread. Drops the series of pods that are gone (see `forget_series`).
+pub fn discovery_loop(dl: DiscoveryLoop, shared: Arc<Shared>, tx: mpsc::Sender<Snapshot>) {
     let mut last: Option<TargetSet> = None;
+    let mut gone_since = BTreeMap::new();
+    let mut followups: Vec<Duration> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        let snap = discovery::scan(&cfg);
+        let snap = dl.scan(&shared.k8s);
+        let live = snap.pod_keys();
+        forget_series(&shared, &live, &mut gone_since, dl.forget_after);
         if last.as_ref() != Some(&snap.set) {
             // Interfaces come and go with pods by hundreds: the BPF thread sums those up.
             let same_targets = last.as_ref().is_some_and(|l| {
@@ -341,9 +412,56 @@ pub fn discovery_loop(
         } else {
             *shared.snapshot.write().expect("snapshot lock") = snap;
         }
-        let deadline = Instant::now() + interval;
-        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50).min(interval));
+        // After a wake-up, rescan a few more times soon: a server found at its exec opens its
+        // listening sockets a little later, and those need to be in the BPF maps too.
+        let mut deadline = Instant::now() + dl.interval;
+        if let Some(d) = followups.pop() {
+            deadline = deadline.min(Instant::now() + d);
+        }
+        let mut last_forget = Instant::now();
+        while !shared.stop.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if shared.wake.wait(left.min(Duration::from_millis(100))) {
+                followups = FOLLOWUPS_MS
+                    .iter()
+                    .rev()
+                    .map(|&ms| Duration::from_millis(ms))
+                    .collect();
+                break;
+            }
+            // Series expire on time even when nothing wakes a rescan.
+            if last_forget.elapsed() >= Duration::from_secs(1) {
+                last_forget = Instant::now();
+                forget_series(&shared, &live, &mut gone_since, dl.forget_after);
+            }
+        }
+    }
+}
+
+/// The rule for dropping series: a pod's request series stay while the pod has a target (so
+/// an idle server keeps its series however long it is idle) and are dropped once no target
+/// has carried its (namespace, pod) labels for `after`. A pod that is deleted loses its
+/// targets at the next scan (its processes exit: the exit tracepoint wakes discovery), so its
+/// series go `after` later.
+fn forget_series(
+    shared: &Shared,
+    live: &std::collections::BTreeSet<(String, String)>,
+    gone_since: &mut BTreeMap<(String, String), Instant>,
+    after: Duration,
+) {
+    let mut store = shared.store.lock().expect("store lock");
+    let now = Instant::now();
+    let with_series = store.agg.pods();
+    gone_since.retain(|k, _| with_series.contains(k) && !live.contains(k));
+    for k in with_series.difference(live) {
+        let since = *gone_since.entry(k.clone()).or_insert(now);
+        if now.duration_since(since) >= after {
+            tracing::info!(namespace = %k.0, pod = %k.1, "pod gone: dropping its series");
+            store.agg.forget_pod(&k.0, &k.1);
+            gone_since.remove(k);
         }
     }
 }
@@ -398,18 +516,59 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
 
 /// Starts discovery and the BPF thread; returns once programs are attached.
 pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
+    // Before the probe, which would only fail with libbpf's EPERM noise.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    crate::caps::check(
+        cfg,
+        crate::probe::kernel_version(release.trim()).unwrap_or((0, 0)),
+    )?;
     let shared = Shared::new(cfg, crate::probe::run())?;
     let (tx, rx) = mpsc::channel();
+    let k8s_on = cfg.kubernetes.active();
+    let node = cfg.kubernetes.node();
+    if k8s_on {
+        let node = node.clone().context(
+            "kubernetes: no node name (set NODE_NAME from spec.nodeName, or kubernetes.node_name)",
+        )?;
+        let wake = shared.wake.clone();
+        crate::discovery::k8s::spawn(
+            cfg.kubernetes.clone(),
+            node,
+            shared.k8s.clone(),
+            shared.stop.clone(),
+            move || wake.wake(),
+        )?;
+    }
+    let dl = DiscoveryLoop {
+        cfg: discovery_config(cfg, &shared.probe),
+        interval: Duration::from_millis(cfg.discovery.interval_ms.max(50)),
+        forget_after: Duration::from_secs(cfg.discovery.forget_after_s),
+        label_keys: cfg.kubernetes.labels.clone(),
+        node: node.filter(|_| k8s_on),
+    };
     // The first scan runs before the programs attach, so targets are in place from the start.
-    let dcfg = discovery_config(cfg, &shared.probe);
-    tx.send(discovery::scan(&dcfg)).ok();
+    tx.send(dl.scan(&shared.k8s)).ok();
     let h = start_bpf(cfg, shared.clone(), rx)?;
     *shared.bpf_thread.lock().expect("thread lock") = Some(h);
-    let interval = Duration::from_millis(cfg.discovery.interval_ms.max(50));
+    match crate::procwatch::spawn(
+        dl.cfg.proc_root.clone(),
+        dl.cfg.signatures.clone(),
+        dl.cfg.auto,
+        shared.clone(),
+    ) {
+        Ok(progs) => shared
+            .programs
+            .write()
+            .expect("programs lock")
+            .extend(progs),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "exec/exit tracepoints not attached: new servers are found at the next poll");
+        }
+    }
     let s2 = shared.clone();
     std::thread::Builder::new()
         .name("llmslo-discovery".into())
-        .spawn(move || discovery_loop(dcfg, interval, s2, tx))?;
+        .spawn(move || discovery_loop(dl, s2, tx))?;
     Ok(shared)
 }
 

@@ -33,7 +33,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
-        "ready\n".into_response()
+        // Tracing works without the API (node-local names): ready, but say what is missing.
+        match s.k8s.degraded() {
+            Some(why) => format!("ready (degraded: {why})\n").into_response(),
+            None => "ready\n".into_response(),
+        }
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -103,10 +107,11 @@ async fn breakdown(
         .unwrap_or_default();
     if let Some(bad) = group_by
         .iter()
-        .find(|g| !["namespace", "pod", "model", "route"].contains(g))
+        .find(|g| !crate::stats::GROUP_FIELDS.contains(g))
     {
         return bad_request(format!(
-            "cannot group by {bad:?}: use namespace, pod, model, route"
+            "cannot group by {bad:?}: use {}",
+            crate::stats::GROUP_FIELDS.join(", ")
         ));
     }
     let v = s
@@ -190,6 +195,13 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
         "interfaces": hooks,
         "cni": cni,
         "gpu_libraries": gpu_libs,
+        "kubernetes": {
+            "enabled": s.k8s.enabled.load(Ordering::Relaxed),
+            "api_up": s.k8s.up.load(Ordering::Relaxed),
+            "node": s.k8s.node.read().expect("node lock").clone(),
+            "pods": s.k8s.pod_count(),
+            "degraded": s.k8s.degraded(),
+        },
     }))
     .into_response()
 }
@@ -348,6 +360,39 @@ fn render_health(s: &Shared, out: &mut String) {
         "llmslo_agent_records_retained",
         "Finished requests kept for /api/v1/requests.",
         &[(&[], retained as f64)],
+    );
+    let k = &s.k8s;
+    if k.enabled.load(Ordering::Relaxed) {
+        write_gauge(
+            out,
+            "llmslo_agent_kubernetes_api_up",
+            "1 when the last Kubernetes API list/watch call succeeded; 0: node-local names only.",
+            &[(&[], f64::from(u8::from(k.up.load(Ordering::Relaxed))))],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_kubernetes_api_errors_total",
+            "Failed Kubernetes API list/watch calls (410 Gone re-lists are not errors).",
+            &[(&[], k.errors.load(Ordering::Relaxed) as f64)],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_kubernetes_relists_total",
+            "Full re-lists of this node's pods after the first (410 Gone, broken watch).",
+            &[(&[], k.relists.load(Ordering::Relaxed) as f64)],
+        );
+        write_gauge(
+            out,
+            "llmslo_agent_kubernetes_pods",
+            "Pods on this node known from the Kubernetes API.",
+            &[(&[], k.pod_count() as f64)],
+        );
+    }
+    write_counter(
+        out,
+        "llmslo_agent_discovery_wakeups_total",
+        "Rescans started early by a server exec or a target's exit (sched_process_exec/exit).",
+        &[(&[], s.exec_wakes.load(Ordering::Relaxed) as f64)],
     );
     write_gauge(
         out,

@@ -25,6 +25,77 @@ pub struct Config {
     pub slos: Vec<crate::slo::SloSpec>,
     /// Bearer token and TLS of the HTTP endpoints.
     pub api: crate::serve::ApiCfg,
+    /// Kubernetes API enrichment (pod names, namespaces, labels, owners).
+    pub kubernetes: KubernetesCfg,
+}
+
+/// Where the Kubernetes API is and what to take from it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesCfg {
+    /// "auto" (on when KUBERNETES_SERVICE_HOST is set or `api_url`/`kubeconfig` is given),
+    /// "true" or "false".
+    pub enabled: String,
+    /// This node's name (the pods watched are `spec.nodeName=<it>`); empty: $NODE_NAME, then
+    /// the host name.
+    pub node_name: String,
+    /// API server URL; empty: in-cluster (service account) or `kubeconfig`.
+    pub api_url: String,
+    /// Bearer token file for `api_url` (re-read when it changes, as projected tokens do).
+    pub token_file: String,
+    /// PEM CA bundle for `api_url`.
+    pub ca_file: String,
+    /// A kubeconfig file to use instead of the in-cluster config.
+    pub kubeconfig: String,
+    /// Pod labels copied onto records and request metrics (as `label_<name>` with `.`, `/`,
+    /// `-` turned into `_`). At most `MAX_POD_LABELS`.
+    pub labels: Vec<String>,
+}
+
+/// Pod labels that may be copied onto metrics: each one multiplies the label sets.
+pub const MAX_POD_LABELS: usize = 8;
+
+impl Default for KubernetesCfg {
+    fn default() -> Self {
+        KubernetesCfg {
+            enabled: "auto".into(),
+            node_name: String::new(),
+            api_url: String::new(),
+            token_file: String::new(),
+            ca_file: String::new(),
+            kubeconfig: String::new(),
+            labels: vec![],
+        }
+    }
+}
+
+impl KubernetesCfg {
+    /// Whether to watch the API, given the process environment.
+    pub fn active(&self) -> bool {
+        match self.enabled.as_str() {
+            "true" => true,
+            "false" => false,
+            _ => {
+                !self.api_url.is_empty()
+                    || !self.kubeconfig.is_empty()
+                    || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            }
+        }
+    }
+
+    /// `node_name`, else $NODE_NAME (downward API), else the host name.
+    pub fn node(&self) -> Option<String> {
+        if !self.node_name.is_empty() {
+            return Some(self.node_name.clone());
+        }
+        if let Some(n) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+            return Some(n);
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+    }
 }
 
 /// Packet-path hooks (network stages).
@@ -73,6 +144,8 @@ pub struct DiscoveryCfg {
     /// cgroup v2 paths, absolute or relative to the cgroup2 mount.
     pub target_cgroups: Vec<PathBuf>,
     pub interval_ms: u64,
+    /// Request series of a pod are dropped once no target has carried its labels this long.
+    pub forget_after_s: u64,
 }
 
 impl Default for Config {
@@ -87,6 +160,7 @@ impl Default for Config {
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),
+            kubernetes: KubernetesCfg::default(),
         }
     }
 }
@@ -100,6 +174,7 @@ impl Default for DiscoveryCfg {
             target_pids: vec![],
             target_cgroups: vec![],
             interval_ms: 1000,
+            forget_after_s: 30,
         }
     }
 }
@@ -128,6 +203,21 @@ impl Config {
         crate::slo::SloEngine::new(self.slos.clone())?;
         cni_adapters::parse_force(&self.network.cni)
             .map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
+        anyhow::ensure!(
+            ["auto", "true", "false"].contains(&self.kubernetes.enabled.as_str()),
+            "kubernetes.enabled must be auto, true or false (got {:?})",
+            self.kubernetes.enabled
+        );
+        anyhow::ensure!(
+            self.kubernetes.labels.len() <= MAX_POD_LABELS,
+            "kubernetes.labels: at most {MAX_POD_LABELS} pod labels (each multiplies the series)"
+        );
+        if !self.kubernetes.api_url.is_empty() {
+            self.kubernetes
+                .api_url
+                .parse::<axum::http::Uri>()
+                .map_err(|e| anyhow::anyhow!("kubernetes.api_url: {e}"))?;
+        }
         Ok(())
     }
 }
@@ -150,6 +240,17 @@ mod tests {
             ringbuf_bytes: 1000,
             ..Config::default()
         };
+        assert!(bad.validate().is_err());
+        let k: Config = serde_yaml::from_str(
+            "kubernetes:\n  enabled: auto\n  api_url: http://127.0.0.1:1\n  labels: [app.kubernetes.io/name]\n",
+        )
+        .unwrap();
+        assert!(k.kubernetes.active(), "an explicit api_url turns it on");
+        k.validate().unwrap();
+        let off: Config =
+            serde_yaml::from_str("kubernetes: {enabled: \"false\", api_url: http://x}").unwrap();
+        assert!(!off.kubernetes.active());
+        let bad: Config = serde_yaml::from_str("kubernetes: {enabled: maybe}").unwrap();
         assert!(bad.validate().is_err());
     }
 }

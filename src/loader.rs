@@ -127,9 +127,9 @@ impl L7 {
             .set_max_entries(ringbuf_bytes)
             .context("sizing the ring buffer")?;
         let skel = open.load().map_err(|e| {
-            anyhow::anyhow!(
-                "loading BPF programs failed: {e}. Run as root or grant CAP_BPF, CAP_PERFMON and \
-                 CAP_SYS_RESOURCE; the kernel needs BTF (/sys/kernel/btf/vmlinux)"
+            crate::caps::explain_load_error("the L7 BPF programs", &e).context(
+                "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \
+                 (/sys/kernel/btf/vmlinux)",
             )
         })?;
         let loaded = std::time::Instant::now();

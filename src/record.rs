@@ -291,6 +291,10 @@ pub struct RequestRecord {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub container: Option<String>,
+    /// The node (when Kubernetes enrichment is on).
+    pub node: Option<String>,
+    /// The pod labels listed in `kubernetes.labels` that the pod has.
+    pub labels: std::collections::BTreeMap<String, String>,
     pub pid: u32,
     pub comm: String,
     /// Client address (the connection's peer) and server address.

@@ -54,3 +54,14 @@ pub mod netpath {
 pub mod gpu {
     include!(concat!(env!("OUT_DIR"), "/gpu.skel.rs"));
 }
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    dead_code,
+    unused
+)]
+pub mod exec {
+    include!(concat!(env!("OUT_DIR"), "/exec.skel.rs"));
+}

@@ -1292,3 +1292,88 @@ fn agent_runs_with_the_daemonset_config_arguments_and_capabilities() {
         agent.log_text()
     );
 }
+
+/// The DaemonSet's capability set minus `drop`, as a `setpriv --bounding-set` list.
+fn bounding_set_without(drop: &str) -> String {
+    let mut s = String::from("-all");
+    for c in CAPS.iter().filter(|c| **c != drop) {
+        s.push_str(",+");
+        s.push_str(&c.to_ascii_lowercase());
+    }
+    s
+}
+
+#[test]
+fn agent_names_each_missing_capability() {
+    const TEST: &str = "agent_names_each_missing_capability";
+    if !kernel_tests_enabled(TEST) {
+        return;
+    }
+    assert!(
+        have("setpriv"),
+        "setpriv (util-linux) is needed to drop capabilities"
+    );
+    let m = Manifests::load();
+    let scratch = Scratch(std::env::temp_dir().join(format!("llmslo-caps-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let mut cfg: Value = serde_yaml::from_str(&m.agent_config()).unwrap();
+    cfg["discovery"]["proc_root"] = "/proc".into();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut nums = kernel
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+    let bin = env!("CARGO_BIN_EXE_llm-slo-agent");
+    for cap in CAPS {
+        let port = free_port();
+        cfg["listen"] = format!("127.0.0.1:{port}").into();
+        let cfg_path = scratch.0.join(format!("agent-{cap}.yaml"));
+        std::fs::write(&cfg_path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--bounding-set",
+            &bounding_set_without(cap),
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+            bin,
+            "run",
+            "--config",
+        ])
+        .arg(&cfg_path);
+        let log = scratch.0.join(format!("agent-{cap}.log"));
+        let mut agent = spawn(c, "llm-slo-agent", log);
+        // SYS_RESOURCE only matters before 5.11 (RLIMIT_MEMLOCK); everything else is needed.
+        let needed = cap != "SYS_RESOURCE" || version < (5, 11);
+        if needed {
+            let exited = wait_for(Duration::from_secs(20), || {
+                agent.child.try_wait().unwrap().is_some()
+            });
+            let log = agent.log_text();
+            assert!(exited, "without {cap} the agent kept running:\n{log}");
+            let st = agent.child.try_wait().unwrap().unwrap();
+            assert!(!st.success(), "without {cap} the agent exited 0:\n{log}");
+            assert!(
+                log.contains(&format!("missing capability: CAP_{cap}")),
+                "without {cap} the error names it:\n{log}"
+            );
+            assert!(
+                log.contains(&format!("capabilities.add: [{cap}]")),
+                "the error says how to grant {cap}:\n{log}"
+            );
+        } else {
+            let ready = wait_for(Duration::from_secs(30), || {
+                agent.check_alive();
+                get(port, "/readyz").map(|r| r.0) == Some(200)
+            });
+            assert!(
+                ready,
+                "without {cap} (not needed on {kernel}) the agent starts:\n{}",
+                agent.log_text()
+            );
+            let st = agent.terminate(Duration::from_secs(15));
+            assert!(st.success(), "clean exit:\n{}", agent.log_text());
+        }
+    }
+}

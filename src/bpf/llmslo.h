@@ -111,4 +111,12 @@ struct llmslo_event {
 	__u8 data[LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP];
 };
 
+/* exec.bpf.c -> discovery: a process started (exec) or ended (its leader exited). */
+enum llmslo_proc_kind { PROC_EXEC = 1, PROC_EXIT = 2 };
+
+struct llmslo_proc_event {
+	__u32 tgid;
+	__u32 kind; /* enum llmslo_proc_kind */
+};
+
 #endif

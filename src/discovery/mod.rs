@@ -2,6 +2,7 @@
 //! and what each one is called (pod, container) — from /proc and cgroupfs alone.
 
 pub mod cgroup;
+pub mod k8s;
 pub mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +54,18 @@ pub struct Target {
     pub pod: Option<String>,
     pub namespace: Option<String>,
     pub container: Option<String>,
+    /// The workload, from the Kubernetes API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<k8s::Owner>,
+    /// The pod's labels listed in `kubernetes.labels`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The container's ports, from the Kubernetes API.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Where the names come from: "kubernetes" (the API knew the pod) or "node" (cgroup path
+    /// and the container's HOSTNAME).
+    pub labels_from: &'static str,
 }
 
 /// Sidecar proxies recognised in an inference pod's other containers, by process name (comm or
@@ -83,6 +96,42 @@ pub struct Meta {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub container: Option<String>,
+    pub node: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub owner: Option<k8s::Owner>,
+    pub ports: Vec<u16>,
+    /// From the cgroup path, to look the pod up in the Kubernetes index.
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+}
+
+impl Meta {
+    /// Names from the Kubernetes index where it knows the pod; node-local ones otherwise.
+    pub fn enrich(&mut self, k8s: &k8s::K8sState, label_keys: &[String], node: Option<&str>) {
+        self.node = node.map(str::to_string);
+        let Some(pod) = self.pod_uid.as_deref().and_then(|u| k8s.pod(u)) else {
+            return;
+        };
+        self.namespace = Some(pod.namespace.clone());
+        self.pod = Some(pod.name.clone());
+        self.owner.clone_from(&pod.owner);
+        if let Some(c) = self
+            .container_id
+            .as_deref()
+            .and_then(|id| pod.container_by_id(id))
+        {
+            self.container = Some(c.name.clone());
+            self.ports.clone_from(&c.ports);
+        }
+        self.labels = label_keys
+            .iter()
+            .filter_map(|k| Some((k.clone(), pod.labels.get(k)?.clone())))
+            .collect();
+    }
+
+    pub fn from_kubernetes(&self) -> bool {
+        self.owner.is_some() || self.namespace.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -226,13 +275,58 @@ fn pod_name_from_env(proc_root: &Path, pid: u32) -> Option<String> {
 
 fn meta_for(kube: Option<&KubeCgroup>, pod_name: Option<String>) -> Meta {
     Meta {
-        namespace: None,
         pod: pod_name.or_else(|| kube.map(|k| k.pod_uid.clone())),
         container: kube.and_then(|k| {
             k.container_id
                 .as_ref()
                 .map(|c| c.chars().take(12).collect())
         }),
+        pod_uid: kube.map(|k| k.pod_uid.clone()),
+        container_id: kube.and_then(|k| k.container_id.clone()),
+        ..Default::default()
+    }
+}
+
+impl Snapshot {
+    /// Re-labels every target from the Kubernetes index (pods it knows get their API names)
+    /// and sets the node.
+    pub fn enrich(&mut self, k8s: &k8s::K8sState, label_keys: &[String], node: Option<&str>) {
+        for m in self.by_tgid.values_mut().chain(self.by_cgroup.values_mut()) {
+            m.enrich(k8s, label_keys, node);
+        }
+        for t in &mut self.targets {
+            let m = t
+                .pid
+                .and_then(|p| self.by_tgid.get(&p))
+                .or_else(|| t.cgroup_id.and_then(|c| self.by_cgroup.get(&c)));
+            if let Some(m) = m {
+                t.pod.clone_from(&m.pod);
+                t.namespace.clone_from(&m.namespace);
+                t.container.clone_from(&m.container);
+                t.owner.clone_from(&m.owner);
+                t.labels.clone_from(&m.labels);
+                t.ports.clone_from(&m.ports);
+                t.labels_from = if m.from_kubernetes() {
+                    "kubernetes"
+                } else {
+                    "node"
+                };
+            }
+        }
+    }
+
+    /// The (namespace, pod) label pairs its targets' records get.
+    pub fn pod_keys(&self) -> BTreeSet<(String, String)> {
+        self.by_tgid
+            .values()
+            .chain(self.by_cgroup.values())
+            .map(|m| {
+                (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.pod.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 }
 
@@ -296,6 +390,10 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
             pod: meta.pod,
             namespace: meta.namespace,
             container: meta.container,
+            owner: None,
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            labels_from: "node",
         });
     }
     if let Some(m) = &cg_mount {
@@ -346,6 +444,10 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
             pod: meta.pod,
             namespace: meta.namespace,
             container: meta.container,
+            owner: None,
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            labels_from: "node",
         });
     }
     snap
@@ -399,6 +501,10 @@ fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &
             pod: meta.pod,
             namespace: meta.namespace,
             container: meta.container,
+            owner: None,
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            labels_from: "node",
         });
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
 /// Label names `breakdown` can group by; others are ignored (an API layer may reject them).
-pub const GROUP_FIELDS: [&str; 4] = ["namespace", "pod", "model", "route"];
+pub const GROUP_FIELDS: [&str; 6] = ["namespace", "pod", "container", "model", "route", "node"];
 
 const METRICS: [(usize, &str); 4] = [
     (TTFT, "ttft_ms"),

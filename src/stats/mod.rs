@@ -28,6 +28,12 @@ pub struct Labels {
     pub pod: String,
     pub model: String,
     pub route: String,
+    /// Container name (Kubernetes API) or short container id (cgroup); empty: not exported.
+    pub container: String,
+    /// The node (set when Kubernetes enrichment is on); empty: not exported.
+    pub node: String,
+    /// Values of the pod labels of `AggregatorConfig::pod_labels`, in that order.
+    pub pod_labels: Vec<String>,
 }
 
 impl Labels {
@@ -39,6 +45,7 @@ impl Labels {
             pod: o(),
             model: o(),
             route: o(),
+            ..Default::default()
         }
     }
 
@@ -55,7 +62,12 @@ impl Labels {
             &mut self.pod,
             &mut self.model,
             &mut self.route,
-        ] {
+            &mut self.container,
+            &mut self.node,
+        ]
+        .into_iter()
+        .chain(self.pod_labels.iter_mut())
+        {
             if v.len() > MAX_LABEL_CHARS {
                 if let Some((at, _)) = v.char_indices().nth(MAX_LABEL_CHARS) {
                     v.truncate(at);
@@ -70,22 +82,32 @@ impl Labels {
             "pod" => Some(&self.pod),
             "model" => Some(&self.model),
             "route" => Some(&self.route),
+            "container" => Some(&self.container),
+            "node" => Some(&self.node),
             _ => None,
         }
     }
 
-    /// `namespace="…",pod="…",model="…",route="…"`, escaped once per label set.
-    fn exposition(&self) -> String {
+    /// `namespace="…",pod="…",model="…",route="…"` plus `container`, `node` and the pod
+    /// labels (`label_…`, names in `pod_label_names`) where known, escaped once per label set.
+    fn exposition(&self, pod_label_names: &[String]) -> String {
         let mut s = String::new();
-        for (i, (k, v)) in [
+        let fixed = [
             ("namespace", &self.namespace),
             ("pod", &self.pod),
             ("model", &self.model),
             ("route", &self.route),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        ];
+        let optional = [("container", &self.container), ("node", &self.node)]
+            .into_iter()
+            .chain(
+                pod_label_names
+                    .iter()
+                    .map(String::as_str)
+                    .zip(self.pod_labels.iter()),
+            )
+            .filter(|(_, v)| !v.is_empty());
+        for (i, (k, v)) in fixed.into_iter().chain(optional).enumerate() {
             if i > 0 {
                 s.push(',');
             }
@@ -105,6 +127,8 @@ pub struct AggregatorConfig {
     pub slot_secs: u64,
     /// Ring length: the 5m window needs `300 / slot_secs + 1` (5 min plus the current slot).
     pub slots: usize,
+    /// Pod labels (Kubernetes keys) whose values `Labels::pod_labels` holds, in order.
+    pub pod_labels: Vec<String>,
     /// HDR significant digits. 2 (quantiles within 1%) rather than 3: memory grows ~8× per
     /// digit, and a busy label set with all stages already holds ~1.2 MB across 31 slots at 2.
     pub sig_figs: u8,
@@ -117,6 +141,7 @@ impl Default for AggregatorConfig {
             slot_secs: 10,
             slots: 31,
             sig_figs: 2,
+            pod_labels: Vec::new(),
         }
     }
 }
@@ -188,7 +213,12 @@ impl Series {
     fn new(labels: Labels, cfg: &AggregatorConfig) -> Box<Series> {
         let n_backs = WINDOWS.map(|(_, secs)| n_back(cfg, secs));
         Box::new(Series {
-            exposition: labels.exposition(),
+            exposition: labels.exposition(
+                &cfg.pod_labels
+                    .iter()
+                    .map(|k| crate::discovery::k8s::prom_label_name(k))
+                    .collect::<Vec<_>>(),
+            ),
             labels,
             requests: [0; STATUS_CLASSES.len()],
             output_tokens: None,
@@ -338,6 +368,14 @@ impl Aggregator {
     pub fn forget_pod(&mut self, namespace: &str, pod: &str) {
         self.series
             .retain(|l, _| !(l.namespace == namespace && l.pod == pod));
+    }
+
+    /// The (namespace, pod) pairs that have series.
+    pub fn pods(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.series
+            .keys()
+            .map(|l| (l.namespace.clone(), l.pod.clone()))
+            .collect()
     }
 
     /// Distinct label sets held, not counting the overflow set.

@@ -241,6 +241,7 @@ pub fn promtool_check(exposition: &str) {
     );
 }
 
+pub mod apiserver;
 pub mod node;
 
 /// The agent's TTFT agrees with the client's within 1 ms + 2 %. When the client read its first

@@ -55,6 +55,7 @@ fn labels(ns: &str, pod: &str, model: &str, route: &str) -> Labels {
         pod: pod.into(),
         model: model.into(),
         route: route.into(),
+        ..Default::default()
     }
 }
 
@@ -315,4 +316,31 @@ fn route_normalisation() {
 fn aggregator_can_move_between_threads() {
     fn send<T: Send + 'static>() {}
     send::<Aggregator>();
+}
+
+#[test]
+fn container_node_and_pod_labels_are_exported_when_known() {
+    let mut a = Aggregator::new(AggregatorConfig {
+        pod_labels: vec!["app.kubernetes.io/name".into(), "team".into()],
+        ..Default::default()
+    });
+    let mut l = l1();
+    l.container = "vllm".into();
+    l.node = "node-a".into();
+    l.pod_labels = vec!["chat".into(), String::new()];
+    a.record(&streaming(100, &[10]), l, 1_000);
+    a.record(&streaming(100, &[10]), l1(), 1_000);
+    let mut out = String::new();
+    a.render(1_000, &mut out);
+    assert!(out.contains(
+        "llmslo_requests_total{namespace=\"ns\",pod=\"pod-0\",model=\"m1\",\
+         route=\"/v1/chat/completions\",container=\"vllm\",node=\"node-a\",label_app_kubernetes_io_name=\"chat\",\
+         status_class=\"2xx\"} 1"
+    ), "{out}");
+    // Unknown values (and the label the pod lacks) are left out, not exported empty.
+    assert!(out.contains(
+        "llmslo_requests_total{namespace=\"ns\",pod=\"pod-0\",model=\"m1\",route=\"/v1/chat/completions\",status_class=\"2xx\"} 1"
+    ), "{out}");
+    assert_eq!(a.label_sets(), 2);
+    assert_eq!(a.pods().len(), 1);
 }

@@ -1,0 +1,140 @@
+//! Wakes the discovery loop when a process exec's with an inference server's command line or
+//! a traced process exits (`sched/sched_process_exec`, `sched/sched_process_exit`), so a new
+//! server is traced within milliseconds of starting and a dead one's targets go at once,
+//! instead of at the next poll.
+
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{OpenObject, RingBufferBuilder};
+
+use crate::agent::Shared;
+use crate::discovery::match_signature;
+use crate::loader::{attach_all, AttachedProg};
+use crate::skel::exec::ExecSkelBuilder;
+
+/// What an 8-byte `struct llmslo_proc_event` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcEvent {
+    Exec(u32),
+    Exit(u32),
+}
+
+/// Decodes one ring buffer record (`struct llmslo_proc_event` in llmslo.h).
+pub fn decode(data: &[u8]) -> Option<ProcEvent> {
+    let tgid = u32::from_ne_bytes(data.get(0..4)?.try_into().ok()?);
+    let kind = u32::from_ne_bytes(data.get(4..8)?.try_into().ok()?);
+    match kind {
+        1 => Some(ProcEvent::Exec(tgid)),
+        2 => Some(ProcEvent::Exit(tgid)),
+        _ => None,
+    }
+}
+
+/// Does this event call for a rescan? An exec whose command line (read from `proc_root`)
+/// matches a signature; an exit of a pid the snapshot traces.
+fn wants_rescan(
+    ev: ProcEvent,
+    proc_root: &std::path::Path,
+    sigs: &[String],
+    shared: &Shared,
+) -> bool {
+    match ev {
+        ProcEvent::Exec(pid) => {
+            let Ok(raw) = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            match_signature(&refs, sigs).is_some()
+        }
+        ProcEvent::Exit(pid) => shared
+            .snapshot
+            .read()
+            .expect("snapshot lock")
+            .by_tgid
+            .contains_key(&pid),
+    }
+}
+
+/// Loads and attaches the two tracepoints and starts the thread that reads their events.
+/// Returns the attached programs (for `/api/v1/targets`).
+pub fn spawn(
+    proc_root: PathBuf,
+    signatures: Vec<String>,
+    auto: bool,
+    shared: Arc<Shared>,
+) -> Result<Vec<AttachedProg>> {
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<AttachedProg>>>(1);
+    std::thread::Builder::new()
+        .name("llmslo-procwatch".into())
+        .spawn(move || {
+            if let Err(e) = run(&proc_root, &signatures, auto, &shared, &tx) {
+                let _ = tx.try_send(Err(e));
+            }
+        })?;
+    rx.recv().context("process watcher died during start-up")?
+}
+
+fn run(
+    proc_root: &std::path::Path,
+    sigs: &[String],
+    auto: bool,
+    shared: &Shared,
+    ready: &mpsc::SyncSender<Result<Vec<AttachedProg>>>,
+) -> Result<()> {
+    // The skeleton borrows its OpenObject for its whole life: one per agent, kept alive.
+    let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+    let open = ExecSkelBuilder::default()
+        .open(obj)
+        .context("opening the exec BPF object")?;
+    let skel = open
+        .load()
+        .map_err(|e| crate::caps::explain_load_error("process exec/exit programs", &e))?;
+    let (_links, progs) = attach_all(skel.object(), "exec", |_| true)?;
+    let mut builder = RingBufferBuilder::new();
+    builder.add(&skel.maps.proc_events, |data: &[u8]| {
+        if let Some(ev) = decode(data) {
+            let exec = matches!(ev, ProcEvent::Exec(_));
+            if (!exec || auto) && wants_rescan(ev, proc_root, sigs, shared) {
+                tracing::debug!(?ev, "process event: rescanning");
+                shared.exec_wakes.fetch_add(1, Ordering::Relaxed);
+                shared.wake.wake();
+            }
+        }
+        0
+    })?;
+    let rb = builder.build()?;
+    let _ = ready.try_send(Ok(progs));
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Err(e) = rb.poll(Duration::from_millis(100)) {
+            tracing::warn!(error = %e, "process event ring buffer poll failed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_events() {
+        let mut b = 4242u32.to_ne_bytes().to_vec();
+        b.extend(1u32.to_ne_bytes());
+        assert_eq!(decode(&b), Some(ProcEvent::Exec(4242)));
+        b[4..].copy_from_slice(&2u32.to_ne_bytes());
+        assert_eq!(decode(&b), Some(ProcEvent::Exit(4242)));
+        assert_eq!(decode(&b[..6]), None);
+    }
+}
