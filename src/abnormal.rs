@@ -16,6 +16,39 @@ enum Kind {
     Aborted,
 }
 
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::SlowE2e, Kind::SlowTtft, Kind::Aborted];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::SlowE2e => "slow_e2e",
+            Kind::SlowTtft => "slow_ttft",
+            Kind::Aborted => "aborted",
+        }
+    }
+}
+
+/// The kinds a record was kept for when it was offered (empty: not abnormal); the OTLP
+/// exporter sends every record kept for at least one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct KeptBecause(u8);
+
+impl KeptBecause {
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// `slow_e2e`, `slow_ttft`, `aborted`: the names `kept_because` uses.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Kind::ALL
+            .into_iter()
+            .filter(move |k| self.0 & (1 << *k as u8) != 0)
+            .map(Kind::name)
+    }
+    fn add(&mut self, k: Kind) {
+        self.0 |= 1 << k as u8;
+    }
+}
+
 /// Up to `per_kind` records per kind, each with the value it was kept for and when.
 pub struct Abnormal {
     per_kind: usize,
@@ -30,11 +63,11 @@ impl Abnormal {
         }
     }
 
-    fn offer(&mut self, kind: Kind, value: f64, now_s: u64, rec: &Arc<RequestRecord>) {
+    fn offer(&mut self, kind: Kind, value: f64, now_s: u64, rec: &Arc<RequestRecord>) -> bool {
         let mine = self.kept.iter().filter(|k| k.0 == kind).count();
         if mine < self.per_kind {
             self.kept.push((kind, value, now_s, rec.clone()));
-            return;
+            return true;
         }
         // Replace the least abnormal of this kind (for aborts: the oldest).
         let victim = self
@@ -56,21 +89,30 @@ impl Abnormal {
         if let Some((i, v)) = victim {
             if kind == Kind::Aborted || value > v {
                 self.kept[i] = (kind, value, now_s, rec.clone());
+                return true;
             }
         }
+        false
     }
 
-    pub fn record(&mut self, rec: &Arc<RequestRecord>, now_s: u64) {
+    /// Offers a finished record; answers the kinds it was kept for.
+    pub fn record(&mut self, rec: &Arc<RequestRecord>, now_s: u64) -> KeptBecause {
         self.kept.retain(|k| now_s.saturating_sub(k.2) <= KEEP_S);
-        if rec.aborted {
-            self.offer(Kind::Aborted, 0.0, now_s, rec);
+        let mut why = KeptBecause::default();
+        if rec.aborted && self.offer(Kind::Aborted, 0.0, now_s, rec) {
+            why.add(Kind::Aborted);
         }
         if let Some(e2e) = rec.e2e_ms {
-            self.offer(Kind::SlowE2e, e2e, now_s, rec);
+            if self.offer(Kind::SlowE2e, e2e, now_s, rec) {
+                why.add(Kind::SlowE2e);
+            }
         }
         if let Some(ttft) = rec.ttft_ms {
-            self.offer(Kind::SlowTtft, ttft, now_s, rec);
+            if self.offer(Kind::SlowTtft, ttft, now_s, rec) {
+                why.add(Kind::SlowTtft);
+            }
         }
+        why
     }
 
     /// The kept records of the last hour, slowest E2E first (a record kept for two reasons is
@@ -94,12 +136,7 @@ impl Abnormal {
                 let mut v = serde_json::to_value(&*k.3).unwrap_or(Value::Null);
                 if let Value::Object(m) = &mut v {
                     m.insert("token_ns".into(), serde_json::json!(k.3.token_ns));
-                    let why = match k.0 {
-                        Kind::SlowE2e => "slow_e2e",
-                        Kind::SlowTtft => "slow_ttft",
-                        Kind::Aborted => "aborted",
-                    };
-                    m.insert("kept_because".into(), Value::from(why));
+                    m.insert("kept_because".into(), Value::from(k.0.name()));
                 }
                 v
             })
@@ -140,6 +177,29 @@ mod tests {
         assert!(l.len() <= 9, "bounded");
         assert_eq!(l[0]["token_ns"], serde_json::json!([1, 2]));
         assert!(a.kept.len() <= 9);
+    }
+
+    #[test]
+    fn answers_why_a_record_was_kept() {
+        let mut a = Abnormal::new(2);
+        let names = |k: KeptBecause| k.names().collect::<Vec<_>>();
+        assert_eq!(
+            names(a.record(&rec(1, 50.0, false), 10)),
+            ["slow_e2e", "slow_ttft"]
+        );
+        assert_eq!(
+            names(a.record(&rec(2, 40.0, false), 10)),
+            ["slow_e2e", "slow_ttft"]
+        );
+        assert!(
+            a.record(&rec(3, 30.0, false), 10).is_empty(),
+            "faster than both kept"
+        );
+        assert_eq!(
+            names(a.record(&rec(4, 60.0, false), 10)),
+            ["slow_e2e", "slow_ttft"]
+        );
+        assert_eq!(names(a.record(&rec(5, 1.0, true), 10)), ["aborted"]);
     }
 
     #[test]

@@ -198,9 +198,24 @@ impl Stages {
     /// absent, and the next present link starts where the previous one ended.
     pub fn compute(ts: &Timestamps, first_on_conn: bool, streaming: bool) -> Stages {
         let mut st = Stages::default();
+        for (s, a, b) in Stages::intervals(ts, first_on_conn, streaming) {
+            st.0[s as usize] = Some(b - a);
+        }
+        st
+    }
+
+    /// Each present stage as `(stage, from, to)` in CLOCK_MONOTONIC ns, in timeline order:
+    /// the boundaries `compute` takes the differences of (`to - from` is the stage). A
+    /// boundary earlier than the previous one gives an empty interval at the previous one.
+    pub fn intervals(
+        ts: &Timestamps,
+        first_on_conn: bool,
+        streaming: bool,
+    ) -> Vec<(Stage, u64, u64)> {
+        let mut out = Vec::with_capacity(Stage::ALL.len());
         let mut put = |s: Stage, a: Option<u64>, b: Option<u64>| {
             if let (Some(a), Some(b)) = (a, b) {
-                st.0[s as usize] = Some(b.saturating_sub(a));
+                out.push((s, a, b.max(a)));
             }
         };
         if first_on_conn {
@@ -261,12 +276,12 @@ impl Stages {
         let mut prev: Option<u64> = None;
         for (stage, at) in chain {
             let Some(at) = at else { continue };
-            if let (Some(stage), Some(p)) = (stage, prev) {
-                st.0[stage as usize] = Some(at.saturating_sub(p));
+            if let Some(stage) = stage {
+                put(stage, prev, Some(at));
             }
             prev = Some(prev.map_or(at, |p| p.max(at)));
         }
-        st
+        out
     }
 }
 
