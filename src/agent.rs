@@ -46,7 +46,12 @@ impl Store {
         }
     }
 
-    pub fn push(&mut self, rec: RequestRecord, now_s: u64) {
+    /// Stores a finished record; answers it and why the abnormal store kept it.
+    pub fn push(
+        &mut self,
+        rec: RequestRecord,
+        now_s: u64,
+    ) -> (Arc<RequestRecord>, crate::abnormal::KeptBecause) {
         let labels = Labels {
             namespace: rec.namespace.clone().unwrap_or_default(),
             pod: rec.pod.clone().unwrap_or_default(),
@@ -67,8 +72,9 @@ impl Store {
         }
         self.heatmap.record(&rec, now_s);
         let rec = Arc::new(rec);
-        self.abnormal.record(&rec, now_s);
-        self.recent.push_back(rec);
+        let why = self.abnormal.record(&rec, now_s);
+        self.recent.push_back(rec.clone());
+        (rec, why)
     }
 }
 
@@ -123,6 +129,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
     pub started: Instant,
+    /// OTLP trace export, when configured.
+    pub otlp: Option<crate::otlp::Otlp>,
     bpf_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -165,6 +173,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
+            otlp: crate::otlp::Otlp::start_if_enabled(&cfg.otlp)?,
             bpf_thread: Mutex::new(None),
         }))
     }
@@ -189,7 +198,10 @@ impl Shared {
         let now = unix_now();
         let mut store = self.store.lock().expect("store lock");
         for r in recs {
-            store.push(r, now);
+            let (rec, why) = store.push(r, now);
+            if let Some(x) = &self.otlp {
+                x.offer(&rec, why);
+            }
         }
     }
 }
@@ -510,6 +522,9 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
     shared.stop.store(true, Ordering::SeqCst);
     if let Some(h) = shared.bpf_thread.lock().expect("thread lock").take() {
         let _ = h.join();
+    }
+    if let Some(x) = &shared.otlp {
+        x.shutdown(Duration::from_secs(5));
     }
     Ok(())
 }

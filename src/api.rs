@@ -227,6 +227,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
 }
 
 fn render_health(s: &Shared, out: &mut String) {
+    if let Some(x) = &s.otlp {
+        x.render(out);
+    }
     let h = s.health.lock().expect("health lock").clone();
     let stat = |name: &str| {
         STAT_NAMES

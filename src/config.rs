@@ -27,6 +27,8 @@ pub struct Config {
     pub api: crate::serve::ApiCfg,
     /// Kubernetes API enrichment (pod names, namespaces, labels, owners).
     pub kubernetes: KubernetesCfg,
+    /// OpenTelemetry trace export (see README "OpenTelemetry").
+    pub otlp: crate::otlp::OtlpCfg,
 }
 
 /// Where the Kubernetes API is and what to take from it.
@@ -161,6 +163,7 @@ impl Default for Config {
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),
             kubernetes: KubernetesCfg::default(),
+            otlp: Default::default(),
         }
     }
 }
@@ -201,6 +204,7 @@ impl Config {
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
         crate::slo::SloEngine::new(self.slos.clone())?;
+        self.otlp.validate()?;
         cni_adapters::parse_force(&self.network.cni)
             .map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
         anyhow::ensure!(

@@ -13,6 +13,7 @@ pub mod event;
 pub mod gpu;
 pub mod loader;
 pub mod netpath;
+pub mod otlp;
 pub mod probe;
 pub mod procwatch;
 pub mod record;

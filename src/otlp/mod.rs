@@ -1,0 +1,460 @@
+//! OpenTelemetry export of request traces (DESIGN.md §2 "OTLP spans"): every abnormal
+//! request (whatever `abnormal.rs` keeps) and a sampled share of the rest, as OTLP traces over
+//! HTTP/protobuf or gRPC. The BPF thread only hands a record over a bounded queue
+//! (`try_send`: a full queue drops and counts, never waits); an exporter thread with its own
+//! small runtime builds the spans (`spans.rs`) and sends them in batches.
+
+pub mod spans;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{
+    Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
+};
+use opentelemetry_sdk::trace::SpanExporter as _;
+use opentelemetry_sdk::Resource;
+use serde::Deserialize;
+
+use crate::abnormal::KeptBecause;
+use crate::record::RequestRecord;
+use spans::{Ids, MonoToUnix, TraceOpts};
+
+/// The `otlp` section of the config (README "OpenTelemetry").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpCfg {
+    pub enabled: bool,
+    /// `http` (protobuf over HTTP, port 4318) or `grpc` (port 4317).
+    pub protocol: OtlpProtocol,
+    /// Collector URL. Empty: `http://localhost:4318/v1/traces` or `http://localhost:4317`.
+    /// An HTTP endpoint without a path gets `/v1/traces`.
+    pub endpoint: String,
+    /// Sent with every export (HTTP headers or gRPC metadata), e.g. an authorization token.
+    pub headers: BTreeMap<String, String>,
+    /// Per export attempt.
+    pub timeout_ms: u64,
+    /// Share of the requests that are not abnormal exported as well (0 … 1).
+    pub sample_ratio: f64,
+    pub service_name: String,
+    /// `host.name` and `k8s.node.name`; empty: `$NODE_NAME`, else the host name.
+    pub node_name: String,
+    /// Extra resource attributes (e.g. `k8s.cluster.name`).
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Requests waiting for export; beyond that they are dropped and counted.
+    pub queue_size: usize,
+    /// Requests per export call.
+    pub batch_size: usize,
+    /// Retries of a failed export (with backoff) before its requests are dropped and counted.
+    pub max_retries: usize,
+    /// Token writes sent as events on the root span, at most (0: none).
+    pub token_events: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    Http,
+    Grpc,
+}
+
+impl Default for OtlpCfg {
+    fn default() -> Self {
+        OtlpCfg {
+            enabled: false,
+            protocol: OtlpProtocol::Http,
+            endpoint: String::new(),
+            headers: BTreeMap::new(),
+            timeout_ms: 10_000,
+            sample_ratio: 0.0,
+            service_name: "llm-slo-agent".into(),
+            node_name: String::new(),
+            resource_attributes: BTreeMap::new(),
+            queue_size: 2048,
+            batch_size: 256,
+            max_retries: 3,
+            token_events: 64,
+        }
+    }
+}
+
+impl OtlpCfg {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.sample_ratio),
+            "otlp.sample_ratio must be within 0 … 1 (got {})",
+            self.sample_ratio
+        );
+        anyhow::ensure!(self.queue_size > 0, "otlp.queue_size must be > 0");
+        anyhow::ensure!(self.batch_size > 0, "otlp.batch_size must be > 0");
+        anyhow::ensure!(self.timeout_ms > 0, "otlp.timeout_ms must be > 0");
+        anyhow::ensure!(self.max_retries <= 10, "otlp.max_retries must be <= 10");
+        anyhow::ensure!(
+            self.token_events <= 1000,
+            "otlp.token_events must be <= 1000"
+        );
+        self.endpoint_uri()?;
+        for (k, v) in &self.headers {
+            axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .with_context(|| format!("otlp.headers: invalid header name {k:?}"))?;
+            axum::http::HeaderValue::from_str(v)
+                .with_context(|| format!("otlp.headers: invalid value of {k:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// The endpoint with the defaults applied.
+    pub fn endpoint_uri(&self) -> Result<String> {
+        let e = match (self.endpoint.trim(), self.protocol) {
+            ("", OtlpProtocol::Http) => "http://localhost:4318/v1/traces".to_string(),
+            ("", OtlpProtocol::Grpc) => "http://localhost:4317".to_string(),
+            (e, _) => e.to_string(),
+        };
+        let uri: axum::http::Uri = e
+            .parse()
+            .with_context(|| format!("otlp.endpoint: not a URL: {e:?}"))?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("http") && uri.host().is_some(),
+            "otlp.endpoint must be http://host:port[/path] (no TLS in this build): {e:?}"
+        );
+        if self.protocol == OtlpProtocol::Http && matches!(uri.path(), "" | "/") {
+            return Ok(format!("{}/v1/traces", e.trim_end_matches('/')));
+        }
+        Ok(e)
+    }
+
+    fn node(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|n| n.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// What the exporter did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub queued: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_export_failed: AtomicU64,
+    pub dropped_shutdown: AtomicU64,
+    pub dropped_no_start: AtomicU64,
+    pub exported_traces: AtomicU64,
+    pub exported_spans: AtomicU64,
+    pub export_errors: AtomicU64,
+}
+
+type Job = (Arc<RequestRecord>, KeptBecause);
+
+/// The exporter: a bounded queue and the thread that drains it.
+pub struct Otlp {
+    tx: SyncSender<Job>,
+    ids: Ids,
+    sample_ratio: f64,
+    pub clock: MonoToUnix,
+    pub counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Otlp {
+    /// Starts the exporter thread when `cfg.enabled`.
+    pub fn start_if_enabled(cfg: &OtlpCfg) -> Result<Option<Otlp>> {
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        Otlp::start(cfg).map(Some)
+    }
+
+    pub fn start(cfg: &OtlpCfg) -> Result<Otlp> {
+        cfg.validate()?;
+        let clock = MonoToUnix::now();
+        let ids = Ids::random();
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_size);
+        let counters = Arc::new(Counters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("OTLP exporter runtime")?;
+        let exporter = {
+            let _guard = rt.enter();
+            build_exporter(cfg, clock)?
+        };
+        let endpoint = cfg.endpoint_uri()?;
+        tracing::info!(
+            protocol = ?cfg.protocol, %endpoint, sample_ratio = cfg.sample_ratio,
+            monotonic_offset_ns = clock.offset_ns, "OTLP trace export on"
+        );
+        let worker = Worker {
+            rx,
+            exporter,
+            rt,
+            ids,
+            clock,
+            counters: counters.clone(),
+            stop: stop.clone(),
+            batch_size: cfg.batch_size,
+            token_events: cfg.token_events,
+            // Each attempt is bounded by the exporter's timeout; this bounds the whole call
+            // (attempts and backoff, and a server's Retry-After) as well.
+            call_limit: Duration::from_millis(cfg.timeout_ms) * (cfg.max_retries as u32 + 1)
+                + Duration::from_secs(2),
+        };
+        let thread = std::thread::Builder::new()
+            .name("llmslo-otlp".into())
+            .spawn(move || worker.run())?;
+        Ok(Otlp {
+            tx,
+            ids,
+            sample_ratio: cfg.sample_ratio,
+            clock,
+            counters,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands a stored record over if it is abnormal or sampled. Never blocks: when the queue
+    /// is full the record is dropped and counted.
+    pub fn offer(&self, rec: &Arc<RequestRecord>, why: KeptBecause) {
+        if why.is_empty() && !self.ids.sampled(rec.id, self.sample_ratio) {
+            return;
+        }
+        match self.tx.try_send((rec.clone(), why)) {
+            Ok(()) => &self.counters.queued,
+            Err(TrySendError::Full(_)) => &self.counters.dropped_queue_full,
+            Err(TrySendError::Disconnected(_)) => &self.counters.dropped_shutdown,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Exports what is queued within `within`, then stops the thread.
+    pub fn shutdown(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        // Give the worker time to drain, then tell it to stop.
+        while Instant::now() < deadline {
+            let c = &self.counters;
+            let done = c.exported_traces.load(Ordering::Relaxed)
+                + c.dropped_export_failed.load(Ordering::Relaxed)
+                + c.dropped_no_start.load(Ordering::Relaxed);
+            if done >= c.queued.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        // An export in flight may take its whole time limit: wait for it only until the
+        // deadline (plus one receive tick), then leave the thread to the process exit.
+        let deadline = deadline.max(Instant::now()) + Duration::from_millis(300);
+        if let Some(h) = self.thread.lock().expect("otlp thread lock").take() {
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// The exporter's `llmslo_agent_otlp_*` metrics.
+    pub fn render(&self, out: &mut String) {
+        use crate::stats::prom::{write_counter, write_gauge};
+        let c = &self.counters;
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        write_counter(
+            out,
+            "llmslo_agent_otlp_traces_queued_total",
+            "Requests handed to the OTLP exporter (abnormal or sampled).",
+            &[(&[], v(&c.queued))],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_otlp_traces_exported_total",
+            "Requests exported as OTLP traces (accepted by the receiver).",
+            &[(&[], v(&c.exported_traces))],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_otlp_spans_exported_total",
+            "OTLP spans accepted by the receiver.",
+            &[(&[], v(&c.exported_spans))],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_otlp_traces_dropped_total",
+            "Requests not exported: queue full, export failed after retries, shut down, or no start timestamp.",
+            &[
+                (&[("reason", "queue_full")], v(&c.dropped_queue_full)),
+                (&[("reason", "export_failed")], v(&c.dropped_export_failed)),
+                (&[("reason", "shutdown")], v(&c.dropped_shutdown)),
+                (&[("reason", "no_start")], v(&c.dropped_no_start)),
+            ],
+        );
+        write_counter(
+            out,
+            "llmslo_agent_otlp_export_errors_total",
+            "OTLP export calls that failed after their retries.",
+            &[(&[], v(&c.export_errors))],
+        );
+        write_gauge(
+            out,
+            "llmslo_agent_otlp_monotonic_offset_seconds",
+            "Unix time minus CLOCK_MONOTONIC, as added to every span time.",
+            &[(&[], self.clock.offset_ns as f64 / 1e9)],
+        );
+    }
+}
+
+fn build_exporter(cfg: &OtlpCfg, clock: MonoToUnix) -> Result<opentelemetry_otlp::SpanExporter> {
+    let endpoint = cfg.endpoint_uri()?;
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let retry = RetryPolicy::default()
+        .with_max_retries(cfg.max_retries)
+        .with_initial_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_jitter(Duration::from_millis(50));
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let mut exporter = match cfg.protocol {
+        OtlpProtocol::Http => builder
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .with_retry_policy(retry)
+            .with_headers(cfg.headers.clone().into_iter().collect())
+            .build(),
+        OtlpProtocol::Grpc => {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in &cfg.headers {
+                let key = axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+                    .with_context(|| format!("otlp.headers: {k:?}"))?;
+                let val = axum::http::HeaderValue::from_str(v)
+                    .with_context(|| format!("otlp.headers: value of {k:?}"))?;
+                h.insert(key, val);
+            }
+            let md = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(h);
+            builder
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .with_timeout(timeout)
+                .with_retry_policy(retry)
+                .with_metadata(md)
+                .build()
+        }
+    }
+    .context("building the OTLP exporter")?;
+    let node = cfg.node();
+    let mut attrs = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("llmslo.clock.monotonic_offset_ns", clock.offset_ns as i64),
+    ];
+    if !node.is_empty() {
+        attrs.push(KeyValue::new("host.name", node.clone()));
+        attrs.push(KeyValue::new("k8s.node.name", node));
+    }
+    for (k, v) in &cfg.resource_attributes {
+        attrs.push(KeyValue::new(k.clone(), v.clone()));
+    }
+    let resource = Resource::builder_empty()
+        .with_service_name(cfg.service_name.clone())
+        .with_attributes(attrs)
+        .build();
+    exporter.set_resource(&resource);
+    Ok(exporter)
+}
+
+struct Worker {
+    rx: mpsc::Receiver<Job>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    rt: tokio::runtime::Runtime,
+    ids: Ids,
+    clock: MonoToUnix,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    batch_size: usize,
+    token_events: usize,
+    call_limit: Duration,
+}
+
+impl Worker {
+    fn run(self) {
+        let scope = InstrumentationScope::builder("llm-slo-agent")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        let opts = TraceOpts {
+            clock: self.clock,
+            ids: &self.ids,
+            token_events: self.token_events,
+            scope: &scope,
+        };
+        let c = &self.counters;
+        let mut batch: Vec<Job> = Vec::with_capacity(self.batch_size);
+        loop {
+            let stopping = self.stop.load(Ordering::Relaxed);
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(j) => batch.push(j),
+                Err(RecvTimeoutError::Timeout) if !stopping => continue,
+                Err(_) => break,
+            }
+            while batch.len() < self.batch_size {
+                match self.rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            if stopping {
+                c.dropped_shutdown
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                batch.clear();
+                continue;
+            }
+            let mut spans = Vec::new();
+            let mut traces = 0u64;
+            for (rec, why) in batch.drain(..) {
+                match spans::record_spans(&rec, why, &opts) {
+                    Some(s) => {
+                        spans.extend(s);
+                        traces += 1;
+                    }
+                    None => {
+                        c.dropped_no_start.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if traces == 0 {
+                continue;
+            }
+            let n = spans.len() as u64;
+            let res = self.rt.block_on(async {
+                tokio::time::timeout(self.call_limit, self.exporter.export(spans)).await
+            });
+            match res {
+                Ok(Ok(())) => {
+                    c.exported_traces.fetch_add(traces, Ordering::Relaxed);
+                    c.exported_spans.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, traces, "OTLP export failed");
+                    c.export_errors.fetch_add(1, Ordering::Relaxed);
+                    c.dropped_export_failed.fetch_add(traces, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    tracing::warn!(limit = ?self.call_limit, traces, "OTLP export timed out");
+                    c.export_errors.fetch_add(1, Ordering::Relaxed);
+                    c.dropped_export_failed.fetch_add(traces, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
