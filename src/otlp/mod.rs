@@ -71,7 +71,7 @@ impl Default for OtlpCfg {
             endpoint: String::new(),
             headers: BTreeMap::new(),
             timeout_ms: 10_000,
-            sample_ratio: 0.0,
+            sample_ratio: 0.01,
             service_name: "llm-slo-agent".into(),
             node_name: String::new(),
             resource_attributes: BTreeMap::new(),
