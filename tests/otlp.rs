@@ -89,15 +89,17 @@ impl TraceService for Grpc {
 
 impl Receiver {
     fn start(protocol: OtlpProtocol) -> Receiver {
+        Receiver::start_on(protocol, "127.0.0.1:0".parse().unwrap())
+    }
+
+    fn start_on(protocol: OtlpProtocol, addr: SocketAddr) -> Receiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let got = Arc::new(Mutex::new(Got::default()));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
         match protocol {
             OtlpProtocol::Http => {
@@ -520,7 +522,14 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
         .map(|s| s.spans.len())
         .sum();
     drop(got);
-    let m = agent.get("/metrics");
+    // The receiver stores an export before it answers; the agent counts it on the answer.
+    let exported = || {
+        let m = agent.get("/metrics");
+        let n = metric(&m, "llmslo_agent_otlp_traces_exported_total");
+        (n == Some(traces.len() as f64)).then_some(m)
+    };
+    assert!(wait_until(Duration::from_secs(5), || exported().is_some()));
+    let m = exported().unwrap();
     common::promtool_check(&m);
     assert_eq!(
         metric(&m, "llmslo_agent_otlp_traces_exported_total"),
@@ -648,6 +657,38 @@ fn both_protocols_deliver_synthetic_records_exactly() {
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(x.counters.exported_traces.load(Relaxed), 50);
         assert_eq!(x.counters.exported_spans.load(Relaxed), 250);
+    }
+}
+
+#[test]
+fn a_restarted_receiver_gets_the_next_exports() {
+    use std::sync::atomic::Ordering::Relaxed;
+    for protocol in [OtlpProtocol::Http, OtlpProtocol::Grpc] {
+        let rx = Receiver::start(protocol);
+        let addr = rx.addr;
+        let mut c = cfg(protocol, addr);
+        c.sample_ratio = 1.0;
+        let x = Otlp::start(&c).unwrap();
+        x.offer(&synthetic(1), Default::default());
+        assert!(wait_until(Duration::from_secs(10), || rx.spans().len() == 5));
+        // The collector restarts: its connections close; the exporter's pooled one is stale.
+        drop(rx);
+        std::thread::sleep(Duration::from_millis(300));
+        let rx = Receiver::start_on(protocol, addr);
+        x.offer(&synthetic(2), Default::default());
+        assert!(
+            wait_until(Duration::from_secs(15), || rx.spans().len() == 5),
+            "{protocol:?}: nothing after the restart; errors {}",
+            x.counters.export_errors.load(Relaxed)
+        );
+        // The receiver stores before it answers: the count follows the answer.
+        assert!(wait_until(Duration::from_secs(5), || x
+            .counters
+            .exported_traces
+            .load(Relaxed)
+            == 2));
+        assert_eq!(x.counters.export_errors.load(Relaxed), 0);
+        x.shutdown(Duration::from_secs(1));
     }
 }
 

@@ -8,7 +8,6 @@ pub mod spans;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use opentelemetry_otlp::{
 use opentelemetry_sdk::trace::SpanExporter as _;
 use opentelemetry_sdk::Resource;
 use serde::Deserialize;
+use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::abnormal::KeptBecause;
 use crate::record::RequestRecord;
@@ -158,7 +158,7 @@ type Job = (Arc<RequestRecord>, KeptBecause);
 
 /// The exporter: a bounded queue and the thread that drains it.
 pub struct Otlp {
-    tx: SyncSender<Job>,
+    tx: mpsc::Sender<Job>,
     ids: Ids,
     sample_ratio: f64,
     pub clock: MonoToUnix,
@@ -180,7 +180,7 @@ impl Otlp {
         cfg.validate()?;
         let clock = MonoToUnix::now();
         let ids = Ids::random();
-        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_size);
+        let (tx, rx) = mpsc::channel::<Job>(cfg.queue_size);
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -199,7 +199,6 @@ impl Otlp {
         let worker = Worker {
             rx,
             exporter,
-            rt,
             ids,
             clock,
             counters: counters.clone(),
@@ -211,9 +210,11 @@ impl Otlp {
             call_limit: Duration::from_millis(cfg.timeout_ms) * (cfg.max_retries as u32 + 1)
                 + Duration::from_secs(2),
         };
+        // The runtime runs the worker for good, so the client's connections are driven (and
+        // their closing noticed) between exports too.
         let thread = std::thread::Builder::new()
             .name("llmslo-otlp".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || rt.block_on(worker.run()))?;
         Ok(Otlp {
             tx,
             ids,
@@ -234,7 +235,7 @@ impl Otlp {
         match self.tx.try_send((rec.clone(), why)) {
             Ok(()) => &self.counters.queued,
             Err(TrySendError::Full(_)) => &self.counters.dropped_queue_full,
-            Err(TrySendError::Disconnected(_)) => &self.counters.dropped_shutdown,
+            Err(TrySendError::Closed(_)) => &self.counters.dropped_shutdown,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
@@ -377,7 +378,6 @@ fn build_exporter(cfg: &OtlpCfg, clock: MonoToUnix) -> Result<opentelemetry_otlp
 struct Worker {
     rx: mpsc::Receiver<Job>,
     exporter: opentelemetry_otlp::SpanExporter,
-    rt: tokio::runtime::Runtime,
     ids: Ids,
     clock: MonoToUnix,
     counters: Arc<Counters>,
@@ -388,24 +388,25 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self) {
+    async fn run(mut self) {
         let scope = InstrumentationScope::builder("llm-slo-agent")
             .with_version(env!("CARGO_PKG_VERSION"))
             .build();
+        let (ids, counters) = (self.ids, self.counters.clone());
         let opts = TraceOpts {
             clock: self.clock,
-            ids: &self.ids,
+            ids: &ids,
             token_events: self.token_events,
             scope: &scope,
         };
-        let c = &self.counters;
+        let c = &*counters;
         let mut batch: Vec<Job> = Vec::with_capacity(self.batch_size);
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(j) => batch.push(j),
-                Err(RecvTimeoutError::Timeout) if !stopping => continue,
-                Err(_) => break,
+            match tokio::time::timeout(Duration::from_millis(100), self.rx.recv()).await {
+                Ok(Some(j)) => batch.push(j),
+                Err(_) if !stopping => continue,
+                _ => break,
             }
             while batch.len() < self.batch_size {
                 match self.rx.try_recv() {
@@ -436,9 +437,7 @@ impl Worker {
                 continue;
             }
             let n = spans.len() as u64;
-            let res = self.rt.block_on(async {
-                tokio::time::timeout(self.call_limit, self.exporter.export(spans)).await
-            });
+            let res = tokio::time::timeout(self.call_limit, self.exporter.export(spans)).await;
             match res {
                 Ok(Ok(())) => {
                     c.exported_traces.fetch_add(traces, Ordering::Relaxed);
