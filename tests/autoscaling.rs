@@ -166,6 +166,7 @@ fn exported_by_the_agent() -> BTreeSet<String> {
         pod: "p".into(),
         model: MODEL.into(),
         route: "/v1/chat/completions".into(),
+        ..Default::default()
     };
     agg.record(&r, labels, 1_000);
     let mut out = String::new();
