@@ -404,9 +404,10 @@ static __always_inline int exit_io(long ret, const __u16 io)
 			queued_last = ci->queued_last_ts;
 		}
 	} else {
+		/* NOEXIST: sk_data_ready may have stamped this socket on another CPU since the
+		 * lookup; its stamp is kept for the next read. */
 		struct conn_info fresh = {};
-		if (bpf_map_update_elem(&conns, &key, &fresh, BPF_ANY))
-			bump(LLMSLO_ST_CONN_FULL);
+		bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST);
 	}
 	if (ret > 0) {
 		if (io == IO_IOV)
@@ -599,7 +600,34 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	struct conn_info fresh = { .queued_ts = now, .queued_last_ts = now };
-	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+	if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+		return 0;
+	/* The server accepted the socket on another CPU between our lookup and the insert (the
+	 * request's first bytes and the accept commonly meet): stamp the entry accept made. */
+	ci = bpf_map_lookup_elem(&conns, &key);
+	if (!ci) {
 		bump(LLMSLO_ST_CONN_FULL);
+		return 0;
+	}
+	if (!ci->queued_ts)
+		ci->queued_ts = now;
+	ci->queued_last_ts = now;
+	return 0;
+}
+
+/* A socket's stamps end with the socket: a server killed without close() must not leave them
+ * to the next socket allocated at the same address. The entry itself stays until close() (a
+ * reset socket is still closed by its server, and that close is reported) or LRU eviction. */
+SEC("tracepoint/sock/inet_sock_set_state")
+int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP || ctx->newstate != 7 /* TCP_CLOSE */)
+		return 0;
+	__u64 key = (__u64)ctx->skaddr;
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	if (ci) {
+		ci->queued_ts = 0;
+		ci->queued_last_ts = 0;
+	}
 	return 0;
 }

@@ -291,6 +291,16 @@ impl Pod {
         Ok(format!("{net}::2").parse()?)
     }
 
+    /// Lets the node forward IPv6 packets that enter from this pod (its host-side veth), without
+    /// turning on the host's global IPv6 forwarding (`force_forwarding`, Linux 6.17+).
+    pub fn force_ipv6_forwarding(&self) -> Result<()> {
+        let p = format!(
+            "/proc/sys/net/ipv6/conf/{}/force_forwarding",
+            self.host_veth
+        );
+        std::fs::write(&p, "1").with_context(|| format!("{p} (needs Linux 6.17 or later)"))
+    }
+
     /// The pod's address (eth0 inside the pod).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip

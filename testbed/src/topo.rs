@@ -3,7 +3,7 @@
 //! behind host-side veths, kube-proxy-style DNAT from a ClusterIP to a pod, a cni0-style
 //! bridge, and a VXLAN overlay to another node (Flannel's `flannel.<VNI>` on port 8472).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -34,6 +34,14 @@ impl Outside {
     pub fn netns_path(&self) -> std::path::PathBuf {
         self.client.netns_path()
     }
+
+    /// Gives the client an IPv6 address and lets the node forward IPv6 that enters through the
+    /// uplink (per device, `force_forwarding`: the host's global IPv6 forwarding stays off).
+    pub fn enable_ipv6(&self) -> Result<Ipv6Addr> {
+        let ip = self.client.enable_ipv6()?;
+        self.client.force_ipv6_forwarding()?;
+        Ok(ip)
+    }
 }
 
 /// A ClusterIP-style service: iptables DNAT in the root netns's PREROUTING, removed on drop.
@@ -42,15 +50,15 @@ pub struct Service {
     rule: Vec<String>,
 }
 
-fn iptables(args: &[String]) -> Result<()> {
-    let out = Command::new("iptables")
+fn iptables(tool: &str, args: &[String]) -> Result<()> {
+    let out = Command::new(tool)
         .args(["-w", "5"])
         .args(args)
         .output()
         .context("running iptables")?;
     if !out.status.success() {
         bail!(
-            "iptables {}: {}",
+            "{tool} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -63,15 +71,31 @@ impl Service {
     pub fn dnat(vip_port: u16, backend: SocketAddr) -> Result<Service> {
         let n = (std::process::id() % 200) * 256 + SVC.fetch_add(1, Ordering::Relaxed) % 256;
         let vip_ip = Ipv4Addr::new(10, 96, (n >> 8) as u8 + 1, (n & 0xff) as u8 + 1);
-        let vip = SocketAddr::new(vip_ip.into(), vip_port);
+        Service::add(SocketAddr::new(vip_ip.into(), vip_port), backend)
+    }
+
+    /// The IPv6 ClusterIP of a dual-stack service: a fresh address in fd00:96::/64 DNATed
+    /// (ip6tables) to the IPv6 `backend`.
+    pub fn dnat6(vip_port: u16, backend: SocketAddr) -> Result<Service> {
+        let n = (std::process::id() % 0xffff) << 16 | SVC.fetch_add(1, Ordering::Relaxed) & 0xffff;
+        let vip_ip = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, (n >> 16) as u16, n as u16 | 1);
+        Service::add(SocketAddr::new(vip_ip.into(), vip_port), backend)
+    }
+
+    fn add(vip: SocketAddr, backend: SocketAddr) -> Result<Service> {
+        let (tool, plen) = if vip.is_ipv6() {
+            ("ip6tables", 128)
+        } else {
+            ("iptables", 32)
+        };
         let rule: Vec<String> = [
             "PREROUTING",
             "-d",
-            &format!("{vip_ip}/32"),
+            &format!("{}/{plen}", vip.ip()),
             "-p",
             "tcp",
             "--dport",
-            &vip_port.to_string(),
+            &vip.port().to_string(),
             "-m",
             "comment",
             "--comment",
@@ -86,7 +110,7 @@ impl Service {
         .collect();
         let mut add = vec!["-t".to_string(), "nat".into(), "-A".into()];
         add.extend(rule.iter().cloned());
-        iptables(&add)?;
+        iptables(tool, &add)?;
         Ok(Service { vip, rule })
     }
 }
@@ -95,7 +119,12 @@ impl Drop for Service {
     fn drop(&mut self) {
         let mut del = vec!["-t".to_string(), "nat".into(), "-D".into()];
         del.extend(self.rule.iter().cloned());
-        let _ = iptables(&del);
+        let tool = if self.vip.is_ipv6() {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let _ = iptables(tool, &del);
     }
 }
 

@@ -116,7 +116,7 @@ fn calico_style_node_behind_a_cluster_ip() {
     );
     let t = assert_detected(&agent, "calico", &sp);
     assert!(sp.pod.host_veth().starts_with("cali"), "{t}");
-    load_and_check(&agent, &sp, &outside, svc.vip, 150);
+    load_and_check(&agent, sp.pod.addr(PORT), &outside, svc.vip, 150);
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn cilium_style_node_keeps_ciliums_tc_program_whole() {
         without,
         "the same traffic counts the same with the agent attached"
     );
-    load_and_check(&agent, &sp, &outside, sp.pod.addr(PORT), 100);
+    load_and_check(&agent, sp.pod.addr(PORT), &outside, sp.pod.addr(PORT), 100);
 
     assert!(agent.stop(), "clean exit:\n{}", agent.log_text());
     let chain = tc_chain(&dev);
@@ -204,5 +204,5 @@ fn flannel_style_nodes_joined_by_vxlan() {
             .any(|e| e.as_str().unwrap().contains("/run/flannel/subnet.env")),
         "{t}"
     );
-    load_and_check(&agent, &sp, &outside, sp.pod.addr(PORT), 150);
+    load_and_check(&agent, sp.pod.addr(PORT), &outside, sp.pod.addr(PORT), 150);
 }
