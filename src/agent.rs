@@ -213,6 +213,7 @@ pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
         auto: cfg.discovery.auto,
         pids: cfg.discovery.target_pids.clone(),
         cgroups: cfg.discovery.target_cgroups.clone(),
+        select: cfg.discovery.select.clone(),
         net: crate::discovery::net::NetCfg {
             enabled: cfg.network.enabled && probe.has("tc_program"),
             node_devices: cfg.network.node_devices.clone(),
@@ -387,7 +388,7 @@ pub struct DiscoveryLoop {
 impl DiscoveryLoop {
     /// One scan, labelled from the Kubernetes index.
     pub fn scan(&self, k8s: &K8sState) -> Snapshot {
-        let mut snap = discovery::scan(&self.cfg);
+        let mut snap = discovery::scan(&self.cfg, k8s);
         snap.enrich(k8s, &self.label_keys, self.node.as_deref());
         snap
     }
@@ -569,6 +570,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         dl.cfg.proc_root.clone(),
         dl.cfg.signatures.clone(),
         dl.cfg.auto,
+        !dl.cfg.select.is_empty(),
         shared.clone(),
     ) {
         Ok(progs) => shared

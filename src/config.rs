@@ -145,6 +145,8 @@ pub struct DiscoveryCfg {
     pub target_pids: Vec<u32>,
     /// cgroup v2 paths, absolute or relative to the cgroup2 mount.
     pub target_cgroups: Vec<PathBuf>,
+    /// Pods picked by label or listening port as well (README "Discovery"); any one matches.
+    pub select: Vec<crate::discovery::Selector>,
     pub interval_ms: u64,
     /// Request series of a pod are dropped once no target has carried its labels this long.
     pub forget_after_s: u64,
@@ -176,6 +178,7 @@ impl Default for DiscoveryCfg {
             extra_signatures: vec![],
             target_pids: vec![],
             target_cgroups: vec![],
+            select: vec![],
             interval_ms: 1000,
             forget_after_s: 30,
         }
@@ -216,6 +219,21 @@ impl Config {
             self.kubernetes.labels.len() <= MAX_POD_LABELS,
             "kubernetes.labels: at most {MAX_POD_LABELS} pod labels (each multiplies the series)"
         );
+        for (i, sel) in self.discovery.select.iter().enumerate() {
+            anyhow::ensure!(
+                !sel.pod_labels.is_empty() || !sel.ports.is_empty(),
+                "discovery.select[{i}]: give pod_labels, ports or both (an empty selector would pick every pod)"
+            );
+            anyhow::ensure!(
+                !sel.ports.contains(&0),
+                "discovery.select[{i}].ports: 0 is not a port"
+            );
+            if !sel.pod_labels.is_empty() && self.kubernetes.enabled == "false" {
+                anyhow::bail!(
+                    "discovery.select[{i}].pod_labels needs the Kubernetes API (kubernetes.enabled is false)"
+                );
+            }
+        }
         if !self.kubernetes.api_url.is_empty() {
             self.kubernetes
                 .api_url
@@ -229,6 +247,33 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selectors_are_checked() {
+        let c: Config = serde_yaml::from_str(
+            "discovery:\n  select:\n    - pod_labels: {app.kubernetes.io/component: inference}\n    - ports: [8000, 30000]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.discovery.select.len(), 2);
+        assert_eq!(c.discovery.select[1].ports, vec![8000, 30000]);
+        for (yaml, says) in [
+            (
+                "discovery: {select: [{}]}",
+                "give pod_labels, ports or both",
+            ),
+            ("discovery: {select: [{ports: [0]}]}", "0 is not a port"),
+            (
+                "kubernetes: {enabled: \"false\"}\ndiscovery: {select: [{pod_labels: {a: b}}]}",
+                "needs the Kubernetes API",
+            ),
+        ] {
+            let c: Config = serde_yaml::from_str(yaml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
+        assert!(serde_yaml::from_str::<Config>("discovery: {select: [{port: [1]}]}").is_err());
+    }
 
     #[test]
     fn parses_yaml_and_rejects_typos() {

@@ -42,9 +42,20 @@ fn wants_rescan(
     ev: ProcEvent,
     proc_root: &std::path::Path,
     sigs: &[String],
+    select: bool,
     shared: &Shared,
 ) -> bool {
     match ev {
+        // With `discovery.select`, any new process in a pod may be one (its listening socket
+        // decides, at the rescans that follow).
+        ProcEvent::Exec(pid)
+            if select
+                && crate::discovery::proc_cgroup_path(proc_root, pid)
+                    .and_then(|p| crate::discovery::parse_kube_cgroup(&p))
+                    .is_some() =>
+        {
+            true
+        }
         ProcEvent::Exec(pid) => {
             let Ok(raw) = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")) else {
                 return false;
@@ -72,13 +83,14 @@ pub fn spawn(
     proc_root: PathBuf,
     signatures: Vec<String>,
     auto: bool,
+    select: bool,
     shared: Arc<Shared>,
 ) -> Result<Vec<AttachedProg>> {
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<AttachedProg>>>(1);
     std::thread::Builder::new()
         .name("llmslo-procwatch".into())
         .spawn(move || {
-            if let Err(e) = run(&proc_root, &signatures, auto, &shared, &tx) {
+            if let Err(e) = run(&proc_root, &signatures, auto, select, &shared, &tx) {
                 let _ = tx.try_send(Err(e));
             }
         })?;
@@ -89,6 +101,7 @@ fn run(
     proc_root: &std::path::Path,
     sigs: &[String],
     auto: bool,
+    select: bool,
     shared: &Shared,
     ready: &mpsc::SyncSender<Result<Vec<AttachedProg>>>,
 ) -> Result<()> {
@@ -105,7 +118,7 @@ fn run(
     builder.add(&skel.maps.proc_events, |data: &[u8]| {
         if let Some(ev) = decode(data) {
             let exec = matches!(ev, ProcEvent::Exec(_));
-            if (!exec || auto) && wants_rescan(ev, proc_root, sigs, shared) {
+            if (!exec || auto || select) && wants_rescan(ev, proc_root, sigs, select, shared) {
                 tracing::debug!(?ev, "process event: rescanning");
                 shared.exec_wakes.fetch_add(1, Ordering::Relaxed);
                 shared.wake.wake();

@@ -191,6 +191,7 @@ struct TestPod {
     server: Option<PodProcess>,
     cg: PodCgroup,
     pod: Pod,
+    port: u16,
 }
 
 const PORT: u16 = 8000;
@@ -203,10 +204,14 @@ fn pod_with_cgroup(name: &str, driver: CgroupDriver) -> (Pod, PodCgroup) {
 }
 
 fn start_server(pod: &Pod, cg: &PodCgroup, arg0: &str, hostname: &str) -> PodProcess {
+    start_server_on(pod, cg, arg0, hostname, PORT)
+}
+
+fn start_server_on(pod: &Pod, cg: &PodCgroup, arg0: &str, hostname: &str, port: u16) -> PodProcess {
     let mut cmd = Command::new(common::agent_bin());
     cmd.arg0(arg0)
         .arg("synth-server")
-        .args(["--listen", &format!("0.0.0.0:{PORT}"), "--decode-ms", "1"])
+        .args(["--listen", &format!("0.0.0.0:{port}"), "--decode-ms", "1"])
         .env("HOSTNAME", hostname)
         .stdout(std::process::Stdio::null());
     pod.spawn(cmd, Some(cg))
@@ -215,19 +220,24 @@ fn start_server(pod: &Pod, cg: &PodCgroup, arg0: &str, hostname: &str) -> PodPro
 
 impl TestPod {
     fn new(name: &str, driver: CgroupDriver, arg0: &str) -> TestPod {
+        TestPod::new_on(name, driver, arg0, PORT)
+    }
+
+    fn new_on(name: &str, driver: CgroupDriver, arg0: &str, port: u16) -> TestPod {
         let (pod, cg) = pod_with_cgroup(name, driver);
-        let server = start_server(&pod, &cg, arg0, name);
-        pod.wait_for_port(PORT, Duration::from_secs(10))
+        let server = start_server_on(&pod, &cg, arg0, name, port);
+        pod.wait_for_port(port, Duration::from_secs(10))
             .expect("server listening");
         TestPod {
             server: Some(server),
             cg,
             pod,
+            port,
         }
     }
 
     fn load(&self, n: usize) {
-        let mut cfg = LoadConfig::new(self.pod.addr(PORT));
+        let mut cfg = LoadConfig::new(self.pod.addr(self.port));
         cfg.connections = 1;
         cfg.requests = n;
         cfg.max_tokens = Some(4);
@@ -236,7 +246,7 @@ impl TestPod {
     }
 
     fn dst(&self) -> String {
-        format!("{}:{PORT}", self.pod.ip())
+        format!("{}:{}", self.pod.ip(), self.port)
     }
 }
 
@@ -409,6 +419,7 @@ fn kubernetes_node_scenario() {
         server: Some(lws_server),
         cg: lws_cg,
         pod: lws_pod,
+        port: PORT,
     };
     lws.load(3);
     let recs = agent.wait_requests(Duration::from_secs(10), |r| {
@@ -527,5 +538,138 @@ fn kubernetes_node_scenario() {
         records_to(&recs2, &sglang.dst())[0]["pod"],
         "sglang-0",
         "pods seen before keep their last known names"
+    );
+}
+
+/// `discovery.select`: with command-line matching off, one pod is picked by its labels (from
+/// the API), one by the port it listens on (node-local, started after the agent, so found
+/// through its exec and the rescans after it), and a pod that matches neither is never traced.
+#[test]
+fn pods_selected_by_label_or_port() {
+    if !kernel_tests_enabled("pods_selected_by_label_or_port") {
+        return;
+    }
+    let me = std::process::id();
+    let node = format!("llmslo-node-{me}");
+    // None of these command lines is an inference server's.
+    let labelled = TestPod::new(
+        "k8sselv",
+        CgroupDriver::Systemd,
+        &format!("llmslo-app-a-{me}"),
+    );
+    let web = TestPod::new(
+        "k8sselw",
+        CgroupDriver::Cgroupfs,
+        &format!("llmslo-app-w-{me}"),
+    );
+    let (port_pod, port_cg) = pod_with_cgroup("k8sselp", CgroupDriver::Cgroupfs);
+    let mut vars: HashMap<&str, String> = HashMap::new();
+    // The fixture's vllm pod carries app.kubernetes.io/component=inference; sglang and web
+    // do not.
+    for (key, cg) in [
+        ("VLLM", &labelled.cg),
+        ("SGLANG", &port_cg),
+        ("WEB", &web.cg),
+    ] {
+        vars.insert(
+            Box::leak(format!("UID_{key}").into_boxed_str()),
+            cg.pod_uid().to_string(),
+        );
+        vars.insert(
+            Box::leak(format!("CID_{key}").into_boxed_str()),
+            cg.container_id().to_string(),
+        );
+    }
+    vars.insert("UID_LWS", "00000000-0000-0000-0000-00000000dead".into());
+    vars.insert("CID_LWS", "0".repeat(64));
+    vars.insert("NODE", node.clone());
+    let api = ApiServer::start(fixture("pods.json", &vars));
+    let yaml = format!(
+        "discovery:\n  auto: false\n  interval_ms: 60000\n  select:\n    \
+         - pod_labels: {{app.kubernetes.io/component: inference}}\n    - ports: [30000]\n\
+         network:\n  enabled: false\n\
+         kubernetes:\n  api_url: {}\n  node_name: {node}\n",
+        api.url()
+    );
+    let agent = Agent::start_with_config(&yaml, &[]);
+    let picked = wait_until(Duration::from_secs(10), || {
+        targets(&agent)
+            .iter()
+            .any(|x| x["pod"] == "vllm-chat-7d9c5b8f4-x2x9q")
+    });
+    assert!(
+        picked.is_some(),
+        "the labelled pod picked: {:#?}",
+        targets(&agent)
+    );
+    let t0 = Instant::now();
+    let server = start_server_on(
+        &port_pod,
+        &port_cg,
+        &format!("llmslo-app-p-{me}"),
+        "k8sselp",
+        30000,
+    );
+    let by_port = wait_until(Duration::from_secs(5), || {
+        targets(&agent).iter().any(|x| x["pid"] == server.pid())
+    });
+    eprintln!(
+        "port-selected pod: server start -> traced in {by_port:?} (discovery polls every 60 s)"
+    );
+    assert!(
+        by_port.is_some_and(|d| d < Duration::from_secs(2)),
+        "the pod listening on 30000 traced within 2 s of its start ({:?}): {:#?}",
+        t0.elapsed(),
+        targets(&agent)
+    );
+    port_pod
+        .wait_for_port(30000, Duration::from_secs(10))
+        .unwrap();
+    let by_port_pod = TestPod {
+        server: Some(server),
+        cg: port_cg,
+        pod: port_pod,
+        port: 30000,
+    };
+    let t = targets(&agent);
+    let reason = |uid: &str| {
+        t.iter()
+            .find(|x| x["pod_uid"] == uid)
+            .map(|x| x["reason"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        reason(labelled.cg.pod_uid()).as_deref(),
+        Some("select:pod_labels"),
+        "{t:#?}"
+    );
+    assert_eq!(
+        reason(by_port_pod.cg.pod_uid()).as_deref(),
+        Some("select:port:30000"),
+        "{t:#?}"
+    );
+    assert_eq!(
+        reason(web.cg.pod_uid()),
+        None,
+        "the web pod is not picked: {t:#?}"
+    );
+
+    labelled.load(3);
+    by_port_pod.load(3);
+    web.load(3);
+    let recs = agent.wait_requests(Duration::from_secs(10), |r| {
+        records_to(r, &labelled.dst()).len() >= 3 && records_to(r, &by_port_pod.dst()).len() >= 3
+    });
+    let a = records_to(&recs, &labelled.dst());
+    let p = records_to(&recs, &by_port_pod.dst());
+    assert_eq!(
+        (a.len(), p.len()),
+        (3, 3),
+        "every request of both picked pods"
+    );
+    assert_eq!(a[0]["pod"], "vllm-chat-7d9c5b8f4-x2x9q");
+    assert_eq!(p[0]["pod"], "sglang-0");
+    assert!(
+        records_to(&recs, &web.dst()).is_empty(),
+        "the web pod's requests are not traced"
     );
 }

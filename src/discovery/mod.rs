@@ -8,7 +8,7 @@ pub mod net;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::loader::TargetSet;
 pub use cgroup::{cgroup2_mount, cgroup_id, parse_kube_cgroup, KubeCgroup};
@@ -28,6 +28,50 @@ pub const DEFAULT_SIGNATURES: &[&str] = &[
     "trtllm-serve",
 ];
 
+/// One way to pick servers besides command-line signatures (config `discovery.select`): a
+/// process in a Kubernetes pod is traced when it matches every field given here. Processes
+/// that listen on no TCP port (the pause container, helpers) are never picked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Selector {
+    /// The pod's labels (from the Kubernetes API) include all of these.
+    pub pod_labels: BTreeMap<String, String>,
+    /// The process listens on one of these TCP ports (its container port, in its own netns).
+    /// Node-local: works without the API.
+    pub ports: Vec<u16>,
+}
+
+impl Selector {
+    /// Why a pod's process is picked (`pod_labels`, `port:<p>` or both), or `None`. `labels`:
+    /// the pod's labels where the API knows the pod; `listening`: the process's listening ports.
+    pub fn matches(
+        &self,
+        labels: Option<&BTreeMap<String, String>>,
+        listening: &BTreeSet<u16>,
+    ) -> Option<String> {
+        if listening.is_empty() || (self.pod_labels.is_empty() && self.ports.is_empty()) {
+            return None;
+        }
+        let mut why = Vec::new();
+        if !self.pod_labels.is_empty() {
+            let labels = labels?;
+            if !self
+                .pod_labels
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+            {
+                return None;
+            }
+            why.push("pod_labels".to_string());
+        }
+        if !self.ports.is_empty() {
+            let p = self.ports.iter().find(|p| listening.contains(p))?;
+            why.push(format!("port:{p}"));
+        }
+        Some(why.join("+"))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DiscoveryConfig {
     /// Where the host's /proc is (in a container: the host's /proc mounted somewhere).
@@ -38,6 +82,8 @@ pub struct DiscoveryConfig {
     pub pids: Vec<u32>,
     /// cgroup v2 paths: absolute, or relative to the cgroup2 mount.
     pub cgroups: Vec<PathBuf>,
+    /// Pods picked by label or port (any selector may match), with or without `auto`.
+    pub select: Vec<Selector>,
     pub net: net::NetCfg,
 }
 
@@ -331,25 +377,30 @@ impl Snapshot {
 }
 
 /// One full scan: explicit pids and cgroups plus command-line matches.
-pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
+pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
     let mut snap = Snapshot::default();
     let cg_mount = cgroup2_mount();
     let mut wanted_pids: BTreeMap<u32, String> =
         cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
-    if cfg.auto {
+    if cfg.auto || !cfg.select.is_empty() {
         if let Ok(dir) = std::fs::read_dir(&cfg.proc_root) {
             for ent in dir.flatten() {
                 let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                let Some(argv) = read_cmdline(&cfg.proc_root, pid) else {
+                if wanted_pids.contains_key(&pid) {
                     continue;
-                };
-                let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-                if let Some(sig) = match_signature(&refs, &cfg.signatures) {
-                    wanted_pids
-                        .entry(pid)
-                        .or_insert_with(|| format!("signature:{sig}"));
+                }
+                let sig = cfg
+                    .auto
+                    .then(|| read_cmdline(&cfg.proc_root, pid))
+                    .flatten()
+                    .and_then(|argv| {
+                        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+                        match_signature(&refs, &cfg.signatures).map(|s| format!("signature:{s}"))
+                    });
+                if let Some(why) = sig.or_else(|| selected(cfg, k8s, pid)) {
+                    wanted_pids.insert(pid, why);
                 }
             }
         }
@@ -453,6 +504,28 @@ pub fn scan(cfg: &DiscoveryConfig) -> Snapshot {
     snap
 }
 
+/// Why `pid` is picked by a `discovery.select` selector: it runs in a pod (kubelet cgroup) and
+/// matches one of them.
+fn selected(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, pid: u32) -> Option<String> {
+    if cfg.select.is_empty() {
+        return None;
+    }
+    let kube = proc_cgroup_path(&cfg.proc_root, pid).and_then(|p| parse_kube_cgroup(&p))?;
+    let listening: BTreeSet<u16> = listen_ports(&cfg.proc_root, pid)
+        .into_iter()
+        .map(|(_, port)| port)
+        .collect();
+    if listening.is_empty() {
+        return None;
+    }
+    let pod = k8s.pod(&kube.pod_uid);
+    let labels = pod.as_ref().map(|p| &p.labels);
+    cfg.select
+        .iter()
+        .find_map(|s| s.matches(labels, &listening))
+        .map(|why| format!("select:{why}"))
+}
+
 /// Targets the sidecar proxies among the other containers of the pod of container cgroup
 /// `rel`: their requests are joined with the app's (see `assemble::sidecar`).
 fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &str) {
@@ -524,6 +597,53 @@ pub fn signatures(extra: &[String]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn selectors_need_every_field_and_a_listener() {
+        let labels: BTreeMap<String, String> = [
+            ("app.kubernetes.io/component", "inference"),
+            ("app.kubernetes.io/name", "vllm-chat"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let listening: BTreeSet<u16> = [8000, 9090].into();
+        let by_label = Selector {
+            pod_labels: [("app.kubernetes.io/component".into(), "inference".into())].into(),
+            ports: vec![],
+        };
+        let by_port = Selector {
+            pod_labels: BTreeMap::new(),
+            ports: vec![30000, 8000],
+        };
+        let both = Selector {
+            pod_labels: by_label.pod_labels.clone(),
+            ports: vec![9090],
+        };
+        assert_eq!(
+            by_label.matches(Some(&labels), &listening).as_deref(),
+            Some("pod_labels")
+        );
+        // Without the API the labels are unknown: no match.
+        assert_eq!(by_label.matches(None, &listening), None);
+        let mut other = labels.clone();
+        other.insert("app.kubernetes.io/component".into(), "web".into());
+        assert_eq!(by_label.matches(Some(&other), &listening), None);
+        // Ports work node-locally; the first configured port that listens names the match.
+        assert_eq!(
+            by_port.matches(None, &listening).as_deref(),
+            Some("port:8000")
+        );
+        assert_eq!(by_port.matches(None, &[8080].into()), None);
+        assert_eq!(
+            both.matches(Some(&labels), &listening).as_deref(),
+            Some("pod_labels+port:9090")
+        );
+        assert_eq!(both.matches(Some(&labels), &[8000].into()), None);
+        // A process with no listening socket (pause, helpers) is never picked.
+        assert_eq!(by_label.matches(Some(&labels), &BTreeSet::new()), None);
+        assert_eq!(Selector::default().matches(Some(&labels), &listening), None);
+    }
+
     #[test]
     fn sidecars_are_recognised_by_comm_or_argv0() {
         assert_eq!(
@@ -622,7 +742,7 @@ mod tests {
             pids: vec![std::process::id()],
             ..Default::default()
         };
-        let snap = scan(&cfg);
+        let snap = scan(&cfg, &k8s::K8sState::default());
         assert!(snap.set.tgids.contains(&std::process::id()));
         assert_eq!(snap.targets[0].reason, "pid");
     }
