@@ -1,5 +1,6 @@
 //! The abnormal requests of the last hour, kept whole for `/api/v1/requests?slow=true`: the
-//! slowest by E2E and by TTFT, and the aborted ones. Bounded: a fixed number per kind.
+//! slowest by E2E and by TTFT, the latest that violated an SLO, and the latest aborted ones.
+//! Bounded: a fixed number per kind.
 
 use std::sync::Arc;
 
@@ -14,17 +15,29 @@ enum Kind {
     SlowE2e,
     SlowTtft,
     Aborted,
+    SloViolation,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::SlowE2e, Kind::SlowTtft, Kind::Aborted];
+    const ALL: [Kind; 4] = [
+        Kind::SlowE2e,
+        Kind::SlowTtft,
+        Kind::Aborted,
+        Kind::SloViolation,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Kind::SlowE2e => "slow_e2e",
             Kind::SlowTtft => "slow_ttft",
             Kind::Aborted => "aborted",
+            Kind::SloViolation => "slo_violation",
         }
+    }
+
+    /// Kept by recency (the latest replace the oldest) rather than by how slow they were.
+    fn latest_first(self) -> bool {
+        matches!(self, Kind::Aborted | Kind::SloViolation)
     }
 }
 
@@ -37,7 +50,7 @@ impl KeptBecause {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
-    /// `slow_e2e`, `slow_ttft`, `aborted`: the names `kept_because` uses.
+    /// `slow_e2e`, `slow_ttft`, `aborted`, `slo_violation`: the names `kept_because` uses.
     pub fn names(self) -> impl Iterator<Item = &'static str> {
         Kind::ALL
             .into_iter()
@@ -59,7 +72,7 @@ impl Abnormal {
     pub fn new(per_kind: usize) -> Abnormal {
         Abnormal {
             per_kind,
-            kept: Vec::with_capacity(per_kind * 3),
+            kept: Vec::with_capacity(per_kind * Kind::ALL.len()),
         }
     }
 
@@ -69,7 +82,7 @@ impl Abnormal {
             self.kept.push((kind, value, now_s, rec.clone()));
             return true;
         }
-        // Replace the least abnormal of this kind (for aborts: the oldest).
+        // Replace the least abnormal of this kind (for aborts and violations: the oldest).
         let victim = self
             .kept
             .iter()
@@ -77,7 +90,7 @@ impl Abnormal {
             .filter(|(_, k)| k.0 == kind)
             .min_by(|a, b| {
                 let key = |k: &(Kind, f64, u64, Arc<RequestRecord>)| {
-                    if kind == Kind::Aborted {
+                    if kind.latest_first() {
                         k.2 as f64
                     } else {
                         k.1
@@ -87,7 +100,7 @@ impl Abnormal {
             })
             .map(|(i, k)| (i, k.1));
         if let Some((i, v)) = victim {
-            if kind == Kind::Aborted || value > v {
+            if kind.latest_first() || value > v {
                 self.kept[i] = (kind, value, now_s, rec.clone());
                 return true;
             }
@@ -95,10 +108,14 @@ impl Abnormal {
         false
     }
 
-    /// Offers a finished record; answers the kinds it was kept for.
-    pub fn record(&mut self, rec: &Arc<RequestRecord>, now_s: u64) -> KeptBecause {
+    /// Offers a finished record (`violated`: it missed at least one SLO); answers the kinds it
+    /// was kept for.
+    pub fn record(&mut self, rec: &Arc<RequestRecord>, violated: bool, now_s: u64) -> KeptBecause {
         self.kept.retain(|k| now_s.saturating_sub(k.2) <= KEEP_S);
         let mut why = KeptBecause::default();
+        if violated && self.offer(Kind::SloViolation, 0.0, now_s, rec) {
+            why.add(Kind::SloViolation);
+        }
         if rec.aborted && self.offer(Kind::Aborted, 0.0, now_s, rec) {
             why.add(Kind::Aborted);
         }
@@ -163,7 +180,7 @@ mod tests {
     fn keeps_the_slowest_and_the_aborted_within_bounds() {
         let mut a = Abnormal::new(3);
         for i in 0..100 {
-            a.record(&rec(i, i as f64, i % 10 == 0), 1000);
+            a.record(&rec(i, i as f64, i % 10 == 0), false, 1000);
         }
         let l = a.list(1000, 100);
         let ids: Vec<u64> = l.iter().map(|v| v["id"].as_u64().unwrap()).collect();
@@ -184,31 +201,58 @@ mod tests {
         let mut a = Abnormal::new(2);
         let names = |k: KeptBecause| k.names().collect::<Vec<_>>();
         assert_eq!(
-            names(a.record(&rec(1, 50.0, false), 10)),
+            names(a.record(&rec(1, 50.0, false), false, 10)),
             ["slow_e2e", "slow_ttft"]
         );
         assert_eq!(
-            names(a.record(&rec(2, 40.0, false), 10)),
+            names(a.record(&rec(2, 40.0, false), false, 10)),
             ["slow_e2e", "slow_ttft"]
         );
         assert!(
-            a.record(&rec(3, 30.0, false), 10).is_empty(),
+            a.record(&rec(3, 30.0, false), false, 10).is_empty(),
             "faster than both kept"
         );
         assert_eq!(
-            names(a.record(&rec(4, 60.0, false), 10)),
+            names(a.record(&rec(4, 60.0, false), false, 10)),
             ["slow_e2e", "slow_ttft"]
         );
-        assert_eq!(names(a.record(&rec(5, 1.0, true), 10)), ["aborted"]);
+        assert_eq!(names(a.record(&rec(5, 1.0, true), false, 10)), ["aborted"]);
+    }
+
+    #[test]
+    fn keeps_the_latest_slo_violators_however_fast() {
+        let mut a = Abnormal::new(2);
+        // Two slow requests fill the slow kinds; the violators are fast (an ITL or stage SLO).
+        a.record(&rec(1, 900.0, false), false, 10);
+        a.record(&rec(2, 800.0, false), false, 10);
+        let names = |k: KeptBecause| k.names().collect::<Vec<_>>();
+        for (id, at) in [(3, 11), (4, 12), (5, 13)] {
+            assert_eq!(
+                names(a.record(&rec(id, 5.0, false), true, at)),
+                ["slo_violation"],
+                "violator {id}"
+            );
+        }
+        let l = a.list(13, 100);
+        let violators: Vec<u64> = l
+            .iter()
+            .filter(|v| v["kept_because"] == "slo_violation")
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(violators, [5, 4], "the latest two, bounded: {l:?}");
+        assert!(
+            a.record(&rec(6, 5.0, false), false, 14).is_empty(),
+            "a fast request that met every SLO is not abnormal"
+        );
     }
 
     #[test]
     fn forgets_after_an_hour() {
         let mut a = Abnormal::new(3);
-        a.record(&rec(1, 500.0, false), 1000);
+        a.record(&rec(1, 500.0, false), false, 1000);
         assert_eq!(a.list(1000 + KEEP_S, 10).len(), 1);
         assert!(a.list(1001 + KEEP_S, 10).is_empty());
-        a.record(&rec(2, 1.0, false), 1001 + KEEP_S);
+        a.record(&rec(2, 1.0, false), false, 1001 + KEEP_S);
         assert_eq!(
             a.kept.len(),
             2,

@@ -65,14 +65,14 @@ impl Store {
                 .map(|k| rec.labels.get(k).cloned().unwrap_or_default())
                 .collect(),
         };
-        self.slo.observe(&rec, &labels.route, now_s);
+        let violated = self.slo.observe(&rec, &labels.route, now_s);
         self.agg.record(&rec, labels, now_s);
         if self.recent.len() == self.cap {
             self.recent.pop_front();
         }
         self.heatmap.record(&rec, now_s);
         let rec = Arc::new(rec);
-        let why = self.abnormal.record(&rec, now_s);
+        let why = self.abnormal.record(&rec, violated, now_s);
         self.recent.push_back(rec.clone());
         (rec, why)
     }

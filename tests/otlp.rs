@@ -395,7 +395,8 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
     let yaml = format!(
         "otlp:\n  enabled: true\n  protocol: {proto}\n  endpoint: http://{}\n  headers: {{x-otlp-token: secret-1}}\n  \
          sample_ratio: {sample_ratio}\n  node_name: test-node\n  resource_attributes: {{k8s.cluster.name: testbed}}\n  \
-         token_events: {TOKEN_EVENTS}\n  batch_size: 64\n  timeout_ms: 3000\n",
+         token_events: {TOKEN_EVENTS}\n  batch_size: 64\n  timeout_ms: 3000\n\
+         slos:\n  - {{name: fast-ttft, objective: 0.9, window: 1h, sli: {{type: latency, metric: ttft, threshold_ms: 20}}}}\n",
         rx.addr
     );
     let agent = Agent::start_with_config(
@@ -476,6 +477,32 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
             None => assert!(sample_ratio < 1.0, "request {id} not sampled at ratio 1"),
         }
     }
+    // The long prompts (every 4th request, ~48 ms of prefill) violate the 20 ms TTFT SLO: each
+    // is kept and exported as an SLO violator; the short ones (~1 ms) are not marked so.
+    let mut violators = 0;
+    for rec in &all {
+        let (id, ttft) = (rec["id"].as_u64().unwrap(), rec["ttft_ms"].as_f64());
+        let why = traces
+            .get(&id)
+            .map(|t| attr_strs(&t.root.attributes, "llmslo.kept_because"))
+            .unwrap_or_default();
+        match ttft {
+            Some(v) if v > 21.0 && rec["aborted"] == false => {
+                violators += 1;
+                assert!(slow_ids.contains(&id), "violator {id} ({v} ms) kept");
+                assert!(
+                    why.contains(&"slo_violation".to_string()),
+                    "violator {id} ({v} ms) exported as one: {why:?}"
+                );
+            }
+            Some(v) if v < 19.0 => assert!(
+                !why.contains(&"slo_violation".to_string()),
+                "request {id} ({v} ms) met the SLO: {why:?}"
+            ),
+            _ => {}
+        }
+    }
+    assert!(violators >= 40, "{violators} long-prompt violators");
     if sample_ratio == 0.0 {
         assert!(
             traces.len() < all.len(),
@@ -715,7 +742,7 @@ fn a_stalled_receiver_costs_drops_not_waiting() {
         let recs: Vec<_> = (0..2000).map(synthetic).collect();
         // Abnormal (kept by a store with room for all): always offered.
         let mut kept = llm_slo_agent::abnormal::Abnormal::new(10_000);
-        let why: Vec<_> = recs.iter().map(|r| kept.record(r, 0)).collect();
+        let why: Vec<_> = recs.iter().map(|r| kept.record(r, false, 0)).collect();
         let t0 = Instant::now();
         for (r, why) in recs.iter().zip(why) {
             x.offer(r, why);

@@ -205,7 +205,7 @@ fn aborted_request_ends_at_its_last_timestamp_with_error_status() {
     r.timestamps.set(Ts::Token1, 5_000);
     r.finish(false);
     let mut kept = crate::abnormal::Abnormal::new(1);
-    let why = kept.record(&std::sync::Arc::new(r.clone()), 0);
+    let why = kept.record(&std::sync::Arc::new(r.clone()), false, 0);
     let spans = record_spans(&r, why, &opts(&ids, &scope, 8)).unwrap();
     let root = &spans[0];
     assert_eq!(unix_ns(root.start_time) - OFFSET, 1_000);

@@ -313,8 +313,11 @@ impl SloEngine {
 
     /// Judges one finished request against every SLO whose selector it matches, at wall
     /// time `now_s` (unix seconds). `route` is the request's route label (`stats::route_of`).
-    pub fn observe(&mut self, rec: &RequestRecord, route: &str, now_s: u64) {
+    /// Counts one finished request against every SLO it falls under; answers whether it
+    /// violated at least one.
+    pub fn observe(&mut self, rec: &RequestRecord, route: &str, now_s: u64) -> bool {
         self.started_s.get_or_insert(now_s);
+        let mut violated = false;
         for slo in &mut self.slos {
             if !slo.spec.selector.matches(rec, route) {
                 continue;
@@ -331,9 +334,11 @@ impl SloEngine {
                 slo.good += 1;
             } else {
                 slo.bad += 1;
+                violated = true;
             }
             slo.tiers.add(now_s, good);
         }
+        violated
     }
 
     /// How the SLO called `name` judges one request: `None` when there is no such SLO,
