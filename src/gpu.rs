@@ -140,6 +140,16 @@ pub struct Gpu {
     pub verifier: Vec<crate::loader::VerifierStats>,
 }
 
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let links = std::mem::take(&mut self.attached)
+            .into_values()
+            .flat_map(|(_, per_pid)| per_pid.into_values().flatten())
+            .collect();
+        crate::loader::detach_concurrently(links);
+    }
+}
+
 impl Gpu {
     /// Loads the programs (sharing the L7 object's target and stats maps); nothing is attached
     /// until [`Gpu::apply`] is given a library.

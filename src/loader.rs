@@ -96,6 +96,31 @@ pub struct L7 {
     pub stats: StatsMap,
 }
 
+impl Drop for L7 {
+    fn drop(&mut self) {
+        detach_concurrently(std::mem::take(&mut self._links));
+    }
+}
+
+/// Closes `links` from several threads at once. Each detach waits for the kernel to let
+/// in-flight runs of the program finish (an RCU grace period, ~40 ms on this 2-CPU VM): one by
+/// one, the L7 programs alone took 0.8 s of a SIGTERM; concurrent waits share grace periods.
+pub fn detach_concurrently(links: Vec<Link>) {
+    const THREADS: usize = 32;
+    let mut groups: Vec<Vec<Link>> = (0..THREADS).map(|_| Vec::new()).collect();
+    for (i, l) in links.into_iter().enumerate() {
+        groups[i % THREADS].push(l);
+    }
+    std::thread::scope(|s| {
+        for g in groups.into_iter().filter(|g| !g.is_empty()) {
+            // Without a thread (limits), close them here: slower, same result.
+            if let Err(e) = std::thread::Builder::new().spawn_scoped(s, move || drop(g)) {
+                tracing::debug!(error = %e, "closing links on the calling thread");
+            }
+        }
+    });
+}
+
 /// The kernel-side target filter.
 pub struct TargetMaps {
     tgids: MapHandle,

@@ -365,8 +365,16 @@ impl NetPath {
 
 impl Drop for NetPath {
     fn drop(&mut self) {
+        // tcx links detach as they close (concurrently: see `detach_concurrently`); clsact
+        // filters go with the ledger's own drop, which removes them all and rewrites its file
+        // once, not once per device.
+        let mut links = std::mem::take(&mut self._tcp_links);
+        links.append(&mut self._nf_links);
         for (_, a) in std::mem::take(&mut self.attached) {
-            self.detach(a);
+            if let Attachment::Links(mut l) = a {
+                links.append(&mut l);
+            }
         }
+        crate::loader::detach_concurrently(links);
     }
 }

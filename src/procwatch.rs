@@ -113,7 +113,7 @@ fn run(
     let skel = open
         .load()
         .map_err(|e| crate::caps::explain_load_error("process exec/exit programs", &e))?;
-    let (_links, progs) = attach_all(skel.object(), "exec", |_| true)?;
+    let (links, progs) = attach_all(skel.object(), "exec", |_| true)?;
     let mut builder = RingBufferBuilder::new();
     builder.add(&skel.maps.proc_events, |data: &[u8]| {
         if let Some(ev) = decode(data) {
@@ -134,6 +134,7 @@ fn run(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    crate::loader::detach_concurrently(links);
     Ok(())
 }
 

@@ -149,6 +149,22 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, then how long the agent took to exit, and whether it exited cleanly (`None`:
+    /// not within 10 s, then killed).
+    pub fn stop_timed(&mut self) -> Option<(Duration, bool)> {
+        // SAFETY: kill with a valid pid of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some((t0.elapsed(), st.success()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        None
+    }
+
     /// SIGTERM and wait; returns the exit status success.
     pub fn stop(&mut self) -> bool {
         // SAFETY: kill with a valid pid of our own child.
