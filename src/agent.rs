@@ -82,6 +82,7 @@ impl Store {
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     pub bpf: [u64; STAT_NAMES.len()],
+    pub conn_map: crate::loader::ConnMapHealth,
     pub events_read: u64,
     pub decode_errors: u64,
     pub assembler: AssemblerStats,
@@ -236,6 +237,7 @@ pub fn start_bpf(
 ) -> Result<std::thread::JoinHandle<()>> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
+    let conn_entries = cfg.max_kernel_connections;
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
         max_conns: cfg.max_connections,
@@ -244,8 +246,8 @@ pub fn start_bpf(
     let handle = std::thread::Builder::new()
         .name("llmslo-bpf".into())
         .spawn(move || {
-            if let Err(e) = bpf_thread(network, ringbuf_bytes, asm_cfg, &shared, targets, &ready_tx)
-            {
+            let sizes = (ringbuf_bytes, conn_entries);
+            if let Err(e) = bpf_thread(network, sizes, asm_cfg, &shared, targets, &ready_tx) {
                 let _ = ready_tx.try_send(Err(e));
             }
         })?;
@@ -257,13 +259,18 @@ pub fn start_bpf(
 
 fn bpf_thread(
     network: bool,
-    ringbuf_bytes: u32,
+    (ringbuf_bytes, conn_entries): (u32, u32),
     asm_cfg: AssemblerConfig,
     shared: &Shared,
     targets: mpsc::Receiver<Snapshot>,
     ready: &mpsc::SyncSender<Result<()>>,
 ) -> Result<()> {
-    let mut l7 = L7::load(ringbuf_bytes)?;
+    let mut l7 = L7::load(ringbuf_bytes, conn_entries)?;
+    let mut conn_map = crate::loader::ConnMapHealth {
+        capacity: l7.conns.capacity,
+        ..Default::default()
+    };
+    let mut last_conn_walk: Option<Instant> = None;
     let mut progs = l7.progs.clone();
     let mut verifier = l7.verifier.clone();
     let mut netpath = if network {
@@ -358,8 +365,23 @@ fn bpf_thread(
                 .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));
             shared.accept(std::mem::take(&mut *pending.borrow_mut()));
             let (read, bad) = *counters.borrow();
+            let counters = l7.stats.read();
+            // Walking the connection map costs a syscall per entry: every 5 s.
+            if last_conn_walk.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                last_conn_walk = Some(Instant::now());
+                let live = l7.conns.live();
+                let after = l7.stats.read();
+                let ins_del = |c: &[u64; STAT_NAMES.len()]| {
+                    (
+                        c[crate::loader::STAT_CONN_INSERT],
+                        c[crate::loader::STAT_CONN_DELETE],
+                    )
+                };
+                conn_map.update(ins_del(&counters), ins_del(&after), live);
+            }
             let mut h = shared.health.lock().expect("health lock");
-            h.bpf = l7.stats.read();
+            h.bpf = counters;
+            h.conn_map = conn_map;
             h.events_read = read;
             h.decode_errors = bad;
             h.assembler = asm.borrow().stats().clone();

@@ -258,6 +258,26 @@ fn render_health(s: &Shared, out: &mut String) {
             (&[("cause", "decode_error")], h.decode_errors as f64),
         ],
     );
+    let conns = [("map", "conns")];
+    write_gauge(
+        out,
+        "llmslo_agent_bpf_map_entries",
+        "Live entries of the kernel's connection map (walked every 5 s).",
+        &[(&conns, h.conn_map.live as f64)],
+    );
+    write_gauge(
+        out,
+        "llmslo_agent_bpf_map_capacity",
+        "Size of the kernel's connection map (max_kernel_connections).",
+        &[(&conns, f64::from(h.conn_map.capacity))],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_bpf_map_evictions_total",
+        "Entries the kernel's LRU connection map dropped to make room (inserts - deletes - live): \
+         those connections lose their socket stamps and close events.",
+        &[(&conns, h.conn_map.evicted as f64)],
+    );
     let names: Vec<[(&str, &str); 1]> = STAT_NAMES.iter().map(|n| [("stat", *n)]).collect();
     let rows: Vec<(&[(&str, &str)], f64)> = names
         .iter()

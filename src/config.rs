@@ -20,6 +20,8 @@ pub struct Config {
     pub max_label_sets: usize,
     /// Connections tracked by the assembler before the least recently used is evicted.
     pub max_connections: usize,
+    /// Entries of the kernel's connection map (an LRU; its evictions are counted).
+    pub max_kernel_connections: u32,
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
@@ -161,6 +163,7 @@ impl Default for Config {
             recent_requests: 10_000,
             max_label_sets: 200,
             max_connections: 65_536,
+            max_kernel_connections: 65_536,
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),
@@ -206,6 +209,11 @@ impl Config {
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
+        anyhow::ensure!(
+            self.max_kernel_connections >= 256,
+            "max_kernel_connections must be >= 256 (got {})",
+            self.max_kernel_connections
+        );
         crate::slo::SloEngine::new(self.slos.clone())?;
         self.otlp.validate()?;
         cni_adapters::parse_force(&self.network.cni)

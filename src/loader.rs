@@ -24,7 +24,13 @@ pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
     "packet_unparsed",
     "retransmit_ignored",
     "gpu_map_full",
+    "conn_map_inserts",
+    "conn_map_deletes",
 ];
+
+/// Indexes of the connection map's counters in [`STAT_NAMES`].
+pub const STAT_CONN_INSERT: usize = types::llmslo_stat::LLMSLO_ST_CONN_INSERT.0 as usize;
+pub const STAT_CONN_DELETE: usize = types::llmslo_stat::LLMSLO_ST_CONN_DELETE.0 as usize;
 
 /// What the agent traces: processes by tgid and cgroups by cgroup v2 id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,6 +100,43 @@ pub struct L7 {
     /// Owned handles, usable while the ring buffer borrows `skel`.
     pub targets: TargetMaps,
     pub stats: StatsMap,
+    pub conns: ConnMap,
+}
+
+/// The kernel's connection map, an LRU: it evicts silently when full, so its evictions are
+/// derived from the insert and delete counters and a walk of its keys.
+pub struct ConnMap {
+    map: MapHandle,
+    pub capacity: u32,
+}
+
+impl ConnMap {
+    /// Live entries (one syscall per key: call it every few seconds, not per event).
+    pub fn live(&self) -> u64 {
+        self.map.keys().count() as u64
+    }
+}
+
+/// The connection map's state for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnMapHealth {
+    pub capacity: u32,
+    pub live: u64,
+    pub evicted: u64,
+}
+
+impl ConnMapHealth {
+    /// Evictions = inserts − deletes − live. The counters are read before and after the walk
+    /// that counted `live`; inserts from before and deletes from after give a lower bound, so
+    /// traffic during the walk never inflates the count (exact when nothing changed). The
+    /// count never goes back.
+    pub fn update(&mut self, before: (u64, u64), after: (u64, u64), live: u64) {
+        let (inserts, _) = before;
+        let (_, deletes) = after;
+        let evicted = inserts.saturating_sub(deletes).saturating_sub(live);
+        self.evicted = self.evicted.max(evicted);
+        self.live = live;
+    }
 }
 
 impl Drop for L7 {
@@ -138,7 +181,8 @@ pub struct StatsMap(MapHandle);
 impl L7 {
     /// Opens, loads and attaches every program. A program whose hook is missing on this kernel
     /// is reported and skipped unless it is essential (the syscall tracepoints are).
-    pub fn load(ringbuf_bytes: u32) -> Result<L7> {
+    /// `conn_entries`: size of the kernel's connection map (`max_kernel_connections`).
+    pub fn load(ringbuf_bytes: u32, conn_entries: u32) -> Result<L7> {
         tracing::info!("loading the L7 BPF programs");
         crate::probe::ensure_mounts();
         bump_memlock_rlimit();
@@ -151,6 +195,10 @@ impl L7 {
             .events
             .set_max_entries(ringbuf_bytes)
             .context("sizing the ring buffer")?;
+        open.maps
+            .conns
+            .set_max_entries(conn_entries)
+            .context("sizing the connection map")?;
         let skel = open.load().map_err(|e| {
             crate::caps::explain_load_error("the L7 BPF programs", &e).context(
                 "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \
@@ -180,6 +228,10 @@ impl L7 {
             applied: TargetSet::default(),
         };
         let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
+        let conns = ConnMap {
+            map: MapHandle::try_from(&skel.maps.conns)?,
+            capacity: conn_entries,
+        };
         Ok(L7 {
             skel,
             _links: links,
@@ -187,6 +239,7 @@ impl L7 {
             verifier,
             targets,
             stats,
+            conns,
         })
     }
 }
@@ -301,6 +354,26 @@ fn bump_memlock_rlimit() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn conn_map_evictions_from_counters_and_live_entries() {
+        let mut h = ConnMapHealth {
+            capacity: 1024,
+            ..Default::default()
+        };
+        // 1,500 inserted, 100 closed, 1,024 live: 376 evicted.
+        h.update((1500, 100), (1500, 100), 1024);
+        assert_eq!((h.live, h.evicted), (1024, 376));
+        // Connections opened and closed during the walk: a lower bound, never more.
+        h.update((1600, 150), (1700, 260), 1024);
+        assert_eq!(h.evicted, 376, "1600 - 260 - 1024 = 316 < 376: kept");
+        h.update((2000, 300), (2000, 300), 1024);
+        assert_eq!(h.evicted, 676);
+        // Counters smaller than the live count (a walk that saw entries inserted after the
+        // first read) do not underflow.
+        h.update((10, 0), (10, 0), 50);
+        assert_eq!(h.evicted, 676);
+    }
+
     use super::*;
 
     #[test]

@@ -52,6 +52,140 @@ fn ring_buffer_overflow_is_accounted_exactly() {
     assert_eq!(lost, full, "generated - received = reported lost");
 }
 
+/// Live entries of the agent's connection map, as bpftool sees them (the only map named
+/// `conns` with `capacity` entries: the test sizes it so).
+fn conn_map_entries(capacity: u32) -> usize {
+    let show = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "name", "conns"])
+        .output()
+        .expect("bpftool map show");
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&show.stdout).expect("bpftool json");
+    let ids: Vec<u64> = maps
+        .iter()
+        .filter(|m| m["max_entries"] == capacity)
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "one conns map of {capacity} entries: {maps:?}"
+    );
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &ids[0].to_string()])
+        .output()
+        .expect("bpftool map dump");
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&dump.stdout).expect("bpftool dump json");
+    entries.len()
+}
+
+/// The kernel's connection map is an LRU that evicts silently when full. With it sized to 256
+/// and 600 connections held open, the agent's figures must match what the test did and what
+/// bpftool sees: an insert per connection, no delete, live entries as bpftool counts them, and
+/// evictions = inserts − deletes − live (at least 600 − 256), also after the test closes them
+/// all (then no entry is left).
+#[test]
+fn full_connection_map_evictions_are_counted_exactly() {
+    if !kernel_tests_enabled("full_connection_map_evictions_are_counted_exactly") {
+        return;
+    }
+    use std::io::{Read, Write};
+    const CAP: u32 = 256;
+    const N: usize = 600;
+    let sp = server_pod("lru", CgroupDriver::Systemd, "llmslo-synth-server", &[]);
+    let agent = Agent::start_with_config(
+        &format!("max_kernel_connections: {CAP}\n"),
+        &[
+            "--no-auto",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+            "--no-network",
+        ],
+    );
+    let stat =
+        |m: &str, s: &str| metric(m, &format!("llmslo_agent_bpf_stat_total{{stat=\"{s}\"}}"));
+    let figures = |what: &str| {
+        // The map is walked every 5 s: wait for a walk after the last change.
+        std::thread::sleep(Duration::from_millis(5600));
+        let m = agent.get("/metrics");
+        let f = (
+            stat(&m, "conn_map_inserts"),
+            stat(&m, "conn_map_deletes"),
+            metric(&m, "llmslo_agent_bpf_map_entries{map=\"conns\"}"),
+            metric(&m, "llmslo_agent_bpf_map_evictions_total{map=\"conns\"}"),
+            conn_map_entries(CAP) as f64,
+        );
+        eprintln!(
+            "{what}: inserts {}, deletes {}, live {} (bpftool {}), evicted {}",
+            f.0, f.1, f.2, f.4, f.3
+        );
+        assert_eq!(f.2, f.4, "{what}: live entries as bpftool counts them");
+        assert!(
+            f.2 <= f64::from(CAP),
+            "{what}: more entries than the map holds"
+        );
+        assert_eq!(
+            f.3,
+            f.0 - f.1 - f.2,
+            "{what}: evictions = inserts - deletes - live"
+        );
+        f
+    };
+    // The server's readiness probe (before the agent) may still be closing: settle first.
+    let (ins0, del0, _, ev0, _) = figures("start");
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":1}"#;
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let t0 = Instant::now();
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut c =
+            std::net::TcpStream::connect_timeout(&sp.pod.addr(PORT), Duration::from_secs(5))
+                .expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 512];
+        assert!(c.read(&mut buf).unwrap() > 0, "answered");
+        conns.push(c);
+        assert!(t0.elapsed() < Duration::from_secs(120), "bounded in time");
+    }
+    let (ins, del, live, evicted, _) = figures(&format!("{N} connections open"));
+    // One insert per accepted connection, plus one for each whose entry the LRU evicted while
+    // it was still being served (it shrinks in batches) and its next syscall re-inserted.
+    assert!(
+        (N as f64..=(N + N / 10) as f64).contains(&(ins - ins0)),
+        "{} inserts for {N} connections",
+        ins - ins0
+    );
+    assert_eq!(del - del0, 0.0, "no delete while all are open");
+    assert!(
+        evicted - ev0 >= (N as f64) - f64::from(CAP),
+        "{N} connections in {CAP} entries: at least {} evicted",
+        N - CAP as usize
+    );
+
+    // Closed: the server closes each on EOF. A connection whose entry was evicted gets one back
+    // when its FIN arrives (sk_data_ready), and loses it at the server's close().
+    drop(conns);
+    let closed = Instant::now();
+    while stat(&agent.get("/metrics"), "conn_map_deletes") < del + live
+        && closed.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, del2, live2, evicted2, _) = figures("closed");
+    assert!(
+        del2 - del >= live,
+        "every entry left was deleted at close: {} deletes, {live} entries",
+        del2 - del
+    );
+    assert_eq!(live2, 0.0, "no entry left");
+    assert!(evicted2 >= evicted, "the count never goes back");
+}
+
 fn agent_tcx_programs(dev: &str) -> usize {
     use libbpf_rs::libbpf_sys as sys;
     let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))

@@ -407,7 +407,8 @@ static __always_inline int exit_io(long ret, const __u16 io)
 		/* NOEXIST: sk_data_ready may have stamped this socket on another CPU since the
 		 * lookup; its stamp is kept for the next read. */
 		struct conn_info fresh = {};
-		bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST);
+		if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+			bump(LLMSLO_ST_CONN_INSERT);
 	}
 	if (ret > 0) {
 		if (io == IO_IOV)
@@ -520,9 +521,8 @@ static __always_inline int exit_accept_common(long ret)
 	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
 	__u64 key = (__u64)sk;
 	struct conn_info fresh = {};
-	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0) {
-		/* inserted: nothing was stamped yet */
-	}
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0)
+		bump(LLMSLO_ST_CONN_INSERT); /* nothing was stamped yet */
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
@@ -564,9 +564,9 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 	if (!sk)
 		return 0;
 	__u64 key = (__u64)sk;
-	if (!bpf_map_lookup_elem(&conns, &key))
-		return 0;
-	bpf_map_delete_elem(&conns, &key);
+	if (bpf_map_delete_elem(&conns, &key))
+		return 0; /* not a connection we follow */
+	bump(LLMSLO_ST_CONN_DELETE);
 	__u32 zero = 0;
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
 	if (!s)
@@ -600,8 +600,10 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	struct conn_info fresh = { .queued_ts = now, .queued_last_ts = now };
-	if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
+	if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST)) {
+		bump(LLMSLO_ST_CONN_INSERT);
 		return 0;
+	}
 	/* The server accepted the socket on another CPU between our lookup and the insert (the
 	 * request's first bytes and the accept commonly meet): stamp the entry accept made. */
 	ci = bpf_map_lookup_elem(&conns, &key);

@@ -45,7 +45,10 @@ enum llmslo_stat {
 	LLMSLO_ST_PKT_PARSE = 9,     /* a packet at a hook could not be parsed (counted, passed) */
 	LLMSLO_ST_RETRANSMIT = 10,   /* retransmitted request segments ignored for timestamps */
 	LLMSLO_ST_GPU_MAP_FULL = 11, /* GPU per-tgid counter or in-flight sync map full: call not counted */
-	LLMSLO_ST_MAX = 12,
+	LLMSLO_ST_CONN_INSERT = 12,  /* connection map: new entries (with deletes and the live count,
+				      * userspace derives the LRU's evictions) */
+	LLMSLO_ST_CONN_DELETE = 13,  /* connection map: entries removed at close() */
+	LLMSLO_ST_MAX = 14,
 };
 
 struct llmslo_event_hdr {
