@@ -35,6 +35,21 @@ fn ip_batch(cmds: &str) {
     );
 }
 
+/// `n` pod-style veths: host sides `prefix`0.. (up), peers in the new namespace `ns`, which
+/// takes them all with it when dropped.
+fn pod_veths_in(ns: &str, prefix: &str, n: usize) -> Netns {
+    let ns = Netns(ns.to_string());
+    ip_batch(&format!("netns add {}\n", ns.0));
+    let mut cmds = String::new();
+    for i in 0..n {
+        let host = format!("{prefix}{i:x}");
+        cmds += &format!("link add {host} type veth peer name p{i} netns {}\n", ns.0);
+        cmds += &format!("link set {host} up\n");
+    }
+    ip_batch(&cmds);
+    ns
+}
+
 fn proc_status(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -85,16 +100,8 @@ fn five_hundred_pod_veths_come_and_go_without_leaks() {
     let (fd0, rss0) = (fds(apid), proc_status(apid, "VmRSS:"));
     let log0 = agent.log_text().lines().count();
 
-    let ns = Netns(format!("{}-{pid}-churn", testbed::PREFIX));
-    ip_batch(&format!("netns add {}\n", ns.0));
-    let mut cmds = String::new();
-    for i in 0..PODS {
-        let host = format!("{prefix}{i:x}");
-        cmds += &format!("link add {host} type veth peer name p{i} netns {}\n", ns.0);
-        cmds += &format!("link set {host} up\n");
-    }
     let t_create = Instant::now();
-    ip_batch(&cmds);
+    let ns = pod_veths_in(&format!("{}-{pid}-churn", testbed::PREFIX), &prefix, PODS);
     let created = t_create.elapsed();
     let hooked = wait("all pod veths hooked", Duration::from_secs(90), || {
         pod_veths(&agent, &prefix) == PODS
@@ -180,15 +187,7 @@ fn sigterm_cleanup(mode: &str, pods: usize) -> Duration {
     let pid = std::process::id();
     let prefix = format!("ls{}{pid:x}c", &mode[..1]);
     assert!(prefix.len() + 3 <= 15, "veth names fit IFNAMSIZ");
-    let ns = Netns(format!("{}-{pid}-{mode}", testbed::PREFIX));
-    ip_batch(&format!("netns add {}\n", ns.0));
-    let mut cmds = String::new();
-    for i in 0..pods {
-        let host = format!("{prefix}{i:x}");
-        cmds += &format!("link add {host} type veth peer name p{i} netns {}\n", ns.0);
-        cmds += &format!("link set {host} up\n");
-    }
-    ip_batch(&cmds);
+    let _ns = pod_veths_in(&format!("{}-{pid}-{mode}", testbed::PREFIX), &prefix, pods);
     assert_eq!(clsact_qdiscs(&prefix), 0, "no qdisc before the agent");
     std::env::set_var(llm_slo_agent::netpath::ENV_TC_ATTACH, mode);
     let mut agent = Agent::start_with_config("discovery:\n  interval_ms: 200\n", &["--no-auto"]);

@@ -186,6 +186,23 @@ fn watch_follows_the_recorded_api_stream() {
     t.join().unwrap();
 }
 
+/// The fixture's placeholders: `UID_<KEY>`/`CID_<KEY>` from each pod's cgroup, and `NODE`.
+fn fixture_vars(node: &str, pods: &[(&str, &PodCgroup)]) -> HashMap<&'static str, String> {
+    let mut vars: HashMap<&'static str, String> = HashMap::new();
+    for (key, cg) in pods {
+        vars.insert(
+            Box::leak(format!("UID_{key}").into_boxed_str()),
+            cg.pod_uid().to_string(),
+        );
+        vars.insert(
+            Box::leak(format!("CID_{key}").into_boxed_str()),
+            cg.container_id().to_string(),
+        );
+    }
+    vars.insert("NODE", node.to_string());
+    vars
+}
+
 /// A testbed pod running the synthetic server as `arg0` with `HOSTNAME=hostname`.
 struct TestPod {
     server: Option<PodProcess>,
@@ -284,23 +301,15 @@ fn kubernetes_node_scenario() {
         &format!("llmslo-k8s-web-{me}"),
     );
     let (lws_pod, lws_cg) = pod_with_cgroup("k8slws", CgroupDriver::Systemd);
-    let mut vars: HashMap<&str, String> = HashMap::new();
-    for (key, cg) in [
-        ("VLLM", &vllm.cg),
-        ("SGLANG", &sglang.cg),
-        ("WEB", &web.cg),
-        ("LWS", &lws_cg),
-    ] {
-        vars.insert(
-            Box::leak(format!("UID_{key}").into_boxed_str()),
-            cg.pod_uid().to_string(),
-        );
-        vars.insert(
-            Box::leak(format!("CID_{key}").into_boxed_str()),
-            cg.container_id().to_string(),
-        );
-    }
-    vars.insert("NODE", node.clone());
+    let vars = fixture_vars(
+        &node,
+        &[
+            ("VLLM", &vllm.cg),
+            ("SGLANG", &sglang.cg),
+            ("WEB", &web.cg),
+            ("LWS", &lws_cg),
+        ],
+    );
     let mut api = ApiServer::start(fixture("pods.json", &vars));
     let evs = events(&vars);
 
@@ -563,26 +572,18 @@ fn pods_selected_by_label_or_port() {
         &format!("llmslo-app-w-{me}"),
     );
     let (port_pod, port_cg) = pod_with_cgroup("k8sselp", CgroupDriver::Cgroupfs);
-    let mut vars: HashMap<&str, String> = HashMap::new();
     // The fixture's vllm pod carries app.kubernetes.io/component=inference; sglang and web
-    // do not.
-    for (key, cg) in [
-        ("VLLM", &labelled.cg),
-        ("SGLANG", &port_cg),
-        ("WEB", &web.cg),
-    ] {
-        vars.insert(
-            Box::leak(format!("UID_{key}").into_boxed_str()),
-            cg.pod_uid().to_string(),
-        );
-        vars.insert(
-            Box::leak(format!("CID_{key}").into_boxed_str()),
-            cg.container_id().to_string(),
-        );
-    }
+    // do not. The LeaderWorkerSet pod of the fixture is not on this node here.
+    let mut vars = fixture_vars(
+        &node,
+        &[
+            ("VLLM", &labelled.cg),
+            ("SGLANG", &port_cg),
+            ("WEB", &web.cg),
+        ],
+    );
     vars.insert("UID_LWS", "00000000-0000-0000-0000-00000000dead".into());
     vars.insert("CID_LWS", "0".repeat(64));
-    vars.insert("NODE", node.clone());
     let api = ApiServer::start(fixture("pods.json", &vars));
     let yaml = format!(
         "discovery:\n  auto: false\n  interval_ms: 60000\n  select:\n    \

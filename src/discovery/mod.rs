@@ -306,8 +306,32 @@ fn read_comm(proc_root: &Path, pid: u32) -> Option<String> {
 /// The process's cgroup v2 path ("0::/path").
 pub fn proc_cgroup_path(proc_root: &Path, pid: u32) -> Option<String> {
     let s = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+    cgroup_path_from_proc(&s)
+}
+
+/// The path that names a process's pod in a `/proc/<pid>/cgroup` text: the cgroup v2 path
+/// (`0::…`), unless only a cgroup v1 hierarchy has the kubelet's path (cgroup v1 nodes, and
+/// hybrid ones where v2 holds only systemd's tree): then that one. The BPF cgroup filter
+/// only knows v2 ids, so on v1 such a process is traced by its pid alone.
+pub fn cgroup_path_from_proc(text: &str) -> Option<String> {
+    let mut v2 = None;
+    let mut v1_kube = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if id == "0" && ctrl.is_empty() {
+            v2 = Some(path);
+        } else if v1_kube.is_none() && path.contains("kubepods") {
+            v1_kube = Some(path);
+        }
+    }
+    match (v2, v1_kube) {
+        (Some(p), _) if p.contains("kubepods") => Some(p.to_string()),
+        (_, Some(p)) => Some(p.to_string()),
+        (p, None) => p.map(str::to_string),
+    }
 }
 
 /// Kubernetes sets HOSTNAME to the pod name in every container; read only that variable.
@@ -597,6 +621,39 @@ pub fn signatures(extra: &[String]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pod_cgroup_paths_under_cgroup_v1_v2_and_hybrid() {
+        let v2 = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b1c2d3e_4f50_6172_8394_a5b6c7d8e9f0.slice/cri-containerd-abc.scope\n";
+        assert!(cgroup_path_from_proc(v2)
+            .unwrap()
+            .ends_with("cri-containerd-abc.scope"));
+        // cgroup v1 (cgroupfs driver, Docker): no 0:: line.
+        let v1 = "12:pids:/kubepods/besteffort/pod0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0/1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c\n\
+                  11:memory:/kubepods/besteffort/pod0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0/1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c\n\
+                  1:name=systemd:/kubepods/besteffort/pod0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0/1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c\n";
+        let p = cgroup_path_from_proc(v1).unwrap();
+        let k = parse_kube_cgroup(&p).unwrap();
+        assert_eq!(k.pod_uid, "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0");
+        assert_eq!(
+            k.container_id.as_deref(),
+            Some("1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c1f2e3d4c")
+        );
+        // Hybrid: v2 holds systemd's view only; the v1 controllers carry the pod.
+        let hybrid = "13:cpu,cpuacct:/kubepods.slice/kubepods-pod0b1c2d3e_4f50_6172_8394_a5b6c7d8e9f0.slice/crio-9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b.scope\n\
+                      0::/system.slice/containerd.service\n";
+        let k = parse_kube_cgroup(&cgroup_path_from_proc(hybrid).unwrap()).unwrap();
+        assert_eq!(
+            k.container_id.as_deref(),
+            Some("9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b9a8b")
+        );
+        // Not in a pod: the v2 path as it is.
+        assert_eq!(
+            cgroup_path_from_proc("0::/user.slice/session-1.scope\n").as_deref(),
+            Some("/user.slice/session-1.scope")
+        );
+        assert_eq!(cgroup_path_from_proc("garbage\n"), None);
+    }
+
     #[test]
     fn selectors_need_every_field_and_a_listener() {
         let labels: BTreeMap<String, String> = [
