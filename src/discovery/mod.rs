@@ -114,6 +114,35 @@ pub struct Target {
     pub labels_from: &'static str,
 }
 
+impl Target {
+    /// A target as node-local discovery finds it; the Kubernetes index fills owner, labels and
+    /// ports later (`Snapshot::enrich`).
+    fn node_local(
+        pid: Option<u32>,
+        comm: Option<String>,
+        reason: String,
+        cgroup: (Option<String>, Option<u64>),
+        kube: Option<&KubeCgroup>,
+        meta: Meta,
+    ) -> Target {
+        Target {
+            pid,
+            comm,
+            reason,
+            cgroup_path: cgroup.0,
+            cgroup_id: cgroup.1,
+            pod_uid: kube.map(|k| k.pod_uid.clone()),
+            pod: meta.pod,
+            namespace: meta.namespace,
+            container: meta.container,
+            owner: None,
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            labels_from: "node",
+        }
+    }
+}
+
 /// Sidecar proxies recognised in an inference pod's other containers, by process name (comm or
 /// argv[0]'s base name).
 pub const SIDECAR_NAMES: &[&str] = &[
@@ -455,21 +484,14 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
             snap.set.cgroups.insert(id);
             snap.by_cgroup.insert(id, meta.clone());
         }
-        snap.targets.push(Target {
-            pid: Some(pid),
-            comm: read_comm(&cfg.proc_root, pid),
+        snap.targets.push(Target::node_local(
+            Some(pid),
+            read_comm(&cfg.proc_root, pid),
             reason,
-            cgroup_path: cg_path,
-            cgroup_id: cg_id,
-            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
-            pod: meta.pod,
-            namespace: meta.namespace,
-            container: meta.container,
-            owner: None,
-            labels: BTreeMap::new(),
-            ports: Vec::new(),
-            labels_from: "node",
-        });
+            (cg_path, cg_id),
+            kube.as_ref(),
+            meta,
+        ));
     }
     if let Some(m) = &cg_mount {
         let pods: BTreeSet<String> = snap
@@ -509,21 +531,14 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
             snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
         }
         snap.by_cgroup.insert(id, meta.clone());
-        snap.targets.push(Target {
-            pid: None,
-            comm: None,
-            reason: "cgroup".into(),
-            cgroup_path: Some(rel),
-            cgroup_id: Some(id),
-            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
-            pod: meta.pod,
-            namespace: meta.namespace,
-            container: meta.container,
-            owner: None,
-            labels: BTreeMap::new(),
-            ports: Vec::new(),
-            labels_from: "node",
-        });
+        snap.targets.push(Target::node_local(
+            None,
+            None,
+            "cgroup".into(),
+            (Some(rel), Some(id)),
+            kube.as_ref(),
+            meta,
+        ));
     }
     snap
 }
@@ -588,21 +603,14 @@ fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &
             snap.by_tgid.insert(p, meta.clone());
             snap.set.listen.extend(listen_ports(&cfg.proc_root, p));
         }
-        snap.targets.push(Target {
-            pid: Some(pid),
-            comm: read_comm(&cfg.proc_root, pid),
-            reason: format!("sidecar:{name}"),
-            cgroup_path: Some(rel),
-            cgroup_id: Some(id),
-            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
-            pod: meta.pod,
-            namespace: meta.namespace,
-            container: meta.container,
-            owner: None,
-            labels: BTreeMap::new(),
-            ports: Vec::new(),
-            labels_from: "node",
-        });
+        snap.targets.push(Target::node_local(
+            Some(pid),
+            read_comm(&cfg.proc_root, pid),
+            format!("sidecar:{name}"),
+            (Some(rel), Some(id)),
+            kube.as_ref(),
+            meta,
+        ));
     }
 }
 
