@@ -519,6 +519,11 @@ fn chart_values_cover_every_template_reference() {
                 );
             }
         }
+        if name == "servicemonitor.yaml" {
+            // The request series carry the inference pod's namespace/pod: Prometheus must not
+            // rename them to exported_* (dashboards and rules select on them).
+            assert!(text.contains("honorLabels: true"), "{name} keeps the series' labels");
+        }
         // Helm reads only files inside the chart.
         let mut rest = text.as_str();
         while let Some(i) = rest.find(".Files.Get \"") {
