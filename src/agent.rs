@@ -127,6 +127,8 @@ pub struct Shared {
     pub verifier: RwLock<Vec<crate::loader::VerifierStats>>,
     pub hooks: RwLock<Vec<AttachedHook>>,
     pub gpu: RwLock<crate::gpu::GpuView>,
+    /// Run-queue waits of the targets, per pod.
+    pub runq: RwLock<BTreeMap<crate::podtotals::PodLabels, crate::runq::RunqCounts>>,
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
     pub started: Instant,
@@ -171,6 +173,7 @@ impl Shared {
             verifier: RwLock::new(Vec::new()),
             hooks: RwLock::new(Vec::new()),
             gpu: RwLock::new(Default::default()),
+            runq: RwLock::new(Default::default()),
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
@@ -238,6 +241,7 @@ pub fn start_bpf(
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
     let conn_entries = cfg.max_kernel_connections;
+    let runq = cfg.cpu_runqueue;
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
         max_conns: cfg.max_connections,
@@ -246,7 +250,7 @@ pub fn start_bpf(
     let handle = std::thread::Builder::new()
         .name("llmslo-bpf".into())
         .spawn(move || {
-            let sizes = (ringbuf_bytes, conn_entries);
+            let sizes = (ringbuf_bytes, conn_entries, runq);
             if let Err(e) = bpf_thread(network, sizes, asm_cfg, &shared, targets, &ready_tx) {
                 let _ = ready_tx.try_send(Err(e));
             }
@@ -259,13 +263,13 @@ pub fn start_bpf(
 
 fn bpf_thread(
     network: bool,
-    (ringbuf_bytes, conn_entries): (u32, u32),
+    (ringbuf_bytes, conn_entries, runq): (u32, u32, bool),
     asm_cfg: AssemblerConfig,
     shared: &Shared,
     targets: mpsc::Receiver<Snapshot>,
     ready: &mpsc::SyncSender<Result<()>>,
 ) -> Result<()> {
-    let mut l7 = L7::load(ringbuf_bytes, conn_entries)?;
+    let mut l7 = L7::load(ringbuf_bytes, conn_entries, runq)?;
     let mut conn_map = crate::loader::ConnMapHealth {
         capacity: l7.conns.capacity,
         ..Default::default()
@@ -292,6 +296,9 @@ fn bpf_thread(
     let mut gpu = crate::gpu::Gpu::load(&l7.skel)
         .inspect(|g| verifier.extend(g.verifier.clone()))
         .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "GPU uprobes not loaded"))
+        .ok();
+    let mut runq = crate::runq::RunQueue::new(&l7.skel)
+        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "run-queue counters not readable"))
         .ok();
     *shared.programs.write().expect("programs lock") = progs;
     *shared.verifier.write().expect("verifier lock") = verifier;
@@ -360,6 +367,10 @@ fn bpf_thread(
             if let Some(g) = gpu.as_mut() {
                 let view = g.refresh(&shared.snapshot.read().expect("snapshot lock"));
                 *shared.gpu.write().expect("gpu lock") = view;
+            }
+            if let Some(r) = runq.as_mut() {
+                let view = r.refresh(&shared.snapshot.read().expect("snapshot lock"));
+                *shared.runq.write().expect("runq lock") = view;
             }
             asm.borrow_mut()
                 .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));

@@ -216,6 +216,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     }
     render_health(&s, &mut out);
     crate::gpu::render(&s.gpu.read().expect("gpu lock"), &mut out);
+    crate::runq::render(&s.runq.read().expect("runq lock"), &mut out);
     (
         [(
             header::CONTENT_TYPE,

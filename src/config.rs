@@ -22,6 +22,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Entries of the kernel's connection map (an LRU; its evictions are counted).
     pub max_kernel_connections: u32,
+    /// Count the targets' run-queue waits (sched_wakeup/sched_switch programs: every context
+    /// switch on the node pays a task-storage lookup).
+    pub cpu_runqueue: bool,
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
@@ -164,6 +167,7 @@ impl Default for Config {
             max_label_sets: 200,
             max_connections: 65_536,
             max_kernel_connections: 65_536,
+            cpu_runqueue: true,
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),

@@ -116,8 +116,7 @@ impl std::ops::AddAssign for GpuCounts {
     }
 }
 
-/// (namespace, pod): the only labels GPU metrics carry.
-pub type PodLabels = (String, String);
+pub use crate::podtotals::PodLabels;
 
 /// What the API reads.
 #[derive(Debug, Clone, Default)]
@@ -133,10 +132,7 @@ pub struct Gpu {
     /// processes mapping the same libcuda never trap.
     attached: BTreeMap<LibKey, (AttachedLib, BTreeMap<u32, Vec<Link>>)>,
     counts: MapHandle,
-    /// Labels of every tgid with counters, so a process's totals stay with its pod after it
-    /// exits (folded into `retired`, and its kernel entry removed).
-    labels: BTreeMap<u32, PodLabels>,
-    retired: BTreeMap<PodLabels, GpuCounts>,
+    totals: crate::podtotals::PodTotals<GpuCounts>,
     pub verifier: Vec<crate::loader::VerifierStats>,
 }
 
@@ -173,8 +169,7 @@ impl Gpu {
             skel,
             attached: BTreeMap::new(),
             counts,
-            labels: BTreeMap::new(),
-            retired: BTreeMap::new(),
+            totals: Default::default(),
             verifier,
         })
     }
@@ -252,42 +247,21 @@ impl Gpu {
 
     /// Sums the kernel's counters by pod, forgetting processes that are no longer targets.
     pub fn refresh(&mut self, snap: &Snapshot) -> GpuView {
-        let mut live: BTreeMap<PodLabels, GpuCounts> = BTreeMap::new();
-        let mut gone = Vec::new();
-        for key in self.counts.keys() {
-            let Some(tgid) = key
-                .get(..4)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_ne_bytes)
-            else {
-                continue;
-            };
-            let c = self.read(&key);
-            if let Some(m) = snap.by_tgid.get(&tgid) {
-                let l = (
-                    m.namespace.clone().unwrap_or_default(),
-                    m.pod.clone().unwrap_or_default(),
-                );
-                self.labels.insert(tgid, l);
-            }
-            let labels = self.labels.get(&tgid).cloned().unwrap_or_default();
-            if snap.set.tgids.contains(&tgid) {
-                *live.entry(labels).or_default() += c;
-            } else {
-                *self.retired.entry(labels).or_default() += c;
-                gone.push((tgid, key));
-            }
-        }
-        for (tgid, key) in gone {
-            let _ = self.counts.delete(&key);
-            self.labels.remove(&tgid);
-        }
-        for (l, c) in &self.retired {
-            *live.entry(l.clone()).or_default() += *c;
+        let entries: Vec<(u32, Option<u64>, GpuCounts)> = self
+            .counts
+            .keys()
+            .filter_map(|key| {
+                let tgid = u32::from_ne_bytes(key.get(..4)?.try_into().ok()?);
+                Some((tgid, None, self.read(&key)))
+            })
+            .collect();
+        let (by_pod, gone) = self.totals.fold(entries, snap);
+        for tgid in gone {
+            let _ = self.counts.delete(&tgid.to_ne_bytes());
         }
         GpuView {
             libs: self.attached.values().map(|(a, _)| a.clone()).collect(),
-            by_pod: live,
+            by_pod,
         }
     }
 
@@ -315,50 +289,37 @@ impl Gpu {
 
 /// The `llmslo_gpu_*` counters, one sample per (namespace, pod).
 pub fn render(view: &GpuView, out: &mut String) {
-    type Field = fn(&GpuCounts) -> f64;
-    let families: [(&str, &str, Field); 5] = [
-        (
-            "llmslo_gpu_kernel_launches_total",
-            "CUDA kernel launches (cuLaunchKernel, cuLaunchKernelEx).",
-            |c| c.launches as f64,
-        ),
-        (
-            "llmslo_gpu_graph_launches_total",
-            "CUDA graph launches (cuGraphLaunch).",
-            |c| c.graph_launches as f64,
-        ),
-        (
-            "llmslo_gpu_memcpy_bytes_total",
-            "Bytes asked of cuMemcpyHtoDAsync_v2, cuMemcpyDtoHAsync_v2 and cuMemcpyAsync.",
-            |c| c.memcpy_bytes as f64,
-        ),
-        (
-            "llmslo_gpu_syncs_total",
-            "cuStreamSynchronize and cuCtxSynchronize calls that returned.",
-            |c| c.syncs as f64,
-        ),
-        (
-            "llmslo_gpu_sync_wait_seconds_total",
-            "Time spent in cuStreamSynchronize and cuCtxSynchronize.",
-            |c| c.sync_wait_ns as f64 / 1e9,
-        ),
-    ];
-    if view.by_pod.is_empty() {
-        return;
-    }
-    for (name, help, field) in families {
-        let labels: Vec<[(&str, &str); 2]> = view
-            .by_pod
-            .keys()
-            .map(|(ns, pod)| [("namespace", ns.as_str()), ("pod", pod.as_str())])
-            .collect();
-        let samples: Vec<(&[(&str, &str)], f64)> = labels
-            .iter()
-            .zip(view.by_pod.values())
-            .map(|(l, c)| (&l[..], field(c)))
-            .collect();
-        crate::stats::write_counter(out, name, help, &samples);
-    }
+    crate::podtotals::render(
+        out,
+        &view.by_pod,
+        &[
+            (
+                "llmslo_gpu_kernel_launches_total",
+                "CUDA kernel launches (cuLaunchKernel, cuLaunchKernelEx).",
+                |c: &GpuCounts| c.launches as f64,
+            ),
+            (
+                "llmslo_gpu_graph_launches_total",
+                "CUDA graph launches (cuGraphLaunch).",
+                |c| c.graph_launches as f64,
+            ),
+            (
+                "llmslo_gpu_memcpy_bytes_total",
+                "Bytes asked of cuMemcpyHtoDAsync_v2, cuMemcpyDtoHAsync_v2 and cuMemcpyAsync.",
+                |c| c.memcpy_bytes as f64,
+            ),
+            (
+                "llmslo_gpu_syncs_total",
+                "cuStreamSynchronize and cuCtxSynchronize calls that returned.",
+                |c| c.syncs as f64,
+            ),
+            (
+                "llmslo_gpu_sync_wait_seconds_total",
+                "Time spent in cuStreamSynchronize and cuCtxSynchronize.",
+                |c| c.sync_wait_ns as f64 / 1e9,
+            ),
+        ],
+    );
 }
 
 #[cfg(test)]

@@ -181,8 +181,9 @@ pub struct StatsMap(MapHandle);
 impl L7 {
     /// Opens, loads and attaches every program. A program whose hook is missing on this kernel
     /// is reported and skipped unless it is essential (the syscall tracepoints are).
-    /// `conn_entries`: size of the kernel's connection map (`max_kernel_connections`).
-    pub fn load(ringbuf_bytes: u32, conn_entries: u32) -> Result<L7> {
+    /// `conn_entries`: size of the kernel's connection map (`max_kernel_connections`);
+    /// `runq`: load the run-queue programs (`cpu_runqueue`).
+    pub fn load(ringbuf_bytes: u32, conn_entries: u32, runq: bool) -> Result<L7> {
         tracing::info!("loading the L7 BPF programs");
         crate::probe::ensure_mounts();
         bump_memlock_rlimit();
@@ -199,6 +200,11 @@ impl L7 {
             .conns
             .set_max_entries(conn_entries)
             .context("sizing the connection map")?;
+        if !runq {
+            open.progs.runq_wakeup.set_autoload(false);
+            open.progs.runq_wakeup_new.set_autoload(false);
+            open.progs.runq_switch.set_autoload(false);
+        }
         let skel = open.load().map_err(|e| {
             crate::caps::explain_load_error("the L7 BPF programs", &e).context(
                 "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \

@@ -522,7 +522,10 @@ fn chart_values_cover_every_template_reference() {
         if name == "servicemonitor.yaml" {
             // The request series carry the inference pod's namespace/pod: Prometheus must not
             // rename them to exported_* (dashboards and rules select on them).
-            assert!(text.contains("honorLabels: true"), "{name} keeps the series' labels");
+            assert!(
+                text.contains("honorLabels: true"),
+                "{name} keeps the series' labels"
+            );
         }
         // Helm reads only files inside the chart.
         let mut rest = text.as_str();

@@ -6,6 +6,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 #include "maps.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -631,5 +632,92 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci->queued_ts = 0;
 		ci->queued_last_ts = 0;
 	}
+	return 0;
+}
+
+/* ---- CPU starvation: how long target threads wait on a run queue ----
+ * A target thread becomes runnable (woken, or preempted while running) → its time is noted in
+ * task storage; it gets the CPU (sched_switch's next) → the wait is added to its process's
+ * per-CPU counters. Other tasks cost a task-storage lookup that finds nothing. */
+struct runq_state {
+	__u64 since;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct runq_state);
+} runq_since SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct llmslo_runq_counts);
+} runq_by_tgid SEC(".maps");
+
+static __always_inline __u64 task_cgroup_id(struct task_struct *p)
+{
+	return BPF_CORE_READ(p, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline bool task_is_target(struct task_struct *p)
+{
+	__u32 tgid = BPF_CORE_READ(p, tgid);
+	if (bpf_map_lookup_elem(&target_tgids, &tgid))
+		return true;
+	if (!n_cgroup_targets)
+		return false;
+	__u64 cg = task_cgroup_id(p);
+	return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
+}
+
+static __always_inline void runq_enter(struct task_struct *p)
+{
+	if (!task_is_target(p))
+		return;
+	struct runq_state *st = bpf_task_storage_get(&runq_since, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (st)
+		st->since = bpf_ktime_get_ns();
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(runq_wakeup, struct task_struct *p)
+{
+	runq_enter(p);
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(runq_wakeup_new, struct task_struct *p)
+{
+	runq_enter(p);
+	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(runq_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
+	     unsigned int prev_state)
+{
+	/* Preempted while runnable: it waits again from now. */
+	if (prev_state == 0 /* TASK_RUNNING */)
+		runq_enter(prev);
+	struct runq_state *st = bpf_task_storage_get(&runq_since, next, 0, 0);
+	if (!st || !st->since)
+		return 0;
+	__u64 wait = bpf_ktime_get_ns() - st->since;
+	st->since = 0;
+	__u32 tgid = BPF_CORE_READ(next, tgid);
+	struct llmslo_runq_counts *c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
+	if (!c) {
+		struct llmslo_runq_counts fresh = { .cgroup_id = task_cgroup_id(next) };
+		bpf_map_update_elem(&runq_by_tgid, &tgid, &fresh, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
+		if (!c)
+			return 0;
+	}
+	c->wait_ns += wait;
+	c->waits += 1;
 	return 0;
 }

@@ -1,0 +1,127 @@
+//! Per-process kernel counters (per-CPU hash maps keyed by tgid: GPU activity, run-queue
+//! waits) summed per pod for `/metrics`. A process's totals stay with its pod after it exits:
+//! they are folded into `retired` and its kernel entry can be deleted, so pods' counters never
+//! go back and the kernel maps hold live processes only.
+
+use std::collections::BTreeMap;
+use std::ops::AddAssign;
+
+use crate::discovery::Snapshot;
+
+/// (namespace, pod): the only labels these metrics carry.
+pub type PodLabels = (String, String);
+
+#[derive(Debug, Default)]
+pub struct PodTotals<C> {
+    labels: BTreeMap<u32, PodLabels>,
+    retired: BTreeMap<PodLabels, C>,
+}
+
+impl<C: Copy + Default + AddAssign> PodTotals<C> {
+    /// Folds the kernel map's entries (tgid, the process's cgroup id if known, its counts) into
+    /// per-pod totals. Answers them and the tgids that are no longer targets, whose entries the
+    /// caller deletes (their counts are kept here).
+    pub fn fold(
+        &mut self,
+        entries: impl IntoIterator<Item = (u32, Option<u64>, C)>,
+        snap: &Snapshot,
+    ) -> (BTreeMap<PodLabels, C>, Vec<u32>) {
+        let mut live: BTreeMap<PodLabels, C> = BTreeMap::new();
+        let mut gone = Vec::new();
+        for (tgid, cgroup, c) in entries {
+            let meta = match cgroup {
+                Some(cg) => snap.meta(tgid, cg),
+                None => snap.by_tgid.get(&tgid),
+            };
+            if let Some(m) = meta {
+                let l = (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.pod.clone().unwrap_or_default(),
+                );
+                self.labels.insert(tgid, l);
+            }
+            let labels = self.labels.get(&tgid).cloned().unwrap_or_default();
+            let targeted = snap.set.tgids.contains(&tgid)
+                || cgroup.is_some_and(|cg| snap.set.cgroups.contains(&cg));
+            if targeted {
+                *live.entry(labels).or_default() += c;
+            } else {
+                *self.retired.entry(labels).or_default() += c;
+                self.labels.remove(&tgid);
+                gone.push(tgid);
+            }
+        }
+        for (l, c) in &self.retired {
+            *live.entry(l.clone()).or_default() += *c;
+        }
+        (live, gone)
+    }
+}
+
+/// A counter family: name, help, and the field of the counts it shows.
+pub type Family<'a, C> = (&'a str, &'a str, fn(&C) -> f64);
+
+/// One counter family per entry of `families`, one sample per (namespace, pod).
+pub fn render<C>(out: &mut String, by_pod: &BTreeMap<PodLabels, C>, families: &[Family<'_, C>]) {
+    if by_pod.is_empty() {
+        return;
+    }
+    let labels: Vec<[(&str, &str); 2]> = by_pod
+        .keys()
+        .map(|(ns, pod)| [("namespace", ns.as_str()), ("pod", pod.as_str())])
+        .collect();
+    for (name, help, field) in families {
+        let samples: Vec<(&[(&str, &str)], f64)> = labels
+            .iter()
+            .zip(by_pod.values())
+            .map(|(l, c)| (&l[..], field(c)))
+            .collect();
+        crate::stats::write_counter(out, name, help, &samples);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Meta;
+
+    fn snap(tgids: &[(u32, &str)], cgroups: &[(u64, &str)]) -> Snapshot {
+        let mut s = Snapshot::default();
+        let meta = |pod: &str| Meta {
+            namespace: Some("ns".into()),
+            pod: Some(pod.into()),
+            ..Default::default()
+        };
+        for (t, pod) in tgids {
+            s.set.tgids.insert(*t);
+            s.by_tgid.insert(*t, meta(pod));
+        }
+        for (c, pod) in cgroups {
+            s.set.cgroups.insert(*c);
+            s.by_cgroup.insert(*c, meta(pod));
+        }
+        s
+    }
+
+    #[test]
+    fn totals_per_pod_survive_their_processes() {
+        let mut t: PodTotals<u64> = PodTotals::default();
+        let pod = |p: &str| ("ns".to_string(), p.to_string());
+        // Two processes of pod a (one by tgid, a worker by its cgroup), one of pod b.
+        let s1 = snap(&[(10, "a"), (20, "b")], &[(7, "a")]);
+        let (live, gone) = t.fold([(10, None, 5), (11, Some(7), 3), (20, None, 1)], &s1);
+        assert_eq!(live[&pod("a")], 8);
+        assert_eq!(live[&pod("b")], 1);
+        assert!(gone.is_empty());
+        // Pod a's worker exits (its cgroup is still targeted, its entry reads on) and pod b's
+        // process is no longer a target: b's count is kept, its entry goes.
+        let s2 = snap(&[(10, "a")], &[(7, "a")]);
+        let (live, gone) = t.fold([(10, None, 6), (11, Some(7), 3), (20, None, 2)], &s2);
+        assert_eq!(live[&pod("a")], 9);
+        assert_eq!(live[&pod("b")], 2);
+        assert_eq!(gone, [20]);
+        // Next round the kernel no longer has 20: b stays at 2, never goes back.
+        let (live, _) = t.fold([(10, None, 6), (11, Some(7), 3)], &s2);
+        assert_eq!(live[&pod("b")], 2);
+    }
+}
