@@ -288,3 +288,47 @@ fn agent_obs(shared: &Shared, srv: &Server, since_ns: u64) -> Vec<AgentObs> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crosscheck::source::{Metric, Source};
+    use testbed::synth_metrics::{garbage, VllmMetrics};
+
+    #[test]
+    fn classify_what_servers_answer() {
+        // The synthetic server's vLLM exposition, read back.
+        let m = VllmMetrics::new("m");
+        for v in [0.30, 0.35, 0.40, 0.45] {
+            m.observe_ttft(v);
+            m.observe_finished(v + 0.03, v - 0.01);
+        }
+        let (r, err, view) = classify(Fetch::Ok(m.render().into_bytes()));
+        assert_eq!((r, err), (ScrapeResult::Ok, None));
+        let view = view.unwrap();
+        assert_eq!(view.source, Source::Vllm);
+        let ttft = &view.hists[&(Metric::Ttft, "m".to_string())];
+        assert_eq!(ttft.count, 4.0);
+        // All four in (0.25, 0.5]: p50 = 0.25 + 0.25 × 2/4.
+        assert!((ttft.quantile(0.5).unwrap().value - 0.375).abs() < 1e-9);
+        let queue = &view.hists[&(Metric::Queue, "m".to_string())];
+        assert!((queue.mean().unwrap() - 0.365).abs() < 1e-9);
+
+        let (r, err, _) = classify(Fetch::Ok(garbage()));
+        assert_eq!(r, ScrapeResult::Error, "{err:?}");
+        let (r, ..) = classify(Fetch::Ok(b"# TYPE up gauge\nup 1\n".to_vec()));
+        assert_eq!(r, ScrapeResult::NotFound);
+        assert_eq!(classify(Fetch::NotFound).0, ScrapeResult::NotFound);
+        assert_eq!(classify(Fetch::Failed("x".into())).0, ScrapeResult::Error);
+        assert_eq!(classify(Fetch::Ok(Vec::new())).0, ScrapeResult::Error);
+    }
+
+    #[test]
+    fn generation_routes_only() {
+        assert!(generates("/v1/chat/completions"));
+        assert!(generates("/generate_stream"));
+        for r in ["other", "unknown", "/v1/models", "/v1/embeddings"] {
+            assert!(!generates(r), "{r}");
+        }
+    }
+}
