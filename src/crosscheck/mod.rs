@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 pub use run::spawn;
 
 use crate::record::RequestRecord;
-use crate::stats::{write_counter, write_gauge, MAX_LABEL_CHARS};
+use crate::stats::{write_counter, MAX_LABEL_CHARS};
 use compare::{MetricCompare, Scrape, QUANTILES};
 use source::Source;
 
@@ -120,14 +120,19 @@ impl ScrapeResult {
     }
 }
 
-/// A scrape connection of the agent's, as the server's side will report it.
+/// A scrape connection of the agent's: our socket's local address is the client address of
+/// the server's record of it (the pod IP is reached without NAT). The server's port is not
+/// compared: behind a sidecar that REDIRECTs inbound traffic the record's local port is the
+/// sidecar's.
 #[derive(Debug, Clone)]
 struct OwnConn {
-    /// Our socket's local port: the record's client port.
-    local_port: u16,
-    /// The server's port: the record's local port.
-    server_port: u16,
+    local: std::net::SocketAddr,
     until: Instant,
+}
+
+/// An address as a record writes it, IPv4-mapped IPv6 taken as IPv4.
+fn canonical(a: std::net::SocketAddr) -> (std::net::IpAddr, u16) {
+    (a.ip().to_canonical(), a.port())
 }
 
 /// How long a scrape connection is remembered when no record of it shows up.
@@ -180,7 +185,7 @@ impl Crosscheck {
     }
 
     /// Remembers a scrape connection before its request is sent.
-    pub(crate) fn mark_own(&self, local_port: u16, server_port: u16) {
+    pub(crate) fn mark_own(&self, local: std::net::SocketAddr) {
         let now = Instant::now();
         let mut own = self.own.lock().expect("own lock");
         own.retain(|c| c.until > now);
@@ -188,8 +193,7 @@ impl Crosscheck {
             own.remove(0);
         }
         own.push(OwnConn {
-            local_port,
-            server_port,
+            local,
             until: now + OWN_CONN_TTL,
         });
     }
@@ -197,18 +201,15 @@ impl Crosscheck {
     /// True for the record of one of our scrape requests (then forgotten: one request per
     /// connection). Such records go nowhere: not to the store, histograms, SLOs or OTLP.
     pub fn is_own(&self, rec: &RequestRecord) -> bool {
-        let port = |a: &str| a.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
-        let (Some(client), Some(server)) = (port(&rec.src), port(&rec.dst)) else {
-            return false;
-        };
         let mut own = self.own.lock().expect("own lock");
         if own.is_empty() {
             return false;
         }
-        match own
-            .iter()
-            .position(|c| c.local_port == client && c.server_port == server)
-        {
+        let Ok(client) = rec.src.parse::<std::net::SocketAddr>() else {
+            return false;
+        };
+        let client = canonical(client);
+        match own.iter().position(|c| canonical(c.local) == client) {
             Some(i) => {
                 own.swap_remove(i);
                 self.own_dropped.fetch_add(1, Ordering::Relaxed);
@@ -368,7 +369,9 @@ impl Crosscheck {
                 .zip(rows.iter())
                 .map(|(l, (_, v))| (&l[..], *v))
                 .collect();
-            write_gauge(out, name, help, &vals);
+            // Summaries (quantiles only, no _sum/_count), as llmslo_latency_quantile_seconds:
+            // Prometheus' linter rejects a `quantile` label on any other type.
+            crate::stats::prom::write_family(out, name, help, "summary", &vals);
         }
     }
 }
@@ -388,19 +391,25 @@ mod tests {
     #[test]
     fn own_connections_are_recognised_once() {
         let c = Crosscheck::new(CrosscheckCfg::default(), 10);
-        c.mark_own(40000, 8000);
+        c.mark_own("10.0.0.1:40000".parse().unwrap());
+        c.mark_own("10.0.0.1:40002".parse().unwrap());
         assert!(!c.is_own(&rec("10.0.0.1:40001", "10.0.0.2:8000")));
-        assert!(!c.is_own(&rec("10.0.0.1:40000", "10.0.0.2:8001")));
-        assert!(c.is_own(&rec("10.0.0.1:40000", "10.0.0.2:8000")));
+        assert!(
+            !c.is_own(&rec("10.0.0.9:40000", "10.0.0.2:8000")),
+            "another client"
+        );
+        // Behind a REDIRECTing sidecar the server side is the sidecar's port.
+        assert!(c.is_own(&rec("10.0.0.1:40000", "10.0.0.2:15006")));
         assert!(
             !c.is_own(&rec("10.0.0.1:40000", "10.0.0.2:8000")),
             "forgotten once seen"
         );
+        assert!(c.is_own(&rec("[::ffff:10.0.0.1]:40002", "[::ffff:10.0.0.2]:8000")));
         assert!(!c.is_own(&rec("garbage", "")));
         let mut m = String::new();
         c.render(&mut m);
         assert!(
-            m.contains("llmslo_crosscheck_own_requests_total 1\n"),
+            m.contains("llmslo_crosscheck_own_requests_total 2\n"),
             "{m}"
         );
         assert!(

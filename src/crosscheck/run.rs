@@ -165,7 +165,7 @@ fn scrape_one(
             }
         };
         let fetched = scrape::get(addr, &xc.cfg.path, timeout, xc.cfg.max_bytes, |local| {
-            xc.mark_own(local.port(), port)
+            xc.mark_own(local)
         });
         let at = (mono_ns(), unix_now());
         let (r, err, view) = classify(fetched);
