@@ -95,8 +95,10 @@ pub fn get(
     parse_response(&buf, max_bytes)
 }
 
-/// Where the head ends and what it says: (head length, status, content length, chunked).
-fn head(buf: &[u8]) -> Result<Option<(usize, u16, Option<usize>, bool)>, String> {
+/// Where a response head ends and what it says: (head length, status, content length, chunked).
+type Head = (usize, u16, Option<usize>, bool);
+
+fn head(buf: &[u8]) -> Result<Option<Head>, String> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return if buf.len() > MAX_HEAD {
             Err("response head too long".into())
