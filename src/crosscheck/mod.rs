@@ -136,7 +136,7 @@ fn canonical(a: std::net::SocketAddr) -> (std::net::IpAddr, u16) {
 }
 
 /// How long a scrape connection is remembered when no record of it shows up.
-const OWN_CONN_TTL: Duration = Duration::from_secs(120);
+const OWN_CONN_TTL: Duration = Duration::from_secs(30);
 /// Scrape connections remembered at most (one per scrape; far more than needed).
 const MAX_OWN_CONNS: usize = 4096;
 
