@@ -353,6 +353,31 @@ Local:
         let req = t.join().unwrap();
         assert!(req.starts_with("GET /metrics HTTP/1.1\r\n"), "{req}");
         assert_eq!(seen.unwrap().ip(), addr.ip());
+        // A server that accepts and never answers: the deadline holds.
+        let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        let got = get(
+            mute.local_addr().unwrap(),
+            "/metrics",
+            Duration::from_millis(300),
+            10,
+            |_| {},
+        );
+        assert_eq!(got, Fetch::Failed("timed out".into()));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // A body beyond the bound fails, whatever it says it is.
+        let big = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let big_addr = big.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = big.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let _ = c.write_all(&vec![b'x'; 200_000]);
+        });
+        let got = get(big_addr, "/metrics", Duration::from_secs(5), 1000, |_| {});
+        assert_eq!(got, Fetch::Failed("response larger than 1000 bytes".into()));
+        t.join().unwrap();
         // Nothing listens on a port we just released.
         let gone = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
