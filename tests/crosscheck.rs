@@ -8,6 +8,8 @@
 //!   series.
 //! - `servers_without_metrics_or_with_garbage`: a server answering 404 and one answering
 //!   garbage are counted as not_found and error, and their traffic is traced as usual.
+//! - `a_server_in_the_agents_network_namespace_is_scraped_on_loopback`: a server sharing the
+//!   agent's namespace is scraped at 127.0.0.1, and its scrapes are left out as well.
 
 mod common;
 
@@ -290,4 +292,77 @@ fn servers_without_metrics_or_with_garbage() {
     assert!(!exp.contains("llmslo_crosscheck_server_quantile_seconds{"));
     assert!(metric(&exp, "llmslo_crosscheck_own_requests_total").unwrap() >= 2.0);
     assert_eq!(common::http_get(agent.addr, "/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn a_server_in_the_agents_network_namespace_is_scraped_on_loopback() {
+    if !kernel_tests_enabled("a_server_in_the_agents_network_namespace_is_scraped_on_loopback") {
+        return;
+    }
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = std::process::Command::new(common::agent_bin())
+        .args(["synth-server", "--listen", &listen, "--metrics", "vllm"])
+        .args(["--queue-delay-ms", "20", "--decode-ms", "1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("synthetic server");
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    assert!(up, "server not listening");
+    let pid = server.id().to_string();
+    let agent = Agent::start_with_config(
+        "crosscheck:\n  interval_s: 1\n  window_s: 300\n",
+        &["--no-auto", "--target-pid", &pid],
+    );
+    let find = || -> Option<Value> {
+        agent.get_json("/api/v1/crosscheck")["targets"]
+            .as_array()?
+            .iter()
+            .find(|t| t["address"] == listen.as_str())
+            .cloned()
+    };
+    wait_for(Duration::from_secs(15), || {
+        find().filter(|e| e["last_scrape"]["result"] == "ok")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no ok scrape on loopback: {}",
+            agent.get("/api/v1/crosscheck")
+        )
+    });
+    const N: usize = 12;
+    let mut cfg = LoadConfig::new(addr);
+    cfg.connections = 3;
+    cfg.requests = N;
+    cfg.streaming_ratio = 1.0;
+    cfg.max_tokens = Some(4);
+    let client = testbed::loadgen::run(&cfg).expect("load");
+    assert!(client.iter().all(|c| c.status == 200 && c.error.is_none()));
+    let e = wait_for(Duration::from_secs(15), || {
+        find().filter(|e| {
+            let m = &e["models"][0]["e2e"];
+            m["server"]["count"] == N && m["agent"]["count"] == N
+        })
+    })
+    .unwrap_or_else(|| panic!("counts never met: {}", agent.get("/api/v1/crosscheck")));
+    let e2e = &e["models"][0]["e2e"];
+    let (sm, am) = (f(&e2e["server"]["mean_ms"]), f(&e2e["agent"]["mean_ms"]));
+    assert!(
+        (am - sm).abs() <= 5.0,
+        "e2e mean: agent {am:.2} ms, server {sm:.2} ms"
+    );
+    let recs = agent.wait_requests(Duration::from_secs(3), |r| r.len() >= N);
+    assert_eq!(recs.len(), N, "the load's requests only, no scrape");
+    let own = metric(
+        &agent.get("/metrics"),
+        "llmslo_crosscheck_own_requests_total",
+    )
+    .unwrap();
+    assert!(own >= 2.0, "{own} own requests");
+    let _ = server.kill();
+    let _ = server.wait();
 }
