@@ -134,6 +134,8 @@ pub struct Shared {
     pub started: Instant,
     /// OTLP trace export, when configured.
     pub otlp: Option<crate::otlp::Otlp>,
+    /// Cross-check against the servers' own metrics, when enabled.
+    pub crosscheck: Option<Arc<crate::crosscheck::Crosscheck>>,
     bpf_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -178,12 +180,22 @@ impl Shared {
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
             otlp: crate::otlp::Otlp::start_if_enabled(&cfg.otlp)?,
+            crosscheck: cfg.crosscheck.enabled.then(|| {
+                Arc::new(crate::crosscheck::Crosscheck::new(
+                    cfg.crosscheck.clone(),
+                    cfg.max_label_sets,
+                ))
+            }),
             bpf_thread: Mutex::new(None),
         }))
     }
 
     /// Labels a finished record from discovery and stores it.
     fn accept(&self, mut recs: Vec<RequestRecord>) {
+        // The agent's own scrapes of a server's /metrics are no one's latency.
+        if let Some(x) = &self.crosscheck {
+            recs.retain(|r| !x.is_own(r));
+        }
         if recs.is_empty() {
             return;
         }
@@ -614,6 +626,9 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "exec/exit tracepoints not attached: new servers are found at the next poll");
         }
+    }
+    if shared.crosscheck.is_some() {
+        crate::crosscheck::spawn(shared.clone(), dl.cfg.proc_root.clone())?;
     }
     let s2 = shared.clone();
     std::thread::Builder::new()

@@ -26,6 +26,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/slo", get(slo))
         .route("/api/v1/heatmap", get(heatmap))
         .route("/api/v1/slo/analysis", get(slo_analysis))
+        .route("/api/v1/crosscheck", get(crosscheck))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(shared)
@@ -173,6 +174,13 @@ async fn slo_analysis(
     }
 }
 
+async fn crosscheck(State(s): State<Arc<Shared>>) -> Response {
+    match &s.crosscheck {
+        Some(x) => Json(x.json()).into_response(),
+        None => Json(json!({ "enabled": false, "targets": [] })).into_response(),
+    }
+}
+
 async fn slo(State(s): State<Arc<Shared>>) -> Response {
     Json(s.store.lock().expect("store lock").slo.status(unix_now())).into_response()
 }
@@ -217,6 +225,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     render_health(&s, &mut out);
     crate::gpu::render(&s.gpu.read().expect("gpu lock"), &mut out);
     crate::runq::render(&s.runq.read().expect("runq lock"), &mut out);
+    if let Some(x) = &s.crosscheck {
+        x.render(&mut out);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -34,6 +34,8 @@ pub struct Config {
     pub kubernetes: KubernetesCfg,
     /// OpenTelemetry trace export (see README "OpenTelemetry").
     pub otlp: crate::otlp::OtlpCfg,
+    /// Cross-check against the servers' own metrics (see README "Cross-check").
+    pub crosscheck: crate::crosscheck::CrosscheckCfg,
 }
 
 /// Where the Kubernetes API is and what to take from it.
@@ -173,6 +175,7 @@ impl Default for Config {
             api: crate::serve::ApiCfg::default(),
             kubernetes: KubernetesCfg::default(),
             otlp: Default::default(),
+            crosscheck: Default::default(),
         }
     }
 }
@@ -220,6 +223,7 @@ impl Config {
         );
         crate::slo::SloEngine::new(self.slos.clone())?;
         self.otlp.validate()?;
+        self.crosscheck.validate()?;
         cni_adapters::parse_force(&self.network.cni)
             .map_err(|e| anyhow::anyhow!("network.cni: {e}"))?;
         anyhow::ensure!(

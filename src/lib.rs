@@ -7,6 +7,7 @@ pub mod api;
 pub mod assemble;
 pub mod caps;
 pub mod config;
+pub mod crosscheck;
 pub mod demo;
 pub mod discovery;
 pub mod event;

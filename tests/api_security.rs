@@ -102,6 +102,7 @@ fn https_and_a_bearer_token_guard_the_endpoints_but_not_the_probes() {
         "/api/v1/requests",
         "/api/v1/targets",
         "/api/v1/slo",
+        "/api/v1/crosscheck",
         "/metrics",
     ] {
         let url = format!("{base}{path}");

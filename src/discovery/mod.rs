@@ -614,7 +614,8 @@ fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &
     }
 }
 
-fn cgroup_pids(dir: &Path) -> Vec<u32> {
+/// The processes of a cgroup (its `cgroup.procs`).
+pub fn cgroup_pids(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()

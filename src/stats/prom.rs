@@ -93,7 +93,7 @@ pub fn write_gauge(out: &mut String, name: &str, help: &str, samples: &[(&[(&str
     write_family(out, name, help, "gauge", samples);
 }
 
-fn write_family(
+pub(crate) fn write_family(
     out: &mut String,
     name: &str,
     help: &str,

@@ -13,6 +13,7 @@ mod rng;
 pub mod sidecar;
 pub mod synth;
 mod synth_handle;
+pub mod synth_metrics;
 mod synth_plan;
 pub mod topo;
 

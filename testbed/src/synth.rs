@@ -7,6 +7,7 @@
 use crate::http::{self, BodyFraming, ChunkedDecoder, Head};
 use crate::mono_ns;
 use crate::synth_handle::{handle, simple_response};
+use crate::synth_metrics::{MetricsFormat, VllmMetrics};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -91,6 +92,9 @@ pub struct SynthArgs {
     /// with one worker, other connections' requests wait unread in their socket buffers).
     #[arg(long, default_value_t = 0.0)]
     pub busy_ms: f64,
+    /// What `GET /metrics` serves: nothing (404), vLLM's latency histograms, or garbage.
+    #[arg(long, value_enum, default_value_t = MetricsFormat::None)]
+    pub metrics: MetricsFormat,
     /// Exit by itself after this many seconds (a safety net for demos).
     #[arg(long)]
     pub max_runtime_s: Option<f64>,
@@ -122,6 +126,9 @@ pub struct ServerRecord {
     /// kernel saw that write begin within [token_ns, token_after_ns].
     #[serde(default)]
     pub token_after_ns: Vec<u64>,
+    /// When a generation request got its slot (after the queue delay and the FIFO wait).
+    #[serde(default)]
+    pub scheduled_ns: Option<u64>,
     /// Before the write carrying the response's last byte; None when aborted.
     pub resp_last_ns: Option<u64>,
     pub status: u16,
@@ -190,6 +197,7 @@ pub async fn serve_on(listener: TcpListener, args: SynthArgs) -> Result<()> {
     );
     let srv = Arc::new(Server {
         sem: Semaphore::new(args.concurrency.max(1)),
+        metrics: (args.metrics == MetricsFormat::Vllm).then(|| VllmMetrics::new(&args.model)),
         args,
         log,
         next_id: AtomicU64::new(1),
@@ -237,6 +245,8 @@ pub(crate) struct Server {
     pub args: SynthArgs,
     /// FIFO slots: `--concurrency` requests in prefill/decode at once.
     pub sem: Semaphore,
+    /// `--metrics vllm`: what it measured, served at `GET /metrics`.
+    pub metrics: Option<VllmMetrics>,
     log: Option<Mutex<File>>,
     /// Numbers the completion ids (`chatcmpl-<n>`).
     pub next_id: AtomicU64,

@@ -4,6 +4,7 @@
 use crate::http;
 use crate::mono_ns;
 use crate::synth::{Request, Server, ServerRecord, Syscall, WriteMode};
+use crate::synth_metrics::MetricsFormat;
 use crate::synth_plan::{self, Event, PlannedWrite, RouteKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -91,6 +92,25 @@ pub(crate) async fn handle(
     ];
     let ok = match (method.as_str(), path.as_str()) {
         ("GET", "/health") => send_simple(out, &mut rec, 200, "", close, rid).await,
+        ("GET", "/metrics") if srv.args.metrics != MetricsFormat::None => {
+            let (ctype, body) = match &srv.metrics {
+                Some(m) => (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    m.render().into_bytes(),
+                ),
+                None => ("text/plain", crate::synth_metrics::garbage()),
+            };
+            rec.status = 200;
+            let resp = simple_response(200, ctype, &body, close, rid);
+            match timed_write(out, &mut rec, &resp).await {
+                Some((t0, t1)) => {
+                    rec.resp_first_ns = Some(t0);
+                    rec.resp_last_ns = Some(t1);
+                    true
+                }
+                None => false,
+            }
+        }
         ("GET", "/v1/models") => {
             let body = serde_json::json!({"object": "list", "data": [{"id": srv.args.model, "object": "model", "owned_by": "llmslo"}]});
             send_simple(out, &mut rec, 200, &body.to_string(), close, rid).await
@@ -114,6 +134,13 @@ pub(crate) async fn handle(
         }
         _ => send_simple(out, &mut rec, 404, r#"{"detail":"Not Found"}"#, close, rid).await,
     };
+    if let (Some(m), Some(end), Some(sched)) = (&srv.metrics, rec.resp_last_ns, rec.scheduled_ns) {
+        // Arrival is when the request was read in full (vLLM: when it reached the engine).
+        if !rec.aborted && rec.status == 200 {
+            let secs = |t: u64| t.saturating_sub(rec.read_done_ns) as f64 / 1e9;
+            m.observe_finished(secs(end), secs(sched));
+        }
+    }
     srv.log(&rec);
     ok
 }
@@ -285,6 +312,7 @@ async fn generate(
     // semaphore is fair), then prefill proportional to the prompt size.
     sleep_until(Instant::now() + Duration::from_secs_f64(args.queue_delay_ms / 1e3)).await;
     let _permit = srv.sem.acquire().await.expect("semaphore never closed");
+    rec.scheduled_ns = Some(mono_ns());
     let prefill_us = args.prefill_us_per_kb * req.body.len() as f64 / 1024.0;
     sleep_until(Instant::now() + Duration::from_secs_f64(prefill_us / 1e6)).await;
 
@@ -317,6 +345,9 @@ async fn generate(
             let Some((t0, t1)) = timed_write(out, rec, w).await else {
                 return false;
             };
+            if let (Some(m), true) = (&srv.metrics, rec.resp_last_ns.is_none()) {
+                m.observe_ttft(t0.saturating_sub(rec.read_done_ns) as f64 / 1e9);
+            }
             rec.resp_first_ns.get_or_insert(t0);
             rec.resp_last_ns = Some(t1);
         }
@@ -334,6 +365,11 @@ async fn generate(
             rec.token_start_ns.push(t0);
         }
         for _ in 0..w.content_ends {
+            if rec.token_ns.is_empty() {
+                if let Some(m) = &srv.metrics {
+                    m.observe_ttft(t1.saturating_sub(rec.read_done_ns) as f64 / 1e9);
+                }
+            }
             rec.token_ns.push(t1);
             rec.token_after_ns.push(t2);
         }
