@@ -59,7 +59,11 @@ fn conn_map_entries(capacity: u32) -> usize {
         .args(["-j", "map", "show", "name", "conns"])
         .output()
         .expect("bpftool map show");
-    let maps: Vec<serde_json::Value> = serde_json::from_slice(&show.stdout).expect("bpftool json");
+    // One match is printed as an object, several as an array.
+    let maps = match serde_json::from_slice(&show.stdout).expect("bpftool json") {
+        serde_json::Value::Array(a) => a,
+        one => vec![one],
+    };
     let ids: Vec<u64> = maps
         .iter()
         .filter(|m| m["max_entries"] == capacity)
