@@ -7,25 +7,13 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include "llmslo.h"
+/* Shared with the L7 object (the loader reuses its fds). */
+#include "stats.h"
+#include "targets.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct llmslo_gpu_counts _gpu_counts = {};
-
-/* Shared with the L7 object (the loader reuses its fds). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, __u8);
-} target_tgids SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LLMSLO_ST_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -41,13 +29,6 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } gpu_sync_start SEC(".maps");
-
-static __always_inline void bump(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
-	if (v)
-		*v += 1;
-}
 
 /* This process's counters when it is a target, else NULL. The target check comes first. */
 static __always_inline struct llmslo_gpu_counts *target_counts(__u32 tgid)

@@ -8,6 +8,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
 #include "maps.h"
+#include "targets.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
@@ -26,13 +27,6 @@ enum llmslo_event_kind _kind = LLMSLO_EV_ACCEPT;
 enum llmslo_net_ts _net = LLMSLO_NET_SYN;
 struct llmslo_flow _flow = {};
 struct llmslo_flow_key _flow_key = {};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, __u8);
-} target_tgids SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -5,6 +5,7 @@
 #define LLMSLO_MAPS_H
 
 #include "llmslo.h"
+#include "stats.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -69,20 +70,6 @@ struct {
 	__type(key, struct llmslo_flow_key);
 	__type(value, struct llmslo_flow_key);
 } pre2post SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, LLMSLO_ST_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
-
-static __always_inline void bump(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
-	if (v)
-		*v += 1;
-}
 
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d) → plain IPv4, so packets and dual-stack sockets agree. */
 static __always_inline void normalize_key(struct llmslo_flow_key *k)
