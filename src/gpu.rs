@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject, UprobeOpts};
+use libbpf_rs::{Link, MapCore, MapHandle, OpenObject, UprobeOpts};
 use serde::Serialize;
 
 use crate::discovery::Snapshot;
@@ -266,21 +266,17 @@ impl Gpu {
     }
 
     fn read(&self, key: &[u8]) -> GpuCounts {
+        const N: usize = std::mem::size_of::<types::llmslo_gpu_counts>() / 8;
         let mut sum = GpuCounts::default();
-        let Ok(Some(per_cpu)) = self.counts.lookup_percpu(key, MapFlags::ANY) else {
-            return sum;
-        };
-        for v in per_cpu {
-            if v.len() < std::mem::size_of::<types::llmslo_gpu_counts>() {
-                continue;
-            }
-            let f = |i: usize| u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        for [launches, graph_launches, memcpy_bytes, syncs, sync_wait_ns] in
+            crate::podtotals::per_cpu_fields::<N>(&self.counts, key)
+        {
             sum += GpuCounts {
-                launches: f(0),
-                graph_launches: f(1),
-                memcpy_bytes: f(2),
-                syncs: f(3),
-                sync_wait_ns: f(4),
+                launches,
+                graph_launches,
+                memcpy_bytes,
+                syncs,
+                sync_wait_ns,
             };
         }
         sum

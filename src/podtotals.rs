@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
 
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
 use crate::discovery::Snapshot;
 
 /// (namespace, pod): the only labels these metrics carry.
@@ -56,6 +58,23 @@ impl<C: Copy + Default + AddAssign> PodTotals<C> {
         }
         (live, gone)
     }
+}
+
+/// The value of `key` in a per-CPU map as `N` native-endian u64 fields, one array per CPU
+/// (empty when the key is gone; a value shorter than `N` fields is skipped).
+pub fn per_cpu_fields<const N: usize>(map: &MapHandle, key: &[u8]) -> Vec<[u64; N]> {
+    let Ok(Some(per_cpu)) = map.lookup_percpu(key, MapFlags::ANY) else {
+        return Vec::new();
+    };
+    per_cpu
+        .iter()
+        .filter(|v| v.len() >= N * 8)
+        .map(|v| {
+            std::array::from_fn(|i| {
+                u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            })
+        })
+        .collect()
 }
 
 /// A counter family: name, help, and the field of the counts it shows.

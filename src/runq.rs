@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::{MapCore, MapHandle};
 
 use crate::discovery::Snapshot;
 use crate::podtotals::{PodLabels, PodTotals};
@@ -59,21 +59,12 @@ impl RunQueue {
 
     /// The per-CPU values summed, and the process's cgroup id.
     fn read(&self, key: &[u8]) -> (Option<u64>, RunqCounts) {
+        const N: usize = std::mem::size_of::<types::llmslo_runq_counts>() / 8;
         let mut sum = RunqCounts::default();
         let mut cgroup = None;
-        let Ok(Some(per_cpu)) = self.counts.lookup_percpu(key, MapFlags::ANY) else {
-            return (cgroup, sum);
-        };
-        for v in per_cpu {
-            if v.len() < std::mem::size_of::<types::llmslo_runq_counts>() {
-                continue;
-            }
-            let f = |i: usize| u64::from_ne_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            sum += RunqCounts {
-                wait_ns: f(0),
-                waits: f(1),
-            };
-            cgroup = cgroup.or((f(2) != 0).then(|| f(2)));
+        for [wait_ns, waits, cg] in crate::podtotals::per_cpu_fields::<N>(&self.counts, key) {
+            sum += RunqCounts { wait_ns, waits };
+            cgroup = cgroup.or((cg != 0).then_some(cg));
         }
         (cgroup, sum)
     }
