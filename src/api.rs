@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::agent::{unix_now, Shared};
 use crate::assemble::UnparsedReason;
 use crate::loader::STAT_NAMES;
-use crate::stats::{write_counter, write_gauge};
+use crate::stats::{write_counter, write_counter_by, write_gauge};
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -290,32 +290,25 @@ fn render_health(s: &Shared, out: &mut String) {
          those connections lose their socket stamps and close events.",
         &[(&conns, h.conn_map.evicted as f64)],
     );
-    let names: Vec<[(&str, &str); 1]> = STAT_NAMES.iter().map(|n| [("stat", *n)]).collect();
-    let rows: Vec<(&[(&str, &str)], f64)> = names
-        .iter()
-        .zip(h.bpf.iter())
-        .map(|(l, v)| (&l[..], *v as f64))
-        .collect();
-    write_counter(
+    write_counter_by(
         out,
         "llmslo_agent_bpf_stat_total",
         "Raw per-CPU counters of the BPF programs, summed.",
-        &rows,
+        "stat",
+        STAT_NAMES
+            .iter()
+            .copied()
+            .zip(h.bpf.iter().map(|&v| v as f64)),
     );
-    let reasons: Vec<[(&str, &str); 1]> = UnparsedReason::ALL
-        .iter()
-        .map(|r| [("reason", r.name())])
-        .collect();
-    let rows: Vec<(&[(&str, &str)], f64)> = reasons
-        .iter()
-        .zip(h.assembler.unparsed.iter())
-        .map(|(l, v)| (&l[..], *v as f64))
-        .collect();
-    write_counter(
+    write_counter_by(
         out,
         "llmslo_agent_requests_unparsed_total",
         "Connections or requests the agent could not parse, by reason.",
-        &rows,
+        "reason",
+        UnparsedReason::ALL
+            .iter()
+            .map(|r| r.name())
+            .zip(h.assembler.unparsed.iter().map(|&v| v as f64)),
     );
     write_counter(
         out,

@@ -277,20 +277,15 @@ impl Crosscheck {
 
     /// The `llmslo_crosscheck_*` families.
     pub fn render(&self, out: &mut String) {
-        let rows: Vec<[(&str, &str); 1]> = ScrapeResult::ALL
-            .iter()
-            .map(|r| [("result", r.name())])
-            .collect();
-        let vals: Vec<(&[(&str, &str)], f64)> = rows
-            .iter()
-            .zip(&self.scrapes)
-            .map(|(l, c)| (&l[..], c.load(Ordering::Relaxed) as f64))
-            .collect();
-        write_counter(
+        crate::stats::write_counter_by(
             out,
             "llmslo_crosscheck_scrapes_total",
             "Scrapes of traced servers' own metrics: ok, not_found (404 or no histogram we know), error.",
-            &vals,
+            "result",
+            ScrapeResult::ALL
+                .iter()
+                .map(|r| r.name())
+                .zip(self.scrapes.iter().map(|c| c.load(Ordering::Relaxed) as f64)),
         );
         write_counter(
             out,

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use window::{SlotData, Window, E2E, ITL, N_METRICS, STAGE0, TPOT, TTFT};
 
 pub use breakdown::GROUP_FIELDS;
-pub use prom::{escape_label_value, write_counter, write_gauge, write_sample};
+pub use prom::{escape_label_value, write_counter, write_counter_by, write_gauge, write_sample};
 
 /// Label values come from untrusted request bodies (`model`) and paths; longer ones are cut.
 pub const MAX_LABEL_CHARS: usize = 128;

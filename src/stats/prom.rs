@@ -88,6 +88,22 @@ pub fn write_counter(out: &mut String, name: &str, help: &str, samples: &[(&[(&s
     write_family(out, name, help, "counter", samples);
 }
 
+/// A counter family with one label, one sample per (label value, count).
+pub fn write_counter_by<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, f64)>,
+) {
+    let labelled: Vec<([(&str, &str); 1], f64)> = samples
+        .into_iter()
+        .map(|(v, n)| ([(label, v)], n))
+        .collect();
+    let rows: Vec<(&[(&str, &str)], f64)> = labelled.iter().map(|(l, n)| (&l[..], *n)).collect();
+    write_counter(out, name, help, &rows);
+}
+
 /// A gauge family: headers once, then one line per sample.
 pub fn write_gauge(out: &mut String, name: &str, help: &str, samples: &[(&[(&str, &str)], f64)]) {
     write_family(out, name, help, "gauge", samples);
