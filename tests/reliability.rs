@@ -181,10 +181,13 @@ fn full_connection_map_evictions_are_counted_exactly() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let (_, del2, live2, evicted2, _) = figures("closed");
+    // Each entry left was deleted at its close, or evicted first (the FINs of evicted
+    // connections re-insert them and push live ones out).
     assert!(
-        del2 - del >= live,
-        "every entry left was deleted at close: {} deletes, {live} entries",
-        del2 - del
+        (del2 - del) + (evicted2 - evicted) >= live,
+        "every entry left deleted or evicted: {} deletes, {} evictions, {live} entries",
+        del2 - del,
+        evicted2 - evicted
     );
     assert_eq!(live2, 0.0, "no entry left");
     assert!(evicted2 >= evicted, "the count never goes back");
