@@ -187,34 +187,14 @@ impl L7 {
         tracing::info!("loading the L7 BPF programs");
         crate::probe::ensure_mounts();
         bump_memlock_rlimit();
-        // The skeleton borrows its OpenObject for its whole life; one per load, kept alive.
-        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = L7SkelBuilder::default()
-            .open(obj)
-            .context("opening the L7 BPF object")?;
-        open.maps
-            .events
-            .set_max_entries(ringbuf_bytes)
-            .context("sizing the ring buffer")?;
-        open.maps
-            .conns
-            .set_max_entries(conn_entries)
-            .context("sizing the connection map")?;
-        if !runq {
-            open.progs.runq_wakeup.set_autoload(false);
-            open.progs.runq_wakeup_new.set_autoload(false);
-            open.progs.runq_switch.set_autoload(false);
-        }
-        let skel = open.load().map_err(|e| {
-            crate::caps::explain_load_error("the L7 BPF programs", &e).context(
-                "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \
-                 (/sys/kernel/btf/vmlinux)",
-            )
-        })?;
+        let hooks = SyscallHooks::from_env()?;
+        let skel = Self::open_and_load(ringbuf_bytes, conn_entries, runq, hooks)?;
+        tracing::info!(syscall_hooks = hooks.name(), "L7 programs loaded");
         let loaded = std::time::Instant::now();
         let verifier = verifier_stats(skel.object(), "l7");
-        let (links, progs) =
-            attach_all(skel.object(), "L7", |section| section.contains("syscalls/"))?;
+        let (links, progs) = attach_all(skel.object(), "L7", |section| {
+            section.contains("syscalls/") || section.starts_with("tp_btf/sys_")
+        })?;
         tracing::info!(
             attach_ms = loaded.elapsed().as_millis() as u64,
             "L7 programs attached"
@@ -248,6 +228,84 @@ impl L7 {
             conns,
         })
     }
+
+    /// Opens the object, sizes its maps, picks the programs to load and loads them.
+    fn open_and_load(
+        ringbuf_bytes: u32,
+        conn_entries: u32,
+        runq: bool,
+        hooks: SyscallHooks,
+    ) -> Result<L7Skel<'static>> {
+        // The skeleton borrows its OpenObject for its whole life; one per load, kept alive.
+        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = L7SkelBuilder::default()
+            .open(obj)
+            .context("opening the L7 BPF object")?;
+        open.maps
+            .events
+            .set_max_entries(ringbuf_bytes)
+            .context("sizing the ring buffer")?;
+        open.maps
+            .conns
+            .set_max_entries(conn_entries)
+            .context("sizing the connection map")?;
+        if !runq {
+            open.progs.runq_wakeup.set_autoload(false);
+            open.progs.runq_wakeup_new.set_autoload(false);
+            open.progs.runq_switch.set_autoload(false);
+        }
+        let raw = hooks == SyscallHooks::Raw;
+        for mut prog in open.open_object_mut().progs_mut() {
+            let section = prog.section().to_string_lossy().into_owned();
+            if section.starts_with("tracepoint/syscalls/") {
+                prog.set_autoload(!raw);
+            } else if section == "tp_btf/sys_enter" || section == "tp_btf/sys_exit" {
+                prog.set_autoload(raw);
+            }
+        }
+        open.load().map_err(|e| {
+            crate::caps::explain_load_error("the L7 BPF programs", &e).context(
+                "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \
+                 (/sys/kernel/btf/vmlinux)",
+            )
+        })
+    }
+}
+
+/// `LLMSLO_SYSCALL_HOOKS=raw` makes the agent hook the raw `sys_enter`/`sys_exit` tracepoints
+/// instead of one tracepoint per syscall (`syscalls/sys_enter_write`, …). Measured here: a
+/// traced or untraced write() costs less (no perf record per call), every other syscall on
+/// the node more (two programs run for each); see docs/BENCHMARKS.md.
+pub const ENV_SYSCALL_HOOKS: &str = "LLMSLO_SYSCALL_HOOKS";
+
+/// How the read/write/accept/close syscalls are hooked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallHooks {
+    /// Two tp_btf programs on `raw_syscalls/sys_enter` and `sys_exit` that keep the syscalls
+    /// they trace by number: no perf record per call, but they run for every syscall.
+    Raw,
+    /// One tracepoint program per syscall and direction (`syscalls/sys_enter_write`, …): the
+    /// default.
+    Tracepoints,
+}
+
+impl SyscallHooks {
+    fn from_env() -> Result<SyscallHooks> {
+        match std::env::var(ENV_SYSCALL_HOOKS).ok().as_deref() {
+            None | Some("") | Some("tracepoint") => Ok(SyscallHooks::Tracepoints),
+            Some("raw") => Ok(SyscallHooks::Raw),
+            Some(other) => anyhow::bail!(
+                "{ENV_SYSCALL_HOOKS}={other}: expected `tracepoint` (default) or `raw`"
+            ),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SyscallHooks::Raw => "raw",
+            SyscallHooks::Tracepoints => "tracepoint",
+        }
+    }
 }
 
 impl TargetMaps {
@@ -276,7 +334,10 @@ impl TargetMaps {
             if let Err(e) = self.listen.update(&key, &[1], MapFlags::ANY) {
                 tracing::debug!(error = %e, "listen port not added");
             }
-            if let Err(e) = self.ports.update(&port.to_ne_bytes(), &[1], MapFlags::ANY) {
+            if let Err(e) = self
+                .ports
+                .update(&u32::from(*port).to_ne_bytes(), &[1], MapFlags::ANY)
+            {
                 tracing::debug!(error = %e, "target port not added");
             }
         }
@@ -316,6 +377,10 @@ pub fn attach_all(
     let mut links = Vec::new();
     let mut progs = Vec::new();
     for prog in obj.progs_mut() {
+        // Programs left out at load (the other syscall hook set, run-queue programs turned off).
+        if !prog.autoload() {
+            continue;
+        }
         let name = prog.name().to_string_lossy().into_owned();
         let section = prog.section().to_string_lossy().into_owned();
         match prog.attach() {

@@ -44,7 +44,7 @@ struct active_io {
 	__u32 fd;
 	__u32 iovcnt;
 	__u16 kind;    /* LLMSLO_EV_* */
-	__u16 pad;
+	__u16 io;      /* enum io_kind */
 };
 
 /* One in-flight traced syscall per thread, in the thread's own storage: no hash, no lock, no
@@ -160,8 +160,39 @@ static __always_inline struct listen_key listen_key_of(struct sock *sk)
 	return k;
 }
 
+/* The socket's addresses and ports. */
+static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET) {
+		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(t->laddr, &l, 4);
+		__builtin_memcpy(t->raddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&t->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&t->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+}
+
+/* The connection's tuple: from its map entry when an earlier event read it, else from the
+ * socket (and kept in the entry, when there is one). */
+static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci, struct conn_tuple *t)
+{
+	if (ci && ci->tuple.family) {
+		*t = ci->tuple;
+		return;
+	}
+	read_tuple(sk, t);
+	if (ci)
+		ci->tuple = *t;
+}
+
 static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_io *a, struct sock *sk,
-				     __s64 ret)
+				     const struct conn_tuple *t, __s64 ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	h->ts_enter = a->ts_enter;
@@ -176,20 +207,11 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 	h->head_len = 0;
 	h->tail_len = 0;
 	h->kind = a->kind;
-	h->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	h->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	h->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	__builtin_memset(h->laddr, 0, sizeof(h->laddr));
-	__builtin_memset(h->raddr, 0, sizeof(h->raddr));
-	if (h->family == AF_INET) {
-		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		__builtin_memcpy(h->laddr, &l, 4);
-		__builtin_memcpy(h->raddr, &r, 4);
-	} else {
-		BPF_CORE_READ_INTO(&h->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&h->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-	}
+	h->family = t->family;
+	h->lport = t->lport;
+	h->rport = t->rport;
+	__builtin_memcpy(h->laddr, t->laddr, sizeof(h->laddr));
+	__builtin_memcpy(h->raddr, t->raddr, sizeof(h->raddr));
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	__builtin_memset(h->net_ts, 0, sizeof(h->net_ts));
 }
@@ -234,10 +256,11 @@ static __always_inline bool copy_stamps(struct llmslo_event_hdr *h, struct llmsl
  * consumed by reads (the next request's first packet sets them again), response-side ones are
  * copied on writes, connection-setup ones on accept. A connection redirected inside the pod
  * also looks at the flow of the port its packets were addressed to. */
-static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, struct sock *sk, __u16 kind)
+static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const struct conn_tuple *t,
+					    __u16 kind)
 {
 	struct llmslo_flow_key k;
-	sock_flow_key(sk, &k);
+	tuple_flow_key(t, &k);
 	__u32 from, n;
 	bool take = false;
 	if (kind == LLMSLO_EV_READ) {
@@ -347,10 +370,9 @@ static __always_inline void copy_iov(struct scratch *s, __u64 iovp, __u32 iovcnt
 		bump(LLMSLO_ST_TRUNCATED);
 }
 
-static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind)
+/* A target's read/write-family syscall enters: note it if the fd is a TCP socket. */
+static __always_inline int enter_traced(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
 {
-	if (!is_target())
-		return 0;
 	struct sock *sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
@@ -361,20 +383,34 @@ static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kin
 		.fd = fd,
 		.iovcnt = iovcnt,
 		.kind = kind,
+		.io = io,
 	};
 	if (!active_put(&a))
 		bump(LLMSLO_ST_ACTIVE_FULL);
 	return 0;
 }
 
+static __always_inline int enter_io(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
+{
+	if (!is_target())
+		return 0;
+	return enter_traced(fd, buf, iovcnt, kind, io);
+}
+
+/* sendmsg/recvmsg: the iovec array is in the user's msghdr. */
+static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
+{
+	struct user_msghdr msg;
+	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)msgp))
+		return 0;
+	return enter_traced(fd, (__u64)msg.msg_iov, msg.msg_iovlen, kind, IO_IOV);
+}
+
 /* `io` is a compile-time constant at each call site, so each program carries only the copy
  * routine it needs: the verifier then walks one path, not both (load time, instruction count). */
-static __always_inline int exit_io(long ret, const __u16 io)
+static __always_inline int exit_traced(struct active_io *ap, long ret, const __u16 io)
 {
-	struct active_io a;
-	if (!active_take(&a))
-		return 0;
-
+	struct active_io a = *ap;
 	if (ret <= 0) {
 		/* EAGAIN/EINTR are the normal life of non-blocking servers; only hard errors say the
 		 * peer is gone. A 0-byte read (EOF) is followed by close, which we see. */
@@ -387,10 +423,11 @@ static __always_inline int exit_io(long ret, const __u16 io)
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
 	if (!s)
 		return 0;
-	fill_hdr(&s->hdr, &a, sk, ret);
-
 	__u64 key = a.sk;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	struct conn_tuple t;
+	conn_tuple_of(sk, ci, &t);
+	fill_hdr(&s->hdr, &a, sk, &t, ret);
 	__u64 queued_last = 0;
 	if (ci) {
 		if (a.kind == LLMSLO_EV_READ) {
@@ -401,7 +438,7 @@ static __always_inline int exit_io(long ret, const __u16 io)
 	} else {
 		/* NOEXIST: sk_data_ready may have stamped this socket on another CPU since the
 		 * lookup; its stamp is kept for the next read. */
-		struct conn_info fresh = {};
+		struct conn_info fresh = { .tuple = t };
 		if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
 			bump(LLMSLO_ST_CONN_INSERT);
 	}
@@ -410,37 +447,42 @@ static __always_inline int exit_io(long ret, const __u16 io)
 			copy_iov(s, a.buf, a.iovcnt, ret);
 		else
 			copy_flat(s, a.buf, ret);
-		take_flow_stamps(&s->hdr, sk, a.kind);
+		take_flow_stamps(&s->hdr, &t, a.kind);
 		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
 	return submit(s);
+}
+
+static __always_inline int exit_io(long ret, const __u16 io)
+{
+	struct active_io a;
+	if (!active_take(&a))
+		return 0;
+	return exit_traced(&a, ret, io);
 }
 
 /* ---- read family ---- */
 SEC("tracepoint/syscalls/sys_enter_read")
 int enter_read(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
 }
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
 }
 SEC("tracepoint/syscalls/sys_enter_readv")
 int enter_readv(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_READ);
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_READ, IO_IOV);
 }
 
 static __always_inline int enter_msg(struct trace_event_raw_sys_enter *ctx, __u16 kind)
 {
-	struct user_msghdr msg;
 	if (!is_target())
 		return 0;
-	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)ctx->args[1]))
-		return 0;
-	return enter_io(ctx->args[0], (__u64)msg.msg_iov, msg.msg_iovlen, kind);
+	return enter_traced_msg(ctx->args[0], ctx->args[1], kind);
 }
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
@@ -452,17 +494,17 @@ int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_write")
 int enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
 }
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE);
+	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_WRITE, IO_FLAT);
 }
 SEC("tracepoint/syscalls/sys_enter_writev")
 int enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_WRITE);
+	return enter_io(ctx->args[0], ctx->args[1], ctx->args[2], LLMSLO_EV_WRITE, IO_IOV);
 }
 SEC("tracepoint/syscalls/sys_enter_sendmsg")
 int enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
@@ -511,19 +553,21 @@ static __always_inline int exit_accept_common(long ret)
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
 	if (!s)
 		return 0;
-	fill_hdr(&s->hdr, &a, sk, 0);
+	struct conn_tuple t;
+	read_tuple(sk, &t);
+	fill_hdr(&s->hdr, &a, sk, &t, 0);
 
 	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
 	__u64 key = (__u64)sk;
-	struct conn_info fresh = {};
+	struct conn_info fresh = { .tuple = t };
 	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0)
 		bump(LLMSLO_ST_CONN_INSERT); /* nothing was stamped yet */
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
-	__u16 port = lk.port;
+	__u32 port = lk.port;
 	bpf_map_update_elem(&target_ports, &port, &one, BPF_ANY);
-	take_flow_stamps(&s->hdr, sk, LLMSLO_EV_ACCEPT);
+	take_flow_stamps(&s->hdr, &t, LLMSLO_EV_ACCEPT);
 	return submit(s);
 }
 
@@ -549,26 +593,146 @@ int exit_accept4(struct trace_event_raw_sys_exit *ctx)
 }
 
 /* ---- close ---- */
-SEC("tracepoint/syscalls/sys_enter_close")
-int enter_close(struct trace_event_raw_sys_enter *ctx)
+static __always_inline int close_common(__u32 fd)
 {
 	if (!is_target())
 		return 0;
-	__u32 fd = ctx->args[0];
 	struct sock *sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
 	__u64 key = (__u64)sk;
-	if (bpf_map_delete_elem(&conns, &key))
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+	if (!ci)
 		return 0; /* not a connection we follow */
+	struct conn_tuple t;
+	conn_tuple_of(sk, ci, &t);
+	if (bpf_map_delete_elem(&conns, &key))
+		return 0;
 	bump(LLMSLO_ST_CONN_DELETE);
 	__u32 zero = 0;
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
 	if (!s)
 		return 0;
 	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .fd = fd, .kind = LLMSLO_EV_CLOSE };
-	fill_hdr(&s->hdr, &a, sk, 0);
+	fill_hdr(&s->hdr, &a, sk, &t, 0);
 	return submit(s);
+}
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	return close_common(ctx->args[0]);
+}
+
+/* ---- the same from the raw syscall tracepoints (LLMSLO_SYSCALL_HOOKS=raw) ----
+ * The per-syscall tracepoints above cost every caller of write()/read() on the node a perf trace
+ * record before the program runs. The raw tracepoints hand the program the registers directly:
+ * two programs see every syscall and keep the dozen that matter by number. A traced syscall
+ * skips the record; every other syscall pays two program runs. Userspace loads one set or the
+ * other. */
+#if defined(bpf_target_x86)
+#define NR_read 0
+#define NR_write 1
+#define NR_close 3
+#define NR_readv 19
+#define NR_writev 20
+#define NR_accept 43
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_accept4 288
+#define SYSCALL_NR_FIELD orig_ax
+#elif defined(bpf_target_arm64)
+#define NR_close 57
+#define NR_read 63
+#define NR_write 64
+#define NR_readv 65
+#define NR_writev 66
+#define NR_accept 202
+#define NR_sendto 206
+#define NR_recvfrom 207
+#define NR_sendmsg 211
+#define NR_recvmsg 212
+#define NR_accept4 242
+#define SYSCALL_NR_FIELD syscallno
+#else
+#error "syscall numbers for this architecture are missing"
+#endif
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
+{
+	__u16 kind, io = IO_FLAT;
+	bool msg = false;
+	switch (id) {
+	case NR_read:
+	case NR_recvfrom:
+		kind = LLMSLO_EV_READ;
+		break;
+	case NR_readv:
+		kind = LLMSLO_EV_READ;
+		io = IO_IOV;
+		break;
+	case NR_recvmsg:
+		kind = LLMSLO_EV_READ;
+		msg = true;
+		break;
+	case NR_write:
+	case NR_sendto:
+		kind = LLMSLO_EV_WRITE;
+		break;
+	case NR_writev:
+		kind = LLMSLO_EV_WRITE;
+		io = IO_IOV;
+		break;
+	case NR_sendmsg:
+		kind = LLMSLO_EV_WRITE;
+		msg = true;
+		break;
+	case NR_accept:
+	case NR_accept4:
+		return enter_accept_common();
+	case NR_close:
+		return close_common(PT_REGS_PARM1_CORE_SYSCALL(regs));
+	default:
+		return 0;
+	}
+	if (!is_target())
+		return 0;
+	__u32 fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	__u64 arg2 = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	if (msg)
+		return enter_traced_msg(fd, arg2, kind);
+	__u32 iovcnt = io == IO_IOV ? PT_REGS_PARM3_CORE_SYSCALL(regs) : 0;
+	return enter_traced(fd, arg2, iovcnt, kind, io);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
+{
+	switch (regs->SYSCALL_NR_FIELD) {
+	case NR_read:
+	case NR_recvfrom:
+	case NR_readv:
+	case NR_recvmsg:
+	case NR_write:
+	case NR_sendto:
+	case NR_writev:
+	case NR_sendmsg:
+		break;
+	case NR_accept:
+	case NR_accept4:
+		return exit_accept_common(ret);
+	default:
+		return 0;
+	}
+	struct active_io a;
+	if (!active_take(&a))
+		return 0;
+	if (a.io == IO_IOV)
+		return exit_traced(&a, ret, IO_IOV);
+	return exit_traced(&a, ret, IO_FLAT);
 }
 
 /* ---- data readiness: the request's bytes reached the server's socket ---- */
@@ -576,6 +740,11 @@ SEC("tracepoint/sock/sk_data_ready")
 int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	/* Every socket on the node that receives data comes here: a server port of a target, or
+	 * leave at once. */
+	struct sock *sk = (struct sock *)ctx->skaddr;
+	if (!is_target_port(BPF_CORE_READ(sk, __sk_common.skc_num)))
 		return 0;
 	__u64 key = (__u64)ctx->skaddr;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
@@ -586,7 +755,6 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 		ci->queued_last_ts = now;
 		return 0;
 	}
-	struct sock *sk = (struct sock *)ctx->skaddr;
 	/* A listening socket is woken for new connections, not data: skip it. */
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) == 10 /* TCP_LISTEN */)
 		return 0;

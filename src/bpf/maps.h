@@ -11,9 +11,22 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 
+/* A connection's addresses as its server socket has them (IPv4 in the first 4 bytes). */
+struct conn_tuple {
+	__u16 family; /* AF_INET or AF_INET6; 0: not read yet */
+	__u16 lport;  /* host order */
+	__u16 rport;
+	__u16 pad;
+	__u8 laddr[16];
+	__u8 raddr[16];
+};
+
 struct conn_info {
 	__u64 queued_ts;      /* first sk_data_ready since the last read, 0 when consumed */
 	__u64 queued_last_ts; /* latest sk_data_ready (the request's last bytes, at its last read) */
+	/* Read from the socket once, at the connection's first traced syscall: every later event
+	 * copies it instead of a dozen reads through the socket. */
+	struct conn_tuple tuple;
 };
 
 /* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */
@@ -37,13 +50,22 @@ struct {
 	__type(value, __u8);
 } listen_ports SEC(".maps");
 
-/* Server ports of targets, any netns: packet hooks keep state only for these flows. */
+/* Server ports of targets, any netns: packet hooks keep state only for these flows, and
+ * sk_data_ready skips other sockets. An array indexed by port (64 KiB): the verifier inlines
+ * the lookup, so the packets and sockets of everything else on the node pay a load and a test. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
 } target_ports SEC(".maps");
+
+static __always_inline bool is_target_port(__u16 port)
+{
+	__u32 k = port;
+	__u8 *v = bpf_map_lookup_elem(&target_ports, &k);
+	return v && *v;
+}
 
 /* Packet-path stamps per flow (server-side view), consumed by the syscall programs. */
 struct {
@@ -85,6 +107,23 @@ static __always_inline void normalize_key(struct llmslo_flow_key *k)
 		w[1] = w[2] = w[3] = 0;
 		v[1] = v[2] = v[3] = 0;
 		k->family = AF_INET;
+	}
+}
+
+/* The flow key of a connection from its tuple: client = remote end. */
+static __always_inline void tuple_flow_key(const struct conn_tuple *t, struct llmslo_flow_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = t->family;
+	k->dport = t->lport;
+	k->sport = t->rport;
+	if (t->family == AF_INET) {
+		__builtin_memcpy(k->daddr, t->laddr, 4);
+		__builtin_memcpy(k->saddr, t->raddr, 4);
+	} else {
+		__builtin_memcpy(k->daddr, t->laddr, 16);
+		__builtin_memcpy(k->saddr, t->raddr, 16);
+		normalize_key(k);
 	}
 }
 

@@ -144,10 +144,6 @@ static __always_inline struct llmslo_flow *flow_get(struct llmslo_flow_key *k)
 	return bpf_map_lookup_elem(&flows, k);
 }
 
-static __always_inline bool is_target_port(__u16 port)
-{
-	return bpf_map_lookup_elem(&target_ports, &port) != NULL;
-}
 
 /* A request packet at `hop`: stamp `slot` with the first new payload since the last read. */
 static __always_inline void stamp_request(struct pkt *p, __u32 hop, __u32 slot, bool syn_too)
