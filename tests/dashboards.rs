@@ -5,7 +5,8 @@
 //! `$variable` defined, units set).
 //!
 //! With root (else a loud skip, a failure under LLMSLO_REQUIRE_BPF=1): a testbed pod runs the
-//! synthetic server, the agent traces it with SLOs configured, and a real Prometheus server
+//! synthetic server, the agent traces it with SLOs configured and exports traces to an OTLP
+//! sink (so the exporter's panels have data), and a real Prometheus server
 //! (Debian's `prometheus`) scrapes the agent every second while the load generator drives a few
 //! rounds of traffic. Then every metric name in every expr must be one the agent exports, and
 //! every panel expr (and every template variable's query) of every dashboard is evaluated through
@@ -415,6 +416,26 @@ fn share_sums(v: &Value) -> std::collections::BTreeMap<String, f64> {
     out
 }
 
+/// An OTLP/HTTP collector that accepts every export (an empty body is an empty
+/// `ExportTraceServiceResponse`).
+fn otlp_sink() -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|| async { ([("content-type", "application/x-protobuf")], "") }),
+    );
+    rt.spawn(async move { axum::serve(l, app).await });
+    (addr, rt)
+}
+
 #[test]
 fn every_panel_query_returns_data_from_a_real_prometheus() {
     if !kernel_tests_enabled("every_panel_query_returns_data_from_a_real_prometheus") {
@@ -431,10 +452,14 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         // 2 ms of queueing: TTFT always over the tight SLO's 1 ms, so its alerts fire.
         &["--queue-delay-ms", "2", "--decode-ms", "1"],
     );
+    let (sink, _sink_rt) = otlp_sink();
     let agent = Agent::start_with_config(
-        "slos:\n\
-         - name: ttft-tight\n  objective: 0.99\n  window: 28d\n  selector: {model: synth-llm}\n  sli: {type: latency, metric: ttft, threshold_ms: 1}\n\
-         - name: ttft-loose\n  objective: 0.99\n  window: 28d\n  sli: {type: latency, metric: ttft, threshold_ms: 500}\n",
+        &format!(
+            "slos:\n\
+             - name: ttft-tight\n  objective: 0.99\n  window: 28d\n  selector: {{model: synth-llm}}\n  sli: {{type: latency, metric: ttft, threshold_ms: 1}}\n\
+             - name: ttft-loose\n  objective: 0.99\n  window: 28d\n  sli: {{type: latency, metric: ttft, threshold_ms: 500}}\n\
+             otlp: {{enabled: true, endpoint: 'http://{sink}', sample_ratio: 0.1}}\n"
+        ),
         &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
     );
     let prom = Prometheus::start(agent.addr);

@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use prost::Message;
 use serde_json::Value;
 
 use common::node::{server_pod, PORT};
+use common::tls::{Pki, TlsFront};
 use common::{kernel_tests_enabled, metric, Agent};
 use llm_slo_agent::otlp::{Otlp, OtlpCfg, OtlpProtocol};
 use llm_slo_agent::record::{RequestRecord, Stage, Ts};
@@ -384,8 +386,30 @@ fn wait_for(rx: &Receiver, ids: &BTreeSet<u64>) -> HashMap<u64, Trace> {
 const TOKEN_EVENTS: usize = 2;
 
 /// The kernel test for one protocol: long prompts queue (abnormal), some requests abort.
-fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: f64) {
+/// With `tls`, the collector sits behind TLS that requires a client certificate, and a bearer
+/// token comes from a headers file: it must reach the collector and nothing else.
+fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: f64, tls: bool) {
     let rx = Receiver::start(protocol);
+    let pki = tls.then(|| Pki::new(&format!("kernel-{proto}")));
+    let front = pki.as_ref().map(|pki| TlsFront::start(pki, rx.addr, true));
+    let token = secret("kernel");
+    let (endpoint, tls_yaml) = match (&pki, &front) {
+        (Some(pki), Some(front)) => {
+            let hfile = pki.path("headers");
+            std::fs::write(&hfile, format!("authorization: Bearer {token}\n")).unwrap();
+            (
+                format!("https://{}", front.addr),
+                format!(
+                    "  tls: {{ca_file: {}, cert_file: {}, key_file: {}, server_name: collector.test}}\n  headers_file: {}\n",
+                    pki.p("ca.pem"),
+                    pki.p("client.pem"),
+                    pki.p("client.key"),
+                    hfile.display()
+                ),
+            )
+        }
+        _ => (format!("http://{}", rx.addr), String::new()),
+    };
     let sp = server_pod(
         &format!("otlp-{proto}"),
         CgroupDriver::Systemd,
@@ -393,11 +417,10 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
         &["--prefill-us-per-kb", "2000", "--decode-ms", "1"],
     );
     let yaml = format!(
-        "otlp:\n  enabled: true\n  protocol: {proto}\n  endpoint: http://{}\n  headers: {{x-otlp-token: secret-1}}\n  \
+        "otlp:\n  enabled: true\n  protocol: {proto}\n  endpoint: {endpoint}\n  headers: {{x-otlp-token: secret-1}}\n  \
          sample_ratio: {sample_ratio}\n  node_name: test-node\n  resource_attributes: {{k8s.cluster.name: testbed}}\n  \
-         token_events: {TOKEN_EVENTS}\n  batch_size: 64\n  timeout_ms: 3000\n\
-         slos:\n  - {{name: fast-ttft, objective: 0.9, window: 1h, sli: {{type: latency, metric: ttft, threshold_ms: 20}}}}\n",
-        rx.addr
+         token_events: {TOKEN_EVENTS}\n  batch_size: 64\n  timeout_ms: 3000\n{tls_yaml}\
+         slos:\n  - {{name: fast-ttft, objective: 0.9, window: 1h, sli: {{type: latency, metric: ttft, threshold_ms: 20}}}}\n"
     );
     let agent = Agent::start_with_config(
         &yaml,
@@ -530,6 +553,13 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
             Some("secret-1"),
             "{h:?}"
         );
+        if tls {
+            assert_eq!(
+                h.get("authorization"),
+                Some(&format!("Bearer {token}")),
+                "the token from the headers file"
+            );
+        }
         if protocol == OtlpProtocol::Http {
             assert_eq!(
                 h.get("content-type").map(String::as_str),
@@ -577,6 +607,44 @@ fn exports_abnormal_requests(protocol: OtlpProtocol, proto: &str, sample_ratio: 
         metric(&m, "llmslo_agent_otlp_export_errors_total"),
         Some(0.0)
     );
+    let mode = if tls { "mtls" } else { "plaintext" };
+    assert_eq!(
+        metric(
+            &m,
+            &format!("llmslo_agent_otlp_transport_info{{transport=\"{mode}\"}}")
+        ),
+        Some(1.0)
+    );
+    if let Some(front) = &front {
+        assert_eq!(front.failed_handshakes.load(Relaxed), 0);
+    }
+    // The token reached the collector and nothing else: not the log, the API or the metrics.
+    let mut outputs = vec![("/metrics".to_string(), m.clone())];
+    for path in [
+        "/api/v1/requests?limit=100000",
+        "/api/v1/breakdown",
+        "/api/v1/targets",
+        "/api/v1/slo",
+        "/api/v1/slo/analysis",
+        "/api/v1/heatmap",
+        "/api/v1/crosscheck",
+        "/readyz",
+    ] {
+        if let Ok((_, body)) = common::http_get(agent.addr, path) {
+            outputs.push((path.to_string(), body));
+        }
+    }
+    outputs.push(("the log".into(), agent.log_text()));
+    assert!(outputs[outputs.len() - 1]
+        .1
+        .contains("OTLP trace export on"));
+    for (what, text) in &outputs {
+        assert!(!text.contains(&token), "the header secret is in {what}");
+        assert!(
+            !text.contains("secret-1"),
+            "a configured header value is in {what}"
+        );
+    }
     eprintln!(
         "{proto}: {} requests, {} abnormal now, {} traces / {n_spans} spans received",
         all.len(),
@@ -600,7 +668,7 @@ fn http_protobuf_receiver_gets_every_abnormal_request() {
     if !kernel_tests_enabled("http_protobuf_receiver_gets_every_abnormal_request") {
         return;
     }
-    exports_abnormal_requests(OtlpProtocol::Http, "http", 0.0);
+    exports_abnormal_requests(OtlpProtocol::Http, "http", 0.0, false);
 }
 
 #[test]
@@ -608,7 +676,17 @@ fn grpc_receiver_gets_abnormal_and_sampled_requests() {
     if !kernel_tests_enabled("grpc_receiver_gets_abnormal_and_sampled_requests") {
         return;
     }
-    exports_abnormal_requests(OtlpProtocol::Grpc, "grpc", 1.0);
+    exports_abnormal_requests(OtlpProtocol::Grpc, "grpc", 1.0, false);
+}
+
+#[test]
+fn mtls_grpc_receiver_gets_every_abnormal_request_and_only_it_sees_the_token() {
+    if !kernel_tests_enabled(
+        "mtls_grpc_receiver_gets_every_abnormal_request_and_only_it_sees_the_token",
+    ) {
+        return;
+    }
+    exports_abnormal_requests(OtlpProtocol::Grpc, "grpc", 0.0, true);
 }
 
 // ---- Without the kernel: the exporter's queue against real receivers ----
@@ -681,7 +759,6 @@ fn both_protocols_deliver_synthetic_records_exactly() {
             check_trace(t, &rec, off, 64);
         }
         x.shutdown(Duration::from_secs(2));
-        use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(x.counters.exported_traces.load(Relaxed), 50);
         assert_eq!(x.counters.exported_spans.load(Relaxed), 250);
     }
@@ -689,7 +766,6 @@ fn both_protocols_deliver_synthetic_records_exactly() {
 
 #[test]
 fn a_restarted_receiver_gets_the_next_exports() {
-    use std::sync::atomic::Ordering::Relaxed;
     for protocol in [OtlpProtocol::Http, OtlpProtocol::Grpc] {
         let rx = Receiver::start(protocol);
         let addr = rx.addr;
@@ -721,7 +797,6 @@ fn a_restarted_receiver_gets_the_next_exports() {
 
 #[test]
 fn a_stalled_receiver_costs_drops_not_waiting() {
-    use std::sync::atomic::Ordering::Relaxed;
     // A receiver that accepts connections and never answers.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -804,10 +879,6 @@ fn config_rejects_bad_otlp_settings() {
     assert!(parse("otlp: {enabled: true, protocol: grpc, endpoint: 'http://c:4317'}").is_ok());
     assert!(parse("otlp: {protocol: zipkin}").is_err());
     assert!(parse("otlp: {sample_ratio: 1.5}").is_err());
-    assert!(
-        parse("otlp: {endpoint: 'https://c:4318'}").is_err(),
-        "no TLS in this build"
-    );
     assert!(parse("otlp: {endpoint: 'not a url'}").is_err());
     assert!(parse("otlp: {headers: {'bad header': x}}").is_err());
     assert!(parse("otlp: {sample_rate: 0.1}").is_err(), "typos rejected");
@@ -821,4 +892,425 @@ fn config_rejects_bad_otlp_settings() {
         ..Default::default()
     };
     assert_eq!(c.endpoint_uri().unwrap(), "http://c:4318/custom/traces");
+}
+
+// ---- TLS, mTLS and header secrets from files (without the kernel) ----
+
+/// A secret nobody else could produce, for grepping the agent's outputs.
+fn secret(tag: &str) -> String {
+    format!(
+        "otlp-secret-{tag}-{}-{}",
+        std::process::id(),
+        mono_ns() % 1_000_000_007
+    )
+}
+
+/// `cfg` for a collector behind `front`, over TLS with the PKI's CA.
+fn tls_cfg(protocol: OtlpProtocol, front: &TlsFront, pki: &Pki) -> OtlpCfg {
+    OtlpCfg {
+        enabled: true,
+        protocol,
+        endpoint: format!("https://{}", front.addr),
+        tls: Some(llm_slo_agent::otlp::TlsCfg {
+            ca_file: Some(pki.path("ca.pem")),
+            ..Default::default()
+        }),
+        node_name: "n1".into(),
+        sample_ratio: 1.0,
+        timeout_ms: 2000,
+        max_retries: 0,
+        ..Default::default()
+    }
+}
+
+fn headers_seen(rx: &Receiver, name: &str) -> Vec<Option<String>> {
+    rx.got
+        .lock()
+        .unwrap()
+        .exports
+        .iter()
+        .map(|e| e.0.get(name).cloned())
+        .collect()
+}
+
+#[test]
+fn tls_and_mtls_deliver_exactly_with_header_secrets_from_files() {
+    let pki = Pki::new("deliver");
+    for protocol in [OtlpProtocol::Http, OtlpProtocol::Grpc] {
+        let rx = Receiver::start(protocol);
+        // OTLP/HTTP: TLS, the certificate checked for the endpoint's IP address. gRPC: the
+        // collector requires a client certificate, and is checked under another name.
+        let mtls = protocol == OtlpProtocol::Grpc;
+        let front = TlsFront::start(&pki, rx.addr, mtls);
+        let mut c = tls_cfg(protocol, &front, &pki);
+        let t = c.tls.as_mut().unwrap();
+        if mtls {
+            t.cert_file = Some(pki.path("client.pem"));
+            t.key_file = Some(pki.path("client.key"));
+            t.server_name = Some("collector.test".into());
+        }
+        let (s1, s2, s3) = (secret("a"), secret("b"), secret("c"));
+        let hfile = pki.path(&format!("headers-{protocol:?}"));
+        std::fs::write(&hfile, format!("# a Secret\nauthorization: Bearer {s1}\n")).unwrap();
+        let kfile = pki.path(&format!("key-{protocol:?}"));
+        std::fs::write(&kfile, format!("{s3}\n")).unwrap();
+        c.headers_file = Some(hfile.clone());
+        c.header_files = [("x-api-key".to_string(), kfile)].into();
+        let x = Otlp::start(&c).unwrap();
+        for id in 1..=50 {
+            x.offer(&synthetic(id), Default::default());
+        }
+        assert!(
+            wait_until(Duration::from_secs(10), || rx.spans().len() >= 50 * 5),
+            "{protocol:?}: {} spans; errors {}",
+            rx.spans().len(),
+            x.counters.export_errors.load(Relaxed)
+        );
+        let traces = traces_by_request(&rx.spans());
+        assert_eq!(traces.len(), 50, "{protocol:?}");
+        for (id, t) in &traces {
+            let mut rec = serde_json::to_value(&*synthetic(*id)).unwrap();
+            rec["token_ns"] = serde_json::json!([5_000_000u64, 6_000_000u64]);
+            check_trace(t, &rec, x.clock.offset_ns, 64);
+        }
+        let auth = format!("Bearer {s1}");
+        assert!(headers_seen(&rx, "authorization")
+            .iter()
+            .all(|h| h.as_deref() == Some(auth.as_str())));
+        assert!(headers_seen(&rx, "x-api-key")
+            .iter()
+            .all(|h| h.as_deref() == Some(s3.as_str())));
+        assert!(front.handshakes.load(Relaxed) >= 1);
+        assert_eq!(front.failed_handshakes.load(Relaxed), 0);
+
+        // The Secret is updated (a new file renamed over the old, as the kubelet's symlink
+        // swap does): the next exports carry the new token.
+        let tmp = pki.path("headers.new");
+        std::fs::write(&tmp, format!("authorization: Bearer {s2}\n")).unwrap();
+        std::fs::rename(&tmp, &hfile).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let n = rx.got.lock().unwrap().exports.len();
+        x.offer(&synthetic(51), Default::default());
+        assert!(wait_until(Duration::from_secs(10), || rx
+            .got
+            .lock()
+            .unwrap()
+            .exports
+            .len()
+            > n));
+        let auth2 = format!("Bearer {s2}");
+        assert_eq!(
+            headers_seen(&rx, "authorization")
+                .last()
+                .unwrap()
+                .as_deref(),
+            Some(auth2.as_str()),
+            "{protocol:?}: the re-read token"
+        );
+        x.shutdown(Duration::from_secs(2));
+        assert_eq!(x.counters.exported_traces.load(Relaxed), 51);
+        assert_eq!(x.counters.export_errors.load(Relaxed), 0);
+        let mut m = String::new();
+        x.render(&mut m);
+        common::promtool_check(&m);
+        let mode = if mtls { "mtls" } else { "tls" };
+        assert_eq!(
+            metric(
+                &m,
+                &format!("llmslo_agent_otlp_transport_info{{transport=\"{mode}\"}}")
+            ),
+            Some(1.0),
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "llmslo_agent_otlp_header_reloads_total{result=\"ok\"}"),
+            Some(1.0),
+            "{m}"
+        );
+        for s in [&s1, &s2, &s3] {
+            assert!(!m.contains(s.as_str()), "a secret in the metrics");
+        }
+    }
+}
+
+/// Waits for the exporter to count a failed export; nothing may arrive.
+fn fails_counted(x: &Otlp, rx: &Receiver, what: &str) {
+    for id in 1..=5 {
+        x.offer(&synthetic(id), Default::default());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || x
+            .counters
+            .dropped_export_failed
+            .load(Relaxed)
+            >= 1),
+        "{what}: a failed export is counted"
+    );
+    assert!(x.counters.export_errors.load(Relaxed) >= 1, "{what}");
+    assert_eq!(x.counters.exported_traces.load(Relaxed), 0, "{what}");
+    assert!(rx.spans().is_empty(), "{what}: nothing got through");
+    let mut m = String::new();
+    x.render(&mut m);
+    assert!(
+        metric(&m, "llmslo_agent_otlp_export_errors_total").is_some_and(|v| v >= 1.0),
+        "{what}: {m}"
+    );
+    x.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn a_wrong_ca_or_a_missing_client_certificate_fails_exports_and_counts_them() {
+    let pki = Pki::new("fail");
+    for protocol in [OtlpProtocol::Http, OtlpProtocol::Grpc] {
+        let rx = Receiver::start(protocol);
+        let front = TlsFront::start(&pki, rx.addr, false);
+        // A CA that did not sign the collector's certificate.
+        let mut c = tls_cfg(protocol, &front, &pki);
+        c.tls.as_mut().unwrap().ca_file = Some(pki.path("other-ca.pem"));
+        fails_counted(
+            &Otlp::start(&c).unwrap(),
+            &rx,
+            &format!("{protocol:?} wrong CA"),
+        );
+        assert!(front.failed_handshakes.load(Relaxed) >= 1);
+        // A name the certificate does not carry.
+        let mut c = tls_cfg(protocol, &front, &pki);
+        c.tls.as_mut().unwrap().server_name = Some("elsewhere.test".into());
+        fails_counted(
+            &Otlp::start(&c).unwrap(),
+            &rx,
+            &format!("{protocol:?} wrong name"),
+        );
+        // Clear text to a TLS port.
+        let mut c = tls_cfg(protocol, &front, &pki);
+        c.tls = None;
+        c.endpoint = format!("http://{}", front.addr);
+        fails_counted(
+            &Otlp::start(&c).unwrap(),
+            &rx,
+            &format!("{protocol:?} plaintext"),
+        );
+
+        // The collector requires a client certificate; the exporter has none.
+        let mfront = TlsFront::start(&pki, rx.addr, true);
+        let c = tls_cfg(protocol, &mfront, &pki);
+        fails_counted(
+            &Otlp::start(&c).unwrap(),
+            &rx,
+            &format!("{protocol:?} no client cert"),
+        );
+        assert!(mfront.failed_handshakes.load(Relaxed) >= 1);
+        // A client certificate the collector does not trust (the other CA's own).
+        let mut c = tls_cfg(protocol, &mfront, &pki);
+        let t = c.tls.as_mut().unwrap();
+        t.cert_file = Some(pki.path("other-ca.pem"));
+        t.key_file = Some(pki.path("other-ca.key"));
+        fails_counted(
+            &Otlp::start(&c).unwrap(),
+            &rx,
+            &format!("{protocol:?} untrusted client cert"),
+        );
+
+        // insecure_skip_verify: the wrong CA no longer matters (and is warned about).
+        let mut c = tls_cfg(protocol, &front, &pki);
+        let t = c.tls.as_mut().unwrap();
+        t.ca_file = Some(pki.path("other-ca.pem"));
+        t.insecure_skip_verify = true;
+        let x = Otlp::start(&c).unwrap();
+        x.offer(&synthetic(7), Default::default());
+        assert!(
+            wait_until(Duration::from_secs(10), || rx.spans().len() == 5),
+            "{protocol:?}: insecure_skip_verify delivers"
+        );
+        x.shutdown(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn bad_tls_and_header_files_refuse_the_start_naming_the_file() {
+    let pki = Pki::new("bad");
+    let not_pem = pki.path("not.pem");
+    std::fs::write(&not_pem, "-----BEGIN CERTIFICATE-----\nnot base64 !!\n").unwrap();
+    let empty = pki.path("empty.pem");
+    std::fs::write(&empty, "just text\n").unwrap();
+    let missing = pki.path("missing.pem");
+    let base = || OtlpCfg {
+        enabled: true,
+        endpoint: "https://127.0.0.1:1".into(),
+        tls: Some(Default::default()),
+        ..Default::default()
+    };
+    let start_err = |c: OtlpCfg| format!("{:#}", Otlp::start(&c).err().expect("start refused"));
+    let tls = |f: &dyn Fn(&mut llm_slo_agent::otlp::TlsCfg)| {
+        let mut c = base();
+        f(c.tls.as_mut().unwrap());
+        c
+    };
+    for (c, says) in [
+        (
+            tls(&|t| t.ca_file = Some(missing.clone())),
+            format!("otlp.tls.ca_file {}", missing.display()),
+        ),
+        (
+            tls(&|t| t.ca_file = Some(not_pem.clone())),
+            format!("otlp.tls.ca_file {}: not PEM", not_pem.display()),
+        ),
+        (
+            tls(&|t| t.ca_file = Some(empty.clone())),
+            format!("otlp.tls.ca_file {}: no PEM certificate", empty.display()),
+        ),
+        (
+            tls(&|t| {
+                t.ca_file = Some(pki.path("ca.pem"));
+                t.cert_file = Some(pki.path("client.pem"));
+                t.key_file = Some(pki.path("server.key"));
+            }),
+            format!(
+                "otlp.tls.cert_file {} and otlp.tls.key_file {} do not make a certificate and its key",
+                pki.path("client.pem").display(),
+                pki.path("server.key").display()
+            ),
+        ),
+        (
+            tls(&|t| {
+                t.ca_file = Some(pki.path("ca.pem"));
+                t.cert_file = Some(pki.path("client.pem"));
+                t.key_file = Some(pki.path("client.pem"));
+            }),
+            format!(
+                "otlp.tls.key_file {}: no PEM private key",
+                pki.path("client.pem").display()
+            ),
+        ),
+        (
+            tls(&|t| {
+                t.ca_file = Some(pki.path("ca.pem"));
+                t.cert_file = Some(missing.clone());
+                t.key_file = Some(pki.path("client.key"));
+            }),
+            format!("otlp.tls.cert_file {}", missing.display()),
+        ),
+        (
+            OtlpCfg {
+                headers_file: Some(missing.clone()),
+                ..cfg(OtlpProtocol::Http, "127.0.0.1:1".parse().unwrap())
+            },
+            format!("otlp.headers_file {}", missing.display()),
+        ),
+        (
+            OtlpCfg {
+                header_files: [("authorization".to_string(), missing.clone())].into(),
+                ..cfg(OtlpProtocol::Grpc, "127.0.0.1:1".parse().unwrap())
+            },
+            format!("otlp.header_files.authorization {}", missing.display()),
+        ),
+    ] {
+        let e = start_err(c);
+        assert!(e.contains(&says), "want {says:?} in: {e}");
+    }
+}
+
+#[test]
+fn config_checks_tls_and_header_file_keys() {
+    let parse = |y: &str| -> anyhow::Result<llm_slo_agent::config::Config> {
+        let c: llm_slo_agent::config::Config = serde_yaml::from_str(y)?;
+        c.validate()?;
+        Ok(c)
+    };
+    let c = parse(
+        "otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: https://c:4317\n  tls:\n    ca_file: /s/ca.crt\n    cert_file: /s/tls.crt\n    key_file: /s/tls.key\n    server_name: otel.example\n  headers_file: /s/headers\n  header_files: {authorization: /s/auth}\n",
+    )
+    .unwrap();
+    let t = c.otlp.tls.as_ref().unwrap();
+    assert_eq!(
+        t.ca_file.as_deref(),
+        Some(std::path::Path::new("/s/ca.crt"))
+    );
+    assert!(!t.insecure_skip_verify, "verification is on by default");
+    assert!(
+        parse("otlp: {endpoint: 'https://c:4318'}").is_ok(),
+        "https without tls: system roots"
+    );
+    let e = |y: &str| {
+        format!(
+            "{:#}",
+            parse(y).err().unwrap_or_else(|| panic!("{y} accepted"))
+        )
+    };
+    assert!(e("otlp: {endpoint: 'http://c:4318', tls: {}}").contains("not https://"));
+    assert!(e("otlp: {endpoint: 'ftp://c:4318'}").contains("http(s)://"));
+    let creds = e("otlp: {endpoint: 'https://u:s3cr3t@c:4318/v1/traces'}");
+    assert!(
+        creds.contains("credentials in the URL") && !creds.contains("s3cr3t"),
+        "{creds}"
+    );
+    assert!(e("otlp: {tls: {cert_file: /c}}").contains("go together"));
+    assert!(e("otlp: {tls: {key_file: /k}}").contains("go together"));
+    assert!(e("otlp: {tls: {server_name: 'a b'}}").contains("server_name"));
+    assert!(
+        e("otlp: {tls: {ca: /x}}").contains("unknown field"),
+        "typos rejected"
+    );
+    assert!(e("otlp: {header_files: {'bad name': /x}}").contains("invalid header name"));
+    // The value is not quoted back: it may be the secret.
+    let bad = e("otlp: {headers: {authorization: \"Bearer s3cr3t\\u0001\"}}");
+    assert!(
+        bad.contains("invalid value of \"authorization\"") && !bad.contains("s3cr3t"),
+        "{bad}"
+    );
+    let c = OtlpCfg {
+        tls: Some(Default::default()),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.endpoint_uri().unwrap(),
+        "https://localhost:4318/v1/traces"
+    );
+    let c = OtlpCfg {
+        protocol: OtlpProtocol::Grpc,
+        tls: Some(Default::default()),
+        ..Default::default()
+    };
+    assert_eq!(c.endpoint_uri().unwrap(), "https://localhost:4317");
+}
+
+#[test]
+fn the_agent_refuses_to_start_on_a_bad_tls_file_and_names_it() {
+    if !kernel_tests_enabled("the_agent_refuses_to_start_on_a_bad_tls_file_and_names_it") {
+        return;
+    }
+    let pki = Pki::new("agent-bad");
+    let yaml = format!(
+        "otlp:\n  enabled: true\n  endpoint: https://127.0.0.1:4318\n  tls: {{ca_file: {}, cert_file: {}, key_file: {}}}\n",
+        pki.p("ca.pem"),
+        pki.p("client.pem"),
+        pki.p("server.key")
+    );
+    let mut agent = Agent::launch_with_config(&yaml, &["--no-auto"]);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = agent.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the agent started with a key that is not its certificate's:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = agent.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        !log.contains("panicked"),
+        "a clean refusal, not a panic:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "otlp.tls.cert_file {} and otlp.tls.key_file {} do not make a certificate and its key",
+            pki.p("client.pem"),
+            pki.p("server.key")
+        )),
+        "{log}"
+    );
 }

@@ -2,20 +2,23 @@
 //! request (whatever `abnormal.rs` keeps) and a sampled share of the rest, as OTLP traces over
 //! HTTP/protobuf or gRPC. The BPF thread only hands a record over a bounded queue
 //! (`try_send`: a full queue drops and counts, never waits); an exporter thread with its own
-//! small runtime builds the spans (`spans.rs`) and sends them in batches.
+//! small runtime builds the spans (`spans.rs`) and sends them in batches, over TLS when the
+//! endpoint is https (`tls.rs`), with headers that may come from files (`headers.rs`), both
+//! wired into the SDK's HTTP client and gRPC channel by `client.rs`.
 
+mod client;
+pub mod headers;
 pub mod spans;
+pub mod tls;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{
-    Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
 use opentelemetry_sdk::trace::SpanExporter as _;
 use opentelemetry_sdk::Resource;
 use serde::Deserialize;
@@ -23,7 +26,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::abnormal::KeptBecause;
 use crate::record::RequestRecord;
+use headers::Headers;
 use spans::{Ids, MonoToUnix, TraceOpts};
+pub use tls::TlsCfg;
 
 /// The `otlp` section of the config (README "OpenTelemetry").
 #[derive(Debug, Clone, Deserialize)]
@@ -32,11 +37,19 @@ pub struct OtlpCfg {
     pub enabled: bool,
     /// `http` (protobuf over HTTP, port 4318) or `grpc` (port 4317).
     pub protocol: OtlpProtocol,
-    /// Collector URL. Empty: `http://localhost:4318/v1/traces` or `http://localhost:4317`.
-    /// An HTTP endpoint without a path gets `/v1/traces`.
+    /// Collector URL, `http://` or `https://`. Empty: `localhost:4318/v1/traces` or
+    /// `localhost:4317` (https when `tls` is set). An HTTP endpoint without a path gets
+    /// `/v1/traces`.
     pub endpoint: String,
-    /// Sent with every export (HTTP headers or gRPC metadata), e.g. an authorization token.
+    /// TLS to the collector (CA, client certificate, server name); set, it requires https.
+    pub tls: Option<TlsCfg>,
+    /// Sent with every export (HTTP headers or gRPC metadata).
     pub headers: BTreeMap<String, String>,
+    /// A file of `name: value` lines sent as headers too (e.g. a mounted Secret holding
+    /// `authorization: Bearer …`), re-read when it changes.
+    pub headers_file: Option<PathBuf>,
+    /// Headers whose value is a file's content, `{authorization: /secrets/otlp/auth}`.
+    pub header_files: BTreeMap<String, PathBuf>,
     /// Per export attempt.
     pub timeout_ms: u64,
     /// Share of the requests that are not abnormal exported as well (0 … 1).
@@ -69,7 +82,10 @@ impl Default for OtlpCfg {
             enabled: false,
             protocol: OtlpProtocol::Http,
             endpoint: String::new(),
+            tls: None,
             headers: BTreeMap::new(),
+            headers_file: None,
+            header_files: BTreeMap::new(),
             timeout_ms: 10_000,
             sample_ratio: 0.01,
             service_name: "llm-slo-agent".into(),
@@ -99,28 +115,47 @@ impl OtlpCfg {
             "otlp.token_events must be <= 1000"
         );
         self.endpoint_uri()?;
+        if let Some(t) = &self.tls {
+            t.validate()?;
+        }
         for (k, v) in &self.headers {
             axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
                 .with_context(|| format!("otlp.headers: invalid header name {k:?}"))?;
             axum::http::HeaderValue::from_str(v)
-                .with_context(|| format!("otlp.headers: invalid value of {k:?}"))?;
+                .map_err(|_| anyhow::anyhow!("otlp.headers: invalid value of {k:?}"))?;
+        }
+        for k in self.header_files.keys() {
+            axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .with_context(|| format!("otlp.header_files: invalid header name {k:?}"))?;
         }
         Ok(())
     }
 
     /// The endpoint with the defaults applied.
     pub fn endpoint_uri(&self) -> Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let e = match (self.endpoint.trim(), self.protocol) {
-            ("", OtlpProtocol::Http) => "http://localhost:4318/v1/traces".to_string(),
-            ("", OtlpProtocol::Grpc) => "http://localhost:4317".to_string(),
+            ("", OtlpProtocol::Http) => format!("{scheme}://localhost:4318/v1/traces"),
+            ("", OtlpProtocol::Grpc) => format!("{scheme}://localhost:4317"),
             (e, _) => e.to_string(),
         };
+        // Not echoed: a password there would end up in the log. hyper would not send it anyway.
+        let authority = e.split_once("://").map_or(e.as_str(), |(_, r)| r);
+        anyhow::ensure!(
+            !authority.split('/').next().unwrap_or("").contains('@'),
+            "otlp.endpoint: credentials in the URL (user:password@) are not sent; put an \
+             authorization header in otlp.headers_file or otlp.header_files"
+        );
         let uri: axum::http::Uri = e
             .parse()
             .with_context(|| format!("otlp.endpoint: not a URL: {e:?}"))?;
         anyhow::ensure!(
-            uri.scheme_str() == Some("http") && uri.host().is_some(),
-            "otlp.endpoint must be http://host:port[/path] (no TLS in this build): {e:?}"
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
+            "otlp.endpoint must be http(s)://host:port[/path]: {e:?}"
+        );
+        anyhow::ensure!(
+            self.tls.is_none() || uri.scheme_str() == Some("https"),
+            "otlp.tls is set but otlp.endpoint is not https:// (traces would go in clear text): {e:?}"
         );
         if self.protocol == OtlpProtocol::Http && matches!(uri.path(), "" | "/") {
             return Ok(format!("{}/v1/traces", e.trim_end_matches('/')));
@@ -154,6 +189,13 @@ pub struct Counters {
     pub export_errors: AtomicU64,
 }
 
+/// Whether the transport is encrypted, for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+struct Transport {
+    tls: bool,
+    mtls: bool,
+}
+
 type Job = (Arc<RequestRecord>, KeptBecause);
 
 /// The exporter: a bounded queue and the thread that drains it.
@@ -165,6 +207,8 @@ pub struct Otlp {
     pub counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    headers: Arc<Headers>,
+    transport: Transport,
 }
 
 impl Otlp {
@@ -183,17 +227,41 @@ impl Otlp {
         let (tx, rx) = mpsc::channel::<Job>(cfg.queue_size);
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let headers = Arc::new(Headers::load(
+            &cfg.headers,
+            cfg.headers_file.as_deref(),
+            &cfg.header_files,
+        )?);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("OTLP exporter runtime")?;
         let exporter = {
             let _guard = rt.enter();
-            build_exporter(cfg, clock)?
+            build_exporter(cfg, clock, headers.clone())
+        };
+        let exporter = match exporter {
+            Ok(x) => x,
+            Err(e) => {
+                // The caller may be async (the agent starts inside its runtime), where dropping
+                // a runtime panics.
+                rt.shutdown_background();
+                return Err(e);
+            }
         };
         let endpoint = cfg.endpoint_uri()?;
+        let tls = cfg.tls.clone().unwrap_or_default();
+        let transport = Transport {
+            tls: endpoint.starts_with("https://"),
+            mtls: tls.cert_file.is_some(),
+        };
+        // Header names only: their values may be secrets.
+        let names: Vec<String> = headers.current().keys().map(|k| k.to_string()).collect();
         tracing::info!(
-            protocol = ?cfg.protocol, %endpoint, sample_ratio = cfg.sample_ratio,
+            protocol = ?cfg.protocol, %endpoint, tls = transport.tls, mtls = transport.mtls,
+            ca_file = ?tls.ca_file, server_name = ?tls.server_name,
+            headers = ?names, headers_file = ?cfg.headers_file,
+            sample_ratio = cfg.sample_ratio,
             monotonic_offset_ns = clock.offset_ns, "OTLP trace export on"
         );
         let worker = Worker {
@@ -223,6 +291,8 @@ impl Otlp {
             counters,
             stop,
             thread: Mutex::new(Some(thread)),
+            headers,
+            transport,
         })
     }
 
@@ -314,47 +384,37 @@ impl Otlp {
             "Unix time minus CLOCK_MONOTONIC, as added to every span time.",
             &[(&[], self.clock.offset_ns as f64 / 1e9)],
         );
+        let t = self.transport;
+        let mode = match (t.tls, t.mtls) {
+            (false, _) => "plaintext",
+            (true, false) => "tls",
+            (true, true) => "mtls",
+        };
+        write_gauge(
+            out,
+            "llmslo_agent_otlp_transport_info",
+            "The exporter's transport to the collector: plaintext, tls or mtls (value 1).",
+            &[(&[("transport", mode)], 1.0)],
+        );
+        let r = &self.headers.reloads;
+        write_counter(
+            out,
+            "llmslo_agent_otlp_header_reloads_total",
+            "Re-reads of changed OTLP header files (otlp.headers_file, otlp.header_files); failed ones keep the previous headers.",
+            &[
+                (&[("result", "ok")], v(&r.ok)),
+                (&[("result", "failed")], v(&r.failed)),
+            ],
+        );
     }
 }
 
-fn build_exporter(cfg: &OtlpCfg, clock: MonoToUnix) -> Result<opentelemetry_otlp::SpanExporter> {
-    let endpoint = cfg.endpoint_uri()?;
-    let timeout = Duration::from_millis(cfg.timeout_ms);
-    let retry = RetryPolicy::default()
-        .with_max_retries(cfg.max_retries)
-        .with_initial_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_jitter(Duration::from_millis(50));
-    let builder = opentelemetry_otlp::SpanExporter::builder();
-    let mut exporter = match cfg.protocol {
-        OtlpProtocol::Http => builder
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(endpoint)
-            .with_timeout(timeout)
-            .with_retry_policy(retry)
-            .with_headers(cfg.headers.clone().into_iter().collect())
-            .build(),
-        OtlpProtocol::Grpc => {
-            let mut h = axum::http::HeaderMap::new();
-            for (k, v) in &cfg.headers {
-                let key = axum::http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
-                    .with_context(|| format!("otlp.headers: {k:?}"))?;
-                let val = axum::http::HeaderValue::from_str(v)
-                    .with_context(|| format!("otlp.headers: value of {k:?}"))?;
-                h.insert(key, val);
-            }
-            let md = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(h);
-            builder
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .with_timeout(timeout)
-                .with_retry_policy(retry)
-                .with_metadata(md)
-                .build()
-        }
-    }
-    .context("building the OTLP exporter")?;
+fn build_exporter(
+    cfg: &OtlpCfg,
+    clock: MonoToUnix,
+    headers: Arc<Headers>,
+) -> Result<opentelemetry_otlp::SpanExporter> {
+    let mut exporter = client::build(cfg, headers)?;
     let node = cfg.node();
     let mut attrs = vec![
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),

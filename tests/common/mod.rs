@@ -260,6 +260,7 @@ pub fn promtool_check(exposition: &str) {
 pub mod apiserver;
 pub mod node;
 pub mod prom;
+pub mod tls;
 
 /// The agent's TTFT agrees with the client's within 1 ms + 2 %. When the client read its first
 /// content event together with later ones, it only knows the arrival to within an interval
