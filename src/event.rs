@@ -43,6 +43,28 @@ pub struct SockEvent<'a> {
     pub tail: &'a [u8],
     /// Packet-path and TCP-lifecycle stamps the kernel joined to this syscall.
     pub net: NetStamps,
+    /// Reads and writes: what had happened inside the server by the time the syscall returned.
+    pub inside: Inside,
+}
+
+/// Cumulative counters read by the kernel as a read or write returned (`fill_inside` in
+/// l7.bpf.c). The difference between two events of a request is what happened between them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inside {
+    /// The thread that made the syscall.
+    pub tid: u32,
+    /// That thread's run-queue wait so far (ns); `None` without the run-queue programs.
+    pub runq_ns: Option<u64>,
+    /// The process's CUDA activity so far; `None` when it has no GPU counters (no libcuda).
+    pub gpu: Option<GpuTotals>,
+}
+
+/// A process's CUDA totals at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuTotals {
+    pub launches: u64,
+    pub graph_launches: u64,
+    pub sync_wait_ns: u64,
 }
 
 /// Stamps from the packet hooks and TCP tracepoints (DESIGN.md §3), as carried by one event:

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapHandle, OpenObject, UprobeOpts};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject, UprobeOpts};
 use serde::Serialize;
 
 use crate::discovery::Snapshot;
@@ -162,9 +162,14 @@ impl Gpu {
             .stats
             .reuse_fd(l7.maps.stats.as_fd())
             .context("sharing map stats")?;
+        // The L7 programs read a process's totals into each request event.
+        open.maps
+            .gpu_counts
+            .reuse_fd(l7.maps.gpu_counts.as_fd())
+            .context("sharing map gpu_counts")?;
         let skel = open.load().context("loading the GPU BPF programs")?;
         let verifier = crate::loader::verifier_stats(skel.object(), "gpu");
-        let counts = MapHandle::try_from(&skel.maps.gpu_counts)?;
+        let counts = MapHandle::try_from(&l7.maps.gpu_counts)?;
         Ok(Gpu {
             skel,
             attached: BTreeMap::new(),
@@ -201,6 +206,15 @@ impl Gpu {
                     continue;
                 }
                 let (links, attached, errors) = self.attach(&lib.open_path, tgid);
+                // Counters from zero now: its requests' GPU figures are then zero, not null,
+                // until its first CUDA call (NOEXIST: a probe may have created it already).
+                let zero = [0u8; std::mem::size_of::<types::llmslo_gpu_counts>()];
+                if let Err(e) = self
+                    .counts
+                    .update(&tgid.to_ne_bytes(), &zero, MapFlags::NO_EXIST)
+                {
+                    tracing::debug!(tgid, error = %e, "GPU counters not created at attach");
+                }
                 tracing::info!(path = %lib.path, inode = key.inode, tgid, probes = links.len(), failed = errors.len(), "libcuda uprobes attached");
                 entry.0.attached = attached;
                 entry.0.errors = errors;
@@ -266,20 +280,21 @@ impl Gpu {
     }
 
     fn read(&self, key: &[u8]) -> GpuCounts {
-        const N: usize = std::mem::size_of::<types::llmslo_gpu_counts>() / 8;
-        let mut sum = GpuCounts::default();
-        for [launches, graph_launches, memcpy_bytes, syncs, sync_wait_ns] in
-            crate::podtotals::per_cpu_fields::<N>(&self.counts, key)
-        {
-            sum += GpuCounts {
-                launches,
-                graph_launches,
-                memcpy_bytes,
-                syncs,
-                sync_wait_ns,
-            };
+        let Ok(Some(v)) = self.counts.lookup(key, MapFlags::ANY) else {
+            return GpuCounts::default();
+        };
+        let f = |i: usize| {
+            v.get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_ne_bytes)
+        };
+        GpuCounts {
+            launches: f(0),
+            graph_launches: f(1),
+            memcpy_bytes: f(2),
+            syncs: f(3),
+            sync_wait_ns: f(4),
         }
-        sum
     }
 }
 

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod discovery;
 pub mod event;
 pub mod gpu;
+pub mod inside;
 pub mod loader;
 pub mod netpath;
 pub mod otlp;

@@ -249,7 +249,14 @@ impl L7 {
             .conns
             .set_max_entries(conn_entries)
             .context("sizing the connection map")?;
-        if !runq {
+        if runq {
+            // Events then carry their thread's run-queue wait (`runq_total_ns`).
+            open.maps
+                .rodata_data
+                .as_deref_mut()
+                .context("BPF object has no .rodata")?
+                .runq_on = 1;
+        } else {
             open.progs.runq_wakeup.set_autoload(false);
             open.progs.runq_wakeup_new.set_autoload(false);
             open.progs.runq_switch.set_autoload(false);
@@ -466,7 +473,7 @@ mod tests {
     fn event_layout_is_pinned() {
         use std::mem::{offset_of, size_of};
         use types::llmslo_event_hdr as H;
-        assert_eq!(size_of::<H>(), 128 + 64);
+        assert_eq!(size_of::<H>(), 128 + 64 + 40);
         assert_eq!(offset_of!(H, ts_enter), 0);
         assert_eq!(offset_of!(H, queued_ts), 24);
         assert_eq!(offset_of!(H, ret), 40);
@@ -475,7 +482,12 @@ mod tests {
         assert_eq!(offset_of!(H, laddr), 76);
         assert_eq!(offset_of!(H, comm), 108);
         assert_eq!(offset_of!(H, net_ts), 128);
-        assert_eq!(size_of::<types::llmslo_event>(), 192 + 4096 + 512);
+        assert_eq!(offset_of!(H, runq_total_ns), 192);
+        assert_eq!(offset_of!(H, gpu_launches), 200);
+        assert_eq!(offset_of!(H, gpu_graph_launches), 208);
+        assert_eq!(offset_of!(H, gpu_sync_wait_ns), 216);
+        assert_eq!(offset_of!(H, inside), 224);
+        assert_eq!(size_of::<types::llmslo_event>(), 232 + 4096 + 512);
         assert_eq!(size_of::<types::llmslo_flow_key>(), 40);
     }
 }

@@ -1,4 +1,4 @@
-//! Per-process kernel counters (per-CPU hash maps keyed by tgid: GPU activity, run-queue
+//! Per-process kernel counters (hash maps keyed by tgid: GPU activity, per-CPU run-queue
 //! waits) summed per pod for `/metrics`. A process's totals stay with its pod after it exits:
 //! they are folded into `retired` and its kernel entry can be deleted, so pods' counters never
 //! go back and the kernel maps hold live processes only.

@@ -339,6 +339,13 @@ pub struct RequestRecord {
     pub itl_ms: Vec<f64>,
     pub timestamps: Timestamps,
     pub stages: Stages,
+    /// Run-queue wait (ms) of the server thread that served the request, per server-side stage
+    /// (`queue_prefill`, `decode` or `inference`) and `total`; a stage whose two ends were
+    /// different threads has none (see `inside`). Null without the run-queue programs.
+    pub cpu_runqueue_wait_ms: Option<crate::inside::RunqWait>,
+    /// The server process's GPU activity per server-side stage; null when it has no GPU
+    /// counters (no libcuda probed).
+    pub gpu: Option<crate::inside::GpuStages>,
     /// The sidecar proxy the request passed through (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarInfo>,
@@ -362,6 +369,9 @@ pub struct RequestRecord {
     /// Content fingerprint of the request (method and body), for the sidecar join.
     #[serde(skip)]
     pub fingerprint: u64,
+    /// The kernel's cumulative counters at the events bounding the server-side stages.
+    #[serde(skip)]
+    pub marks: crate::inside::Marks,
 }
 
 /// The sidecar's side of a request that went through one (DESIGN.md §3).
@@ -426,6 +436,7 @@ impl RequestRecord {
             _ => None,
         };
         self.stages = Stages::compute(&self.timestamps, first_on_conn, self.streaming);
+        (self.cpu_runqueue_wait_ms, self.gpu) = crate::inside::compute(&self.marks, &self.stages);
         if let Some(sc) = self.sidecar.as_mut() {
             sc.outbound_first_token_ms = match (
                 self.timestamps.get(Ts::Token1),

@@ -1,7 +1,7 @@
 //! Ring-buffer records → `SockEvent`: check the length, decode the header, hand it over.
 
-use crate::event::{sockaddr, EventKind, NetStamps, SockEvent};
-use crate::skel::l7::types::{llmslo_event_hdr, llmslo_event_kind as K};
+use crate::event::{sockaddr, EventKind, GpuTotals, Inside, NetStamps, SockEvent};
+use crate::skel::l7::types::{llmslo_event_hdr, llmslo_event_kind as K, llmslo_inside as I};
 
 /// Why a ring-buffer record was rejected (counted, never fatal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +58,21 @@ pub fn decode(data: &[u8]) -> Result<SockEvent<'_>, DecodeError> {
         head: &payload[..hl],
         tail: &payload[hl..hl + tl],
         net: NetStamps::from_array(&h.net_ts),
+        inside: inside(&h),
     })
+}
+
+fn inside(h: &llmslo_event_hdr) -> Inside {
+    let has = |bit: I| h.inside & bit.0 != 0;
+    Inside {
+        tid: h.tid,
+        runq_ns: has(I::LLMSLO_INSIDE_RUNQ).then_some(h.runq_total_ns),
+        gpu: has(I::LLMSLO_INSIDE_GPU).then_some(GpuTotals {
+            launches: h.gpu_launches,
+            graph_launches: h.gpu_graph_launches,
+            sync_wait_ns: h.gpu_sync_wait_ns,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +111,39 @@ mod tests {
         assert_eq!(e.queued_ts, Some(5));
         assert_eq!(e.local.to_string(), "10.0.0.2:8000");
         assert_eq!(e.remote.to_string(), "10.0.0.1:40000");
+        assert_eq!(e.inside.runq_ns, None);
+        assert_eq!(e.inside.gpu, None);
+    }
+
+    #[test]
+    fn decodes_the_inside_counters_only_where_flagged() {
+        let mut h = llmslo_event_hdr {
+            kind: 3,
+            tid: 77,
+            runq_total_ns: 5_000,
+            gpu_launches: 9,
+            gpu_graph_launches: 2,
+            gpu_sync_wait_ns: 300,
+            inside: I::LLMSLO_INSIDE_RUNQ.0,
+            ..Default::default()
+        };
+        let d = raw(&h, b"");
+        let e = decode(&d).unwrap();
+        assert_eq!(e.inside.tid, 77);
+        assert_eq!(e.inside.runq_ns, Some(5_000));
+        assert_eq!(e.inside.gpu, None);
+        h.inside = I::LLMSLO_INSIDE_GPU.0;
+        let d = raw(&h, b"");
+        let e = decode(&d).unwrap();
+        assert_eq!(e.inside.runq_ns, None);
+        assert_eq!(
+            e.inside.gpu,
+            Some(GpuTotals {
+                launches: 9,
+                graph_launches: 2,
+                sync_wait_ns: 300
+            })
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! program that dlopens it and calls each function a known number of times with known sizes.
 //! The agent finds the library in that process's mappings, attaches, and its counters must
 //! match exactly; the sync wait must match the time the program spent in cuStreamSynchronize.
+//! Per request: an HTTP server on the same library (`tests/fixtures/cuda_server.c`) launches a
+//! known number of kernels before the first token and after it; each record must say exactly
+//! that many for its queue_prefill and decode.
 
 mod common;
 
@@ -56,12 +59,16 @@ struct App {
 
 impl App {
     fn start(app: &Path, lib: &Path) -> App {
-        let mut child = Command::new(app)
-            .arg(lib)
+        App::spawn(Command::new(app).arg(lib))
+    }
+
+    /// Starts a fixture program and waits for its "ready".
+    fn spawn(cmd: &mut Command) -> App {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("starting cuda_app");
+            .expect("starting a fixture program");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut a = App {
@@ -258,5 +265,107 @@ fn cuda_uprobes_count_exactly() {
     for l in gpu {
         assert!(l.contains("{namespace=\"\",pod=\"\"} "), "{l}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One request to tests/fixtures/cuda_server.c, which makes `prefill` kernel launches,
+/// `graphs` graph launches and `syncs` 5 ms synchronisations between reading it and writing the
+/// first token, and `decode` launches between the first token and the last write.
+fn cuda_request(port: u16, prefill: u64, graphs: u64, syncs: u64, decode: u64) -> String {
+    use std::io::Read;
+    let path =
+        format!("/v1/completions?prefill={prefill}&graphs={graphs}&syncs={syncs}&decode={decode}");
+    let body = r#"{"model":"fake","prompt":"hi","stream":true}"#;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.ends_with("data: [DONE]\n\n"), "{resp}");
+    path
+}
+
+#[test]
+fn per_request_gpu_activity_is_exact() {
+    if !kernel_tests_enabled("per_request_gpu_activity_is_exact") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("llmslo-gpureq-{}", std::process::id()));
+    let (lib, _) = build(&dir);
+    let server = dir.join("cuda_server");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    cc(
+        &server,
+        &[fx.join("cuda_server.c").to_str().unwrap(), "-ldl"],
+    );
+    let port = 20000 + (std::process::id() % 10000) as u16;
+    let srv = App::spawn(Command::new(&server).arg(&lib).arg(port.to_string()));
+    let pid = srv.child.id().to_string();
+    let agent = Agent::start(&["--no-auto", "--no-network", "--target-pid", &pid]);
+    let t0 = Instant::now();
+    while gpu_libraries(&agent).is_empty() && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gpu_libraries(&agent).len(), 1, "{}", agent.log_text());
+
+    // (prefill launches, graph launches, 5 ms syncs, decode launches)
+    let cases = [(7, 2, 1, 11), (0, 0, 0, 5), (250, 3, 2, 0), (13, 0, 0, 40)];
+    let paths: Vec<String> = cases
+        .iter()
+        .map(|&(n, g, s, m)| cuda_request(port, n, g, s, m))
+        .collect();
+    let mut recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= cases.len());
+    assert_eq!(recs.len(), cases.len(), "{recs:?}");
+    // Records carry the path without its query: match them by order (one at a time).
+    recs.sort_by_key(|r| r["id"].as_u64());
+    for ((&(n, g, s, m), path), r) in cases.iter().zip(&paths).zip(&recs) {
+        assert_eq!(r["path"], "/v1/completions", "{r}");
+        let (qp, d) = (&r["gpu"]["queue_prefill"], &r["gpu"]["decode"]);
+        assert_eq!(
+            (qp["launches"].as_u64(), qp["graph_launches"].as_u64()),
+            (Some(n), Some(g)),
+            "{path}: {r}"
+        );
+        assert_eq!(
+            (d["launches"].as_u64(), d["graph_launches"].as_u64()),
+            (Some(m), Some(0)),
+            "{path}: {r}"
+        );
+        let qp_ms = r["stages"]["queue_prefill"].as_f64().unwrap();
+        let rate = qp["launches_per_s"].as_f64().unwrap();
+        assert!(
+            (rate - (n + g) as f64 / (qp_ms / 1e3)).abs() <= 1e-6 * rate.max(1.0),
+            "{path}: {r}"
+        );
+        // Each sync sleeps 5 ms inside the probes' window; queue_prefill holds them all.
+        let sync = qp["sync_wait_ms"].as_f64().unwrap();
+        let busy = qp["busy_fraction"].as_f64().unwrap();
+        assert!(
+            sync >= 5.0 * s as f64 && sync <= qp_ms,
+            "{path}: sync {sync} ms in a {qp_ms} ms stage"
+        );
+        assert!((0.0..=1.0).contains(&busy), "{path}: {r}");
+        if s > 0 {
+            assert!(busy > 0.5, "{path}: mostly synchronising, busy {busy}: {r}");
+        }
+        assert_eq!(d["sync_wait_ms"].as_f64(), Some(0.0), "{path}: {r}");
+        // The run-queue programs are on: the one thread that served it has figures.
+        let w = &r["cpu_runqueue_wait_ms"];
+        assert!(
+            w["queue_prefill"].as_f64().is_some() && w["total"].as_f64().is_some(),
+            "{path}: {r}"
+        );
+    }
+    let m = agent.get("/metrics");
+    assert!(
+        m.contains("llmslo_request_cpu_runqueue_wait_seconds_count{namespace=\"\",pod=\"\",model=\"fake\",route=\"/v1/completions\",stage=\"decode\"} 4"),
+        "{m}"
+    );
+    common::promtool_check(&m);
+    drop(srv);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::event::{EventKind, NetStamps, SockEvent};
+use crate::event::{EventKind, Inside, NetStamps, SockEvent};
 use crate::record::{RequestRecord, Ts};
 
 use super::body::Body;
@@ -62,6 +62,8 @@ struct Io {
     net: NetStamps,
     tgid: u32,
     cgroup: u64,
+    /// The kernel's cumulative counters as the syscall returned.
+    inside: Inside,
 }
 
 /// The start of a request whose head is still arriving.
@@ -89,7 +91,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn token(&mut self, ts: u64) {
+    fn token(&mut self, ts: u64, inside: Inside) {
         // Writes of one connection are serialised; clamping only guards against clock skew
         // between CPUs so that ITLs never go negative.
         let ts = ts.max(self.token_last.unwrap_or(0));
@@ -97,6 +99,7 @@ impl Pending {
             self.rec.token_ns.push(ts);
         }
         self.rec.timestamps.set_first(Ts::Token1, ts);
+        self.rec.marks.token1.get_or_insert(inside);
         self.token_last = Some(ts);
         self.rec.output_events = self.rec.output_events.saturating_add(1);
     }
@@ -396,6 +399,7 @@ impl Conn {
             net: ev.net,
             tgid: ev.tgid,
             cgroup: ev.cgroup_id,
+            inside: ev.inside,
         };
         match ev.kind {
             EventKind::Read if self.mode == Mode::Client => {}
@@ -527,6 +531,7 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
 /// the pod and the node (stamps older than the write belong to an earlier response: dropped).
 fn set_resp_last(rec: &mut RequestRecord, io: &Io) {
     rec.timestamps.set(Ts::RespLast, io.enter);
+    rec.marks.last = Some(io.inside);
     let mut bound = io.enter;
     for (t, v) in [(Ts::PodOut, io.net.pod_out), (Ts::NodeOut, io.net.node_out)] {
         if let Some(v) = v.filter(|&v| v >= bound) {

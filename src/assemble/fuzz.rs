@@ -191,6 +191,7 @@ pub fn assembler(data: &[u8]) {
                 queued_last: Some(t + 3),
                 ..Default::default()
             },
+            inside: Default::default(),
         };
         a.on_event(&ev, &mut |r| {
             // Every record must serialise (the API does it).

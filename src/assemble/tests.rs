@@ -38,6 +38,8 @@ pub(super) struct Sim {
     pub(super) queued: Option<u64>,
     /// Packet-path stamps for the next event.
     pub(super) net: Option<crate::event::NetStamps>,
+    /// Cumulative counters for the next event.
+    pub(super) inside: Option<crate::event::Inside>,
 }
 
 impl Sim {
@@ -51,6 +53,7 @@ impl Sim {
             t: 1_000_000,
             queued: None,
             net: None,
+            inside: None,
         }
     }
 
@@ -100,6 +103,7 @@ impl Sim {
             head,
             tail,
             net: self.net.take().unwrap_or_default(),
+            inside: self.inside.take().unwrap_or_default(),
         };
         let recs = &mut self.recs;
         self.a.on_event(&ev, &mut |r| recs.push(r));

@@ -339,3 +339,69 @@ fn coalesced_chunks_with_gap_regain_framing() {
         (SSE_HEAD.len() + all.len()) as u64
     );
 }
+
+/// The kernel's cumulative counters on the read that completes the request, the first token's
+/// write and the last write bound queue_prefill and decode; writes in between do not.
+#[test]
+fn counters_at_the_bounding_events_give_each_stage_its_share() {
+    use crate::event::{GpuTotals, Inside};
+    let at = |tid: u32, runq: u64, launches: u64| Inside {
+        tid,
+        runq_ns: Some(runq),
+        gpu: Some(GpuTotals {
+            launches,
+            graph_launches: launches / 2,
+            sync_wait_ns: 10 * launches,
+        }),
+    };
+    for last_tid in [5, 6] {
+        let mut s = Sim::new();
+        s.accept(SOCK);
+        s.inside = Some(at(5, 100, 0));
+        s.read(SOCK, &chat_request(""));
+        for (inside, data) in [
+            (at(5, 150, 4), SSE_HEAD.to_vec()),
+            (at(5, 200, 6), chunk(&role_event())),
+            (at(5, 300, 7), chunk(&token_event("a"))),
+            (at(5, 450, 9), chunk(&token_event("b"))),
+            (at(last_tid, 700, 12), b"0\r\n\r\n".to_vec()),
+        ] {
+            s.inside = Some(inside);
+            s.write(SOCK, &data);
+        }
+        assert_eq!(s.recs.len(), 1);
+        let r = &s.recs[0];
+        let w = r.cpu_runqueue_wait_ms.as_ref().unwrap();
+        assert_eq!(w.get(Stage::QueuePrefill), Some(200));
+        let gpu = r.gpu.as_ref().unwrap();
+        let qp = gpu.get(Stage::QueuePrefill).unwrap();
+        assert_eq!((qp.launches, qp.graph_launches), (7, 3));
+        assert_eq!(qp.sync_wait_ms, 70e-6);
+        // GPU counters are the process's: whichever thread wrote, decode has them.
+        let d = gpu.get(Stage::Decode).unwrap();
+        assert_eq!((d.launches, d.graph_launches), (5, 3));
+        if last_tid == 5 {
+            assert_eq!(w.get(Stage::Decode), Some(400));
+            assert_eq!(w.total, Some(600));
+        } else {
+            // The last write on another thread: that thread's counter says nothing about the
+            // first one's wait.
+            assert_eq!((w.get(Stage::Decode), w.total), (None, None));
+        }
+        let v = serde_json::to_value(r).unwrap();
+        assert_eq!(v["gpu"]["queue_prefill"]["launches"], 7);
+        assert!(v["cpu_runqueue_wait_ms"].is_object());
+    }
+    // Without the counters (run-queue programs off, no libcuda): null, not zero.
+    let mut s = Sim::new();
+    s.accept(SOCK);
+    s.read(SOCK, &chat_request(""));
+    s.write(SOCK, SSE_HEAD);
+    s.write(SOCK, &chunk(&token_event("a")));
+    s.write(SOCK, b"0\r\n\r\n");
+    let v = serde_json::to_value(&s.recs[0]).unwrap();
+    assert!(
+        v["cpu_runqueue_wait_ms"].is_null() && v["gpu"].is_null(),
+        "{v}"
+    );
+}

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /* CUDA driver activity of target processes from uprobes on libcuda: kernel and graph launches,
- * async memcpy bytes, synchronisation count and wait. Aggregated here into per-tgid per-CPU
- * counters; nothing goes through the ring buffer, so a launch costs a uprobe and two lookups.
+ * async memcpy bytes, synchronisation count and wait. Aggregated here into per-tgid counters
+ * (atomic adds; the L7 programs read them at each request's syscalls); nothing goes through the
+ * ring buffer, so a launch costs a uprobe, two lookups and an atomic add.
  * The loader attaches these programs per libcuda file found in a target's mappings. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -10,17 +11,11 @@
 /* Shared with the L7 object (the loader reuses its fds). */
 #include "stats.h"
 #include "targets.h"
+#include "gpu_counts.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct llmslo_gpu_counts _gpu_counts = {};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, struct llmslo_gpu_counts);
-} gpu_counts SEC(".maps");
 
 /* Entry time of a synchronisation call in flight, per thread. */
 struct {
@@ -53,7 +48,7 @@ int BPF_UPROBE(cu_launch)
 {
 	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
 	if (c)
-		c->launches += 1;
+		__sync_fetch_and_add(&c->launches, 1);
 	return 0;
 }
 
@@ -63,7 +58,7 @@ int BPF_UPROBE(cu_graph_launch)
 {
 	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
 	if (c)
-		c->graph_launches += 1;
+		__sync_fetch_and_add(&c->graph_launches, 1);
 	return 0;
 }
 
@@ -74,7 +69,7 @@ int BPF_UPROBE(cu_memcpy_async, __u64 dst, __u64 src, __u64 bytes)
 {
 	struct llmslo_gpu_counts *c = target_counts(bpf_get_current_pid_tgid() >> 32);
 	if (c)
-		c->memcpy_bytes += bytes;
+		__sync_fetch_and_add(&c->memcpy_bytes, bytes);
 	return 0;
 }
 
@@ -104,8 +99,8 @@ int BPF_URETPROBE(cu_sync_exit)
 	bpf_map_delete_elem(&gpu_sync_start, &id);
 	struct llmslo_gpu_counts *c = target_counts(id >> 32);
 	if (c) {
-		c->syncs += 1;
-		c->sync_wait_ns += wait;
+		__sync_fetch_and_add(&c->syncs, 1);
+		__sync_fetch_and_add(&c->sync_wait_ns, wait);
 	}
 	return 0;
 }

@@ -9,6 +9,7 @@
 #include <bpf/bpf_tracing.h>
 #include "maps.h"
 #include "targets.h"
+#include "gpu_counts.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
@@ -19,12 +20,16 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* Set by userspace before attach: skip the cgroup lookup while no cgroup is targeted. */
 __u32 n_cgroup_targets = 0;
+/* Set by userspace before load: the run-queue programs are loaded, so events carry their
+ * thread's run-queue wait (without them the verifier drops that read). */
+const volatile __u32 runq_on = 0;
 
 /* Keep the shared types in BTF so the skeleton's `types` module exports them to Rust. */
 struct llmslo_event _event = {};
 enum llmslo_stat _stat = LLMSLO_ST_EVENTS;
 enum llmslo_event_kind _kind = LLMSLO_EV_ACCEPT;
 enum llmslo_net_ts _net = LLMSLO_NET_SYN;
+enum llmslo_inside _inside = LLMSLO_INSIDE_RUNQ;
 struct llmslo_flow _flow = {};
 struct llmslo_flow_key _flow_key = {};
 
@@ -191,6 +196,40 @@ static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci,
 		ci->tuple = *t;
 }
 
+/* Run-queue state of a target thread (the CPU-starvation programs at the end of this file). */
+struct runq_state {
+	__u64 since;    /* became runnable at, 0 while running or asleep */
+	__u64 total_ns; /* waits so far: events carry it, userspace takes differences */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct runq_state);
+} runq_since SEC(".maps");
+
+/* A read or write carries the cumulative counters of what happened inside the server: its
+ * thread's run-queue wait and its process's GPU activity. One task-storage load and one hash
+ * lookup, for target processes' reads and writes only. fill_hdr has zeroed them. */
+static __always_inline void fill_inside(struct llmslo_event_hdr *h, __u32 tgid)
+{
+	if (runq_on) {
+		struct runq_state *st = bpf_task_storage_get(&runq_since, bpf_get_current_task_btf(), 0, 0);
+		/* No storage yet: the thread has not waited since it became a target. */
+		if (st)
+			h->runq_total_ns = st->total_ns;
+		h->inside |= LLMSLO_INSIDE_RUNQ;
+	}
+	struct llmslo_gpu_counts *g = bpf_map_lookup_elem(&gpu_counts, &tgid);
+	if (g) {
+		h->gpu_launches = g->launches;
+		h->gpu_graph_launches = g->graph_launches;
+		h->gpu_sync_wait_ns = g->sync_wait_ns;
+		h->inside |= LLMSLO_INSIDE_GPU;
+	}
+}
+
 static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_io *a, struct sock *sk,
 				     const struct conn_tuple *t, __s64 ret)
 {
@@ -214,6 +253,13 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 	__builtin_memcpy(h->raddr, t->raddr, sizeof(h->raddr));
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	__builtin_memset(h->net_ts, 0, sizeof(h->net_ts));
+	/* Reads and writes fill these last (fill_inside), accepts and closes carry none. */
+	h->inside = 0;
+	h->pad = 0;
+	h->runq_total_ns = 0;
+	h->gpu_launches = 0;
+	h->gpu_graph_launches = 0;
+	h->gpu_sync_wait_ns = 0;
 }
 
 /* Moves the packet-path stamps of this socket's flow into the event: request-side stamps are
@@ -450,6 +496,8 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 		take_flow_stamps(&s->hdr, &t, a.kind);
 		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
+	/* Last: its branches then come after the copy loops, which the verifier walks once. */
+	fill_inside(&s->hdr, s->hdr.tgid);
 	return submit(s);
 }
 
@@ -801,17 +849,6 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
  * A target thread becomes runnable (woken, or preempted while running) → its time is noted in
  * task storage; it gets the CPU (sched_switch's next) → the wait is added to its process's
  * per-CPU counters. Other tasks cost a task-storage lookup that finds nothing. */
-struct runq_state {
-	__u64 since;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct runq_state);
-} runq_since SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, 4096);
@@ -870,6 +907,7 @@ int BPF_PROG(runq_switch, bool preempt, struct task_struct *prev, struct task_st
 		return 0;
 	__u64 wait = bpf_ktime_get_ns() - st->since;
 	st->since = 0;
+	st->total_ns += wait;
 	__u32 tgid = BPF_CORE_READ(next, tgid);
 	struct llmslo_runq_counts *c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
 	if (!c) {

@@ -71,6 +71,21 @@ struct llmslo_event_hdr {
 	__u8 raddr[16];  /* remote address */
 	char comm[16];
 	__u64 net_ts[LLMSLO_NET_MAX]; /* enum llmslo_net_ts */
+	/* Reads and writes: cumulative counters as the syscall returned, so that userspace can take
+	 * the difference between two events of a request (what happened inside the server between
+	 * them). Valid when the matching bit of `inside` is set (enum llmslo_inside). */
+	__u64 runq_total_ns;      /* run-queue wait of the calling thread so far */
+	__u64 gpu_launches;       /* the process's llmslo_gpu_counts.launches so far */
+	__u64 gpu_graph_launches; /* ... graph_launches */
+	__u64 gpu_sync_wait_ns;   /* ... sync_wait_ns */
+	__u32 inside;             /* enum llmslo_inside bits */
+	__u32 pad;
+};
+
+/* Which cumulative counters an event carries. */
+enum llmslo_inside {
+	LLMSLO_INSIDE_RUNQ = 1, /* the run-queue programs are loaded: runq_total_ns is valid */
+	LLMSLO_INSIDE_GPU = 2,  /* the process has GPU counters (libcuda probed): gpu_* are valid */
 };
 
 /* A TCP flow as the server's socket sees it: saddr/sport the client, daddr/dport the server.
@@ -100,7 +115,8 @@ struct llmslo_flow {
 	__u32 pad;
 };
 
-/* CUDA driver activity of one process (gpu.bpf.c), per CPU; userspace sums the CPUs. */
+/* CUDA driver activity of one process (gpu.bpf.c): one entry per process, added to atomically,
+ * so that the L7 programs can read a process's totals at the moment of a syscall. */
 struct llmslo_gpu_counts {
 	__u64 launches;       /* cuLaunchKernel, cuLaunchKernelEx */
 	__u64 graph_launches; /* cuGraphLaunch */

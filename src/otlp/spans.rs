@@ -329,10 +329,28 @@ pub fn record_spans(rec: &RequestRecord, why: KeptBecause, o: &TraceOpts) -> Opt
             stage.name().into(),
             a,
             b,
-            vec![kv("llmslo.stage", stage.name())],
+            stage_attributes(rec, stage),
         ));
     }
     Some(out)
+}
+
+/// `llmslo.stage`, and for the server-side stages what happened inside the server: the serving
+/// thread's run-queue wait and the process's GPU activity, where measured.
+fn stage_attributes(rec: &RequestRecord, stage: Stage) -> Vec<KeyValue> {
+    let mut a = vec![kv("llmslo.stage", stage.name())];
+    if let Some(w) = rec.cpu_runqueue_wait_ms.as_ref().and_then(|w| w.get(stage)) {
+        a.push(kv("llmslo.cpu.runqueue_wait_ms", ns_to_ms(w)));
+    }
+    if let Some(g) = rec.gpu.as_ref().and_then(|g| g.get(stage)) {
+        a.push(kv("llmslo.gpu.kernel_launches", g.launches as i64));
+        a.push(kv("llmslo.gpu.graph_launches", g.graph_launches as i64));
+        a.push(kv("llmslo.gpu.sync_wait_ms", g.sync_wait_ms));
+        if let Some(f) = g.busy_fraction {
+            a.push(kv("llmslo.gpu.busy_fraction", f));
+        }
+    }
+    a
 }
 
 #[cfg(test)]

@@ -133,6 +133,46 @@ fn root_spans_the_request_and_children_partition_it_in_order() {
 }
 
 #[test]
+fn server_side_stages_carry_run_queue_and_gpu_attributes() {
+    use crate::event::{GpuTotals, Inside};
+    let (ids, scope) = (ids(), InstrumentationScope::builder("t").build());
+    let mut r = streamed();
+    let at = |runq: u64, launches: u64| {
+        Some(Inside {
+            tid: 9,
+            runq_ns: Some(runq),
+            gpu: Some(GpuTotals {
+                launches,
+                graph_launches: 0,
+                sync_wait_ns: 0,
+            }),
+        })
+    };
+    r.marks.read_done = at(1_000, 10);
+    r.marks.token1 = at(3_000, 15);
+    r.marks.last = at(3_500, 18);
+    r.finish(true);
+    let spans = record_spans(&r, KeptBecause::default(), &opts(&ids, &scope, 8)).unwrap();
+    let span = |n: &str| spans.iter().find(|s| s.name == n).unwrap();
+    let qp = span("queue_prefill");
+    assert_eq!(
+        attr(qp, "llmslo.cpu.runqueue_wait_ms"),
+        Some(&Value::F64(0.002))
+    );
+    assert_eq!(attr(qp, "llmslo.gpu.kernel_launches"), Some(&Value::I64(5)));
+    assert_eq!(attr(qp, "llmslo.gpu.busy_fraction"), Some(&Value::F64(0.0)));
+    let d = span("decode");
+    assert_eq!(
+        attr(d, "llmslo.cpu.runqueue_wait_ms"),
+        Some(&Value::F64(0.0005))
+    );
+    assert_eq!(attr(d, "llmslo.gpu.kernel_launches"), Some(&Value::I64(3)));
+    let net = span("container_network");
+    assert!(attr(net, "llmslo.cpu.runqueue_wait_ms").is_none());
+    assert!(attr(net, "llmslo.gpu.kernel_launches").is_none());
+}
+
+#[test]
 fn root_carries_genai_and_http_attributes() {
     let (ids, scope) = (ids(), InstrumentationScope::builder("t").build());
     let r = streamed();

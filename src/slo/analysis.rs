@@ -70,6 +70,20 @@ pub fn remedy(stage: Stage) -> (&'static str, &'static str) {
     }
 }
 
+/// Cause and remedy when the server's threads wait for a CPU.
+const CPU_STARVED: (&str, &str) = (
+    "the server's threads are starved of CPU (runnable but waiting on a run queue)",
+    "give the server's pod dedicated CPUs (Guaranteed QoS with the static CPU manager policy) or move CPU-heavy neighbours off its cores",
+);
+
+/// A request's run-queue wait over its server-side stages (ms), where measured.
+fn runq_ms(r: &RequestRecord) -> Option<f64> {
+    let w = r.cpu_runqueue_wait_ms.as_ref()?;
+    w.total
+        .or_else(|| w.iter().map(|(_, v)| v).reduce(|a, b| a + b))
+        .map(ns_to_ms)
+}
+
 #[derive(Default)]
 struct Acc {
     n: u64,
@@ -134,6 +148,24 @@ pub fn analyze(engine: &SloEngine, name: &str, recs: &[&RequestRecord]) -> Resul
         }
     }
     out["stages"] = Value::Object(stages);
+    // Signals from inside the server: its serving thread's run-queue wait.
+    let (mut g, mut b) = (Acc::default(), Acc::default());
+    for (r, is_bad) in &judged {
+        if let Some(v) = runq_ms(r) {
+            if *is_bad {
+                b.add(v)
+            } else {
+                g.add(v)
+            }
+        }
+    }
+    let runq_delta = match (g.mean(), b.mean()) {
+        (Some(gm), Some(bm)) => {
+            out["signals"] = json!({ "cpu_runqueue_wait": { "meeting_mean_ms": gm, "violating_mean_ms": bm, "delta_ms": bm - gm } });
+            Some(bm - gm)
+        }
+        _ => None,
+    };
     // Classes: violation rate per value of each dimension.
     let mut dims: BTreeMap<&str, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
     for (r, is_bad) in &judged {
@@ -209,6 +241,20 @@ pub fn analyze(engine: &SloEngine, name: &str, recs: &[&RequestRecord]) -> Resul
         out["class"] =
             json!({ "dimension": d, "value": v, "violation_rate": rate, "requests": cn });
     }
+    // Starved of CPU: the serving threads' extra run-queue wait explains a good part of the
+    // dominant stage's growth (at least a quarter of it, and at least a millisecond).
+    let (mut cause, mut fix) = (cause, fix);
+    if let Some(rd) = runq_delta.filter(|&rd| rd >= 1.0 && rd >= 0.25 * delta) {
+        let _ = write!(
+            text,
+            "; their server threads waited {rd:+.1} ms longer on a CPU run queue ({:.0}% of that)",
+            100.0 * rd / delta
+        );
+        out["cpu_starved"] = Value::Bool(true);
+        if rd >= 0.5 * delta {
+            (cause, fix) = CPU_STARVED;
+        }
+    }
     let _ = write!(text, ". Likely cause: {cause}. Usual remedy: {fix}.");
     out["dominant_stage"] = Value::from(stage.name());
     out["diagnosis"] = Value::from(text);
@@ -269,6 +315,51 @@ mod tests {
         );
         assert!(a["class_stage_ratio"].as_f64().unwrap() > 10.0);
         assert!(analyze(&engine, "nope", &refs).is_err());
+    }
+
+    #[test]
+    fn cpu_starvation_is_named() {
+        let spec: SloSpec = serde_yaml::from_str("name: t\nobjective: 0.9\nwindow: 1h\nsli: {type: latency, metric: ttft, threshold_ms: 20}").unwrap();
+        let engine = SloEngine::new(vec![spec]).unwrap();
+        let with_runq = |mut r: RequestRecord, wait_ms: u64| {
+            r.cpu_runqueue_wait_ms = Some(crate::inside::RunqWait {
+                by_stage: [Some(wait_ms * 1_000_000), Some(0), None],
+                total: Some(wait_ms * 1_000_000),
+            });
+            r
+        };
+        let mut recs = Vec::new();
+        for i in 0..40 {
+            recs.push(with_runq(rec(i, 300, 2), 0));
+        }
+        // Same prompts, 60 ms of prefill of which 50 ms waiting for a CPU.
+        for i in 40..50 {
+            recs.push(with_runq(rec(i, 300, 60), 50));
+        }
+        let refs: Vec<&RequestRecord> = recs.iter().collect();
+        let a = analyze(&engine, "t", &refs).unwrap();
+        assert_eq!(a["dominant_stage"], "queue_prefill");
+        assert_eq!(a["signals"]["cpu_runqueue_wait"]["delta_ms"], 50.0);
+        assert_eq!(a["cpu_starved"], true);
+        let d = a["diagnosis"].as_str().unwrap();
+        assert!(
+            d.contains("waited +50.0 ms longer on a CPU run queue")
+                && d.contains("starved of CPU")
+                && d.contains("dedicated CPUs"),
+            "{d}"
+        );
+        // Without run-queue figures: no signal, the usual diagnosis.
+        let plain: Vec<RequestRecord> = (0..40)
+            .map(|i| rec(i, 300, 2))
+            .chain((40..50).map(|i| rec(i, 300, 60)))
+            .collect();
+        let refs: Vec<&RequestRecord> = plain.iter().collect();
+        let a = analyze(&engine, "t", &refs).unwrap();
+        assert!(a.get("signals").is_none() && a.get("cpu_starved").is_none());
+        assert!(a["diagnosis"]
+            .as_str()
+            .unwrap()
+            .contains("long-context pool"));
     }
 
     #[test]

@@ -180,6 +180,12 @@ const HEADLINE: [(usize, &str, &str, &BucketSpec, &str); 4] = [
         "End-to-end latency of requests that completed (aborted ones excluded).",
     ),
 ];
+/// Server-side stages with a per-request run-queue wait (`llmslo_request_cpu_runqueue_wait_seconds`).
+const RUNQ_STAGES: [crate::record::Stage; 3] = [
+    crate::record::Stage::QueuePrefill,
+    crate::record::Stage::Decode,
+    crate::record::Stage::Inference,
+];
 const STATUS_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "5xx", "aborted", "unknown"];
 
 fn status_class(rec: &RequestRecord) -> usize {
@@ -206,6 +212,8 @@ struct Series {
     response_bytes: u64,
     /// Cumulative since start, indexed like `SlotData` metrics.
     hists: [FixedHist; N_METRICS],
+    /// Run-queue wait of the serving thread per server-side stage (`RUNQ_STAGES` order).
+    runq_hists: [FixedHist; RUNQ_STAGES.len()],
     window: Window,
 }
 
@@ -226,6 +234,7 @@ impl Series {
             request_bytes: 0,
             response_bytes: 0,
             hists: std::array::from_fn(|_| FixedHist::default()),
+            runq_hists: std::array::from_fn(|_| FixedHist::default()),
             window: Window::new(cfg.slots, cfg.sig_figs, n_backs),
         })
     }
@@ -259,6 +268,13 @@ impl Series {
         }
         for (s, v) in rec.stages.iter() {
             self.hists[STAGE0 + s as usize].observe(spec(STAGE0), v);
+        }
+        if let Some(rq) = &rec.cpu_runqueue_wait_ms {
+            for (h, &s) in self.runq_hists.iter_mut().zip(&RUNQ_STAGES) {
+                if let Some(v) = rq.get(s) {
+                    h.observe(&prom::STAGE_BUCKETS, v);
+                }
+            }
         }
 
         // The sidecar's part of TTFT: inbound, and the first token's way back out.

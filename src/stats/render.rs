@@ -2,7 +2,7 @@
 
 use super::prom::{self, write_f64, write_header, write_u64};
 use super::window::STAGE0;
-use super::{Aggregator, Series, HEADLINE, QUANTILES, STATUS_CLASSES, WINDOWS};
+use super::{Aggregator, Series, HEADLINE, QUANTILES, RUNQ_STAGES, STATUS_CLASSES, WINDOWS};
 use crate::record::Stage;
 
 /// `name{labels` — callers append further labels, then `close`.
@@ -97,6 +97,26 @@ impl Aggregator {
         for s in self.all_series() {
             for st in Stage::ALL {
                 let h = &s.hists[STAGE0 + st as usize];
+                if h.count() > 0 {
+                    labels.clear();
+                    labels.push_str(&s.exposition);
+                    labels.push_str(",stage=\"");
+                    labels.push_str(st.name());
+                    labels.push('"');
+                    h.render(out, name, &labels, &prom::STAGE_BUCKETS);
+                }
+            }
+        }
+
+        let name = "llmslo_request_cpu_runqueue_wait_seconds";
+        write_header(
+            out,
+            name,
+            "Per request: time the server thread serving it waited on a CPU run queue during the stage (queue_prefill, decode, inference).",
+            "histogram",
+        );
+        for s in self.all_series() {
+            for (h, st) in s.runq_hists.iter().zip(RUNQ_STAGES) {
                 if h.count() > 0 {
                     labels.clear();
                     labels.push_str(&s.exposition);

@@ -188,6 +188,7 @@ impl Conn {
 fn read_done(p: &mut Pending, io: &Io, fp: &Fingerprint) {
     let ts = &mut p.rec.timestamps;
     ts.set(Ts::ReadDone, io.exit);
+    p.rec.marks.read_done = Some(io.inside);
     p.rec.fingerprint = fp.finish();
     let first = ts.get(Ts::SockQueued).or(ts.get(Ts::ReadFirst));
     if let (Some(last), Some(first)) = (io.net.queued_last, first) {

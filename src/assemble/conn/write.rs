@@ -88,7 +88,7 @@ impl Conn {
                         front.rec.response_bytes.saturating_add(st.consumed as u64);
                     set_resp_last(&mut front.rec, io);
                     if !st.data.is_empty() {
-                        deliver(&mut self.sse, &mut self.body_scan, front, st.data, io.enter);
+                        deliver(&mut self.sse, &mut self.body_scan, front, st.data, io);
                     }
                     data = &data[st.consumed..];
                     if st.done {
@@ -163,13 +163,13 @@ impl Conn {
 }
 
 /// Routes decoded response body bytes: SSE framing for event streams, a key scan otherwise.
-fn deliver(sse: &mut Sse, body_scan: &mut KeyScan, p: &mut Pending, data: &[u8], ts: u64) {
+fn deliver(sse: &mut Sse, body_scan: &mut KeyScan, p: &mut Pending, data: &[u8], io: &Io) {
     if p.rec.streaming {
         sse.feed(data, &mut |it| match it {
             SseItem::Model(m) => p.model_fallback(m),
             SseItem::Event(e) => {
                 if e.token {
-                    p.token(ts);
+                    p.token(io.enter, io.inside);
                 }
                 if e.completion_tokens.is_some() {
                     p.completion_tokens = e.completion_tokens;
