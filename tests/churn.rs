@@ -629,7 +629,11 @@ fn a_pod_without_a_target_pays_no_bpf_per_packet() {
     }
     let traced = server_pod("costt", CgroupDriver::Systemd, "llmslo-synth-server", &[]);
     let other = server_pod("costo", CgroupDriver::Systemd, "llmslo-synth-server", &[]);
-    let agent = Agent::start(&["--no-auto", "--target-cgroup", traced.cg.cgroup_path()]);
+    // No scrapes of the target's /metrics: they would be packets on its veth in the window.
+    let agent = Agent::start_with_config(
+        "crosscheck:\n  enabled: false\n",
+        &["--no-auto", "--target-cgroup", traced.cg.cgroup_path()],
+    );
     wait(
         "the target pod's veth hooked",
         Duration::from_secs(10),
