@@ -336,14 +336,16 @@ fn bpf_thread(
     // A snapshot is published (/api/v1/targets, pod labels) only once its targets are in the
     // BPF maps: whoever sees a server listed can rely on its traffic being traced.
     type Gpu = Option<crate::gpu::Gpu>;
+    // Hooks go on before the target maps are filled: a new server's first connection is then
+    // stamped on its pod veth as soon as its port makes it traced.
     let apply = |snap: Snapshot, l7: &mut L7, np: &mut Option<NetPath>, gpu: &mut Gpu| {
-        let res = l7.targets.apply(&snap.set);
-        if let Some(g) = gpu.as_mut() {
-            g.apply(&snap.set.cuda);
-        }
         if let Some(np) = np.as_mut() {
             np.apply(&snap.set.hooks);
             *shared.hooks.write().expect("hooks lock") = np.hooks.clone();
+        }
+        let res = l7.targets.apply(&snap.set);
+        if let Some(g) = gpu.as_mut() {
+            g.apply(&snap.set.cuda);
         }
         *shared.snapshot.write().expect("snapshot lock") = snap;
         res

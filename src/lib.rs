@@ -21,6 +21,7 @@ pub mod probe;
 pub mod procwatch;
 pub mod record;
 pub mod ringbuf;
+pub mod rtnl;
 pub mod runq;
 pub mod serve;
 pub mod skel;

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod k8s;
 pub mod net;
+pub mod podnet;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -504,7 +505,7 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
             add_sidecars(&mut snap, cfg, m, &rel);
         }
     }
-    (snap.set.hooks, snap.cni) = net::plan(&cfg.net);
+    let mut cgroup_targets = Vec::new();
     for path in &cfg.cgroups {
         // "/kubepods.slice/..." as /proc/<pid>/cgroup shows it, or a full filesystem path.
         let full = if let Some(m) = cg_mount.as_ref().filter(|m| !path.starts_with(m)) {
@@ -529,6 +530,7 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
         snap.set.cgroups.insert(id);
         for pid in cgroup_pids(&full) {
             snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+            cgroup_targets.push(pid);
         }
         snap.by_cgroup.insert(id, meta.clone());
         snap.targets.push(Target::node_local(
@@ -540,6 +542,10 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
             meta,
         ));
     }
+    // In the same pass as the targets: a new server's pod veth is hooked before its traffic
+    // is traced (the BPF thread attaches hooks before it fills the target maps).
+    let pids = snap.set.tgids.iter().copied().chain(cgroup_targets);
+    (snap.set.hooks, snap.cni) = net::plan(&cfg.net, &cfg.proc_root, pids);
     snap
 }
 

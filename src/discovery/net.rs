@@ -1,8 +1,9 @@
 //! Which interfaces get packet hooks: the `cni-adapters` crate detects the node's CNI and plans
 //! hook points from sysfs and the CNI config; the agent's config can force the adapter, add
-//! pod-veth prefixes, and name node devices the planner cannot guess.
+//! pod-veth prefixes, and name node devices the planner cannot guess. Of the pod veths, only
+//! those of pods with a target are hooked (`podnet`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cni_adapters::sysfs::{read_node_view, Paths};
 use cni_adapters::{detect, plan as cni_plan, Cni, HookPoint, PlanOptions};
@@ -56,6 +57,8 @@ pub struct CniReport {
     pub confidence: &'static str,
     pub evidence: Vec<String>,
     pub notes: Vec<String>,
+    /// Which pod veths are hooked, and why all of them when they are.
+    pub pod_veths: super::podnet::PodVeths,
 }
 
 /// Hooks for the plan's devices, with `node_devices` forced to the node role.
@@ -90,8 +93,13 @@ pub fn hooks_from_plan(
     out
 }
 
-/// Reads the node, detects the CNI and plans the hooks.
-pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
+/// Reads the node, detects the CNI and plans the hooks: the node devices, and the veths of the
+/// pods where `target_pids` (under `proc_root`) run.
+pub fn plan(
+    cfg: &NetCfg,
+    proc_root: &Path,
+    target_pids: impl IntoIterator<Item = u32>,
+) -> (Vec<HookSpec>, Option<CniReport>) {
     if !cfg.enabled {
         return (Vec::new(), None);
     }
@@ -117,11 +125,19 @@ pub fn plan(cfg: &NetCfg) -> (Vec<HookSpec>, Option<CniReport>) {
     };
     let p = cni_plan(&view, &det, &opts);
     let hooks = hooks_from_plan(cfg, &p, |n| view.iface(n).map(|i| i.ifindex));
+    // Peers first: listing them gives their namespaces ids, which the targets' lookup needs.
+    let peers = super::podnet::peer_netns_ids();
+    let targets = super::podnet::target_netns(proc_root, target_pids);
+    let (hooks, pod_veths) = super::podnet::select(hooks, &peers, &targets);
+    if let Some(why) = &pod_veths.fallback {
+        tracing::debug!(why, "hooking every pod veth");
+    }
     let report = CniReport {
         cni: det.cni,
         confidence: det.confidence,
         evidence: det.evidence,
         notes: p.notes,
+        pod_veths,
     };
     (hooks, Some(report))
 }
@@ -194,6 +210,8 @@ mod tests {
 
     #[test]
     fn disabled_plans_nothing() {
-        assert!(plan(&NetCfg::default()).0.is_empty());
+        assert!(plan(&NetCfg::default(), Path::new("/proc"), [])
+            .0
+            .is_empty());
     }
 }

@@ -83,7 +83,13 @@ fn start_server(
     let server = pod
         .spawn(cmd, Some(&cg))
         .expect("spawning the synthetic server");
-    pod.wait_for_port(PORT, Duration::from_secs(10))
+    // The port of a `--listen` given in the arguments, else the default.
+    let port = server_args
+        .iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| server_args.get(i + 1)?.rsplit(':').next()?.parse().ok())
+        .unwrap_or(PORT);
+    pod.wait_for_port(port, Duration::from_secs(10))
         .expect("server listening");
     ServerPod {
         server,

@@ -1,0 +1,188 @@
+//! A minimal rtnetlink client: one request, its replies handed over message by message. Used to
+//! list tc filters (`netpath::tcdump`) and to find which network namespace each veth's peer is
+//! in (`discovery::podnet`); nothing here knows what the messages mean.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+pub const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// A dump of a few thousand interfaces fits in a few hundred datagrams; this bounds the loop
+/// on a confused socket.
+const MAX_READS: usize = 16_384;
+
+/// An `NETLINK_ROUTE` socket of the agent's network namespace.
+pub struct Rtnl(OwnedFd);
+
+impl Rtnl {
+    pub fn open() -> io::Result<Rtnl> {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(Rtnl(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends a request of type `ty` with `body` (the family header and attributes) and hands
+    /// each reply message's (type, body) to `each` until the kernel ends the answer: the end
+    /// of a dump, or the acknowledgement of a single request (`NLM_F_ACK` is always set). A
+    /// negative acknowledgement is returned as the error it carries.
+    pub fn call(
+        &self,
+        ty: u16,
+        dump: bool,
+        body: &[u8],
+        mut each: impl FnMut(u16, &[u8]),
+    ) -> io::Result<()> {
+        let mut flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK;
+        if dump {
+            flags |= libc::NLM_F_DUMP;
+        }
+        let mut req = Vec::with_capacity(NLMSG_HDRLEN + body.len());
+        req.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+        req.extend_from_slice(&ty.to_ne_bytes());
+        req.extend_from_slice(&(flags as u16).to_ne_bytes());
+        req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+        req.extend_from_slice(body);
+        // SAFETY: req is a valid buffer of req.len() bytes.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..MAX_READS {
+            // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if parse(&buf[..n as usize], &mut each)? {
+                return Ok(());
+            }
+        }
+        Err(io::Error::other("rtnetlink answer did not end"))
+    }
+}
+
+/// Hands each message of one datagram to `each`; true when the answer is over.
+pub fn parse(mut b: &[u8], each: &mut impl FnMut(u16, &[u8])) -> io::Result<bool> {
+    while b.len() >= NLMSG_HDRLEN {
+        let len = u32_at(b, 0) as usize;
+        if len < NLMSG_HDRLEN || len > b.len() {
+            return Err(io::Error::other("truncated rtnetlink message"));
+        }
+        let (msg, body) = (u16_at(b, 4), &b[NLMSG_HDRLEN..len]);
+        match msg {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = if body.len() >= 4 {
+                    -(u32_at(body, 0) as i32)
+                } else {
+                    libc::EPROTO
+                };
+                return match errno {
+                    0 => Ok(true),
+                    e => Err(io::Error::from_raw_os_error(e)),
+                };
+            }
+            _ => each(msg, body),
+        }
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    Ok(false)
+}
+
+/// One rtattr (type, payload), padded to 4 bytes.
+pub fn attr(ty: u16, val: &[u8]) -> Vec<u8> {
+    let mut a = ((4 + val.len()) as u16).to_ne_bytes().to_vec();
+    a.extend_from_slice(&ty.to_ne_bytes());
+    a.extend_from_slice(val);
+    a.resize(a.len().next_multiple_of(4), 0);
+    a
+}
+
+/// (type, payload) of each rtattr; the nested flag is masked off the type.
+pub fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16_at(b, 0) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((u16_at(b, 2) & 0x3fff, &b[4..len]));
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    out
+}
+
+pub fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+pub fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// One message of type `ty` around `body`, as the kernel frames it.
+    pub fn msg(ty: u16, body: &[u8]) -> Vec<u8> {
+        let mut m = ((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(body);
+        m.resize(m.len().next_multiple_of(4), 0);
+        m
+    }
+
+    pub const DONE: u16 = NLMSG_DONE;
+    pub const ERROR: u16 = NLMSG_ERROR;
+
+    #[test]
+    fn messages_until_the_end_or_an_error() {
+        let mut d = msg(100, b"abcd");
+        d.extend(msg(101, b"ef"));
+        let mut seen = Vec::new();
+        assert!(!parse(&d, &mut |t, b: &[u8]| seen.push((t, b.to_vec()))).unwrap());
+        assert_eq!(seen, vec![(100, b"abcd".to_vec()), (101, b"ef".to_vec())]);
+        d.extend(msg(DONE, &[0; 4]));
+        assert!(parse(&d, &mut |_, _: &[u8]| {}).unwrap());
+        assert!(parse(&msg(ERROR, &0i32.to_ne_bytes()), &mut |_, _: &[u8]| {}).unwrap());
+        let e = parse(
+            &msg(ERROR, &(-libc::EPERM).to_ne_bytes()),
+            &mut |_, _: &[u8]| {},
+        );
+        assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        assert!(!parse(&d[..10], &mut |_, _: &[u8]| {}).unwrap());
+        let mut short = msg(100, b"abcd");
+        short.truncate(18);
+        assert!(parse(&short, &mut |_, _: &[u8]| {}).is_err());
+    }
+
+    #[test]
+    fn attributes_round_trip() {
+        let mut b = attr(3, b"eth0\0");
+        b.extend(attr(37 | 0x8000, &7i32.to_ne_bytes()));
+        let a = attrs(&b);
+        assert_eq!(a, vec![(3, &b"eth0\0"[..]), (37, &7i32.to_ne_bytes()[..])]);
+        assert_eq!(c_string(a[0].1), "eth0");
+    }
+}
