@@ -36,6 +36,8 @@ build: deps
 test: deps mounts
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test --workspace --test '*' -- --test-threads=1
+	@# The L7 suite again on the other syscall hook set (raw sys_enter/sys_exit).
+	LLMSLO_SYSCALL_HOOKS=raw $(CARGO) test --test l7 -- --test-threads=1
 	@# What the verifier did with each BPF program (tests/verifier.rs), for the log.
 	@cat target/verifier-stats.txt 2>/dev/null || true
 

@@ -35,21 +35,29 @@ fn verifier_statistics_stay_near_the_baseline() {
     // Network programs included: the netfilter ones load where the kernel has netfilter links.
     let agent = Agent::start(&["--no-auto"]);
     let t = agent.get_json("/api/v1/targets");
-    let now: BTreeMap<String, u64> = t["verifier"]
-        .as_array()
-        .expect("verifier stats in /api/v1/targets")
-        .iter()
-        .map(|v| {
-            (
-                format!(
-                    "{}/{}",
-                    v["object"].as_str().unwrap(),
-                    v["program"].as_str().unwrap()
-                ),
-                v["verified_insns"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let mut now = verified(&t);
+    // The other syscall hook set (raw sys_enter/sys_exit), loaded by a second agent.
+    {
+        let raw = Agent::start_env(
+            &["--no-auto", "--no-network"],
+            &[("LLMSLO_SYSCALL_HOOKS", "raw")],
+        );
+        let r = verified(&raw.get_json("/api/v1/targets"));
+        for p in ["l7/sys_enter", "l7/sys_exit"] {
+            let n = *r
+                .get(p)
+                .unwrap_or_else(|| panic!("{p} not loaded with LLMSLO_SYSCALL_HOOKS=raw"));
+            now.insert(p.to_string(), n);
+        }
+        assert!(
+            !r.contains_key("l7/enter_write"),
+            "the per-syscall tracepoint programs must not load with LLMSLO_SYSCALL_HOOKS=raw"
+        );
+    }
+    assert!(
+        !now.is_empty() && now.contains_key("l7/enter_write"),
+        "the per-syscall tracepoint programs load by default"
+    );
 
     let mut table = format!(
         "verifier: instructions processed per program (kernel {})\n{:<32} {:>10} {:>10} {:>7}\n",
@@ -103,4 +111,23 @@ fn verifier_statistics_stay_near_the_baseline() {
     assert!(
         metrics.contains("llmslo_agent_bpf_verified_insns{object=\"l7\",program=\"exit_read\"}")
     );
+}
+
+/// `object/program` → instructions processed, from `/api/v1/targets`.
+fn verified(t: &Value) -> BTreeMap<String, u64> {
+    t["verifier"]
+        .as_array()
+        .expect("verifier stats in /api/v1/targets")
+        .iter()
+        .map(|v| {
+            (
+                format!(
+                    "{}/{}",
+                    v["object"].as_str().unwrap(),
+                    v["program"].as_str().unwrap()
+                ),
+                v["verified_insns"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }

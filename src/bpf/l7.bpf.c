@@ -231,11 +231,11 @@ static __always_inline void fill_inside(struct llmslo_event_hdr *h, __u32 tgid)
 }
 
 static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_io *a, struct sock *sk,
-				     const struct conn_tuple *t, __s64 ret)
+				     const struct conn_tuple *t, __u64 ts_exit, __s64 ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	h->ts_enter = a->ts_enter;
-	h->ts_exit = bpf_ktime_get_ns();
+	h->ts_exit = ts_exit;
 	h->sock_id = (__u64)sk;
 	h->queued_ts = 0;
 	h->cgroup_id = bpf_get_current_cgroup_id();
@@ -243,8 +243,6 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 	h->tgid = id >> 32;
 	h->tid = (__u32)id;
 	h->fd = a->fd;
-	h->head_len = 0;
-	h->tail_len = 0;
 	h->kind = a->kind;
 	h->family = t->family;
 	h->lport = t->lport;
@@ -464,16 +462,27 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			return 0;
 		bump(LLMSLO_ST_SYSCALL_ERR);
 	}
+	__u64 now = bpf_ktime_get_ns();
 	struct sock *sk = (struct sock *)a.sk;
 	__u32 zero = 0;
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
 	if (!s)
 		return 0;
+	/* The copy loops come first, with no branch before them whose sides leave different
+	 * state: the verifier then walks them once, not once per side. */
+	s->hdr.head_len = 0;
+	s->hdr.tail_len = 0;
+	if (ret > 0) {
+		if (io == IO_IOV)
+			copy_iov(s, a.buf, a.iovcnt, ret);
+		else
+			copy_flat(s, a.buf, ret);
+	}
 	__u64 key = a.sk;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	struct conn_tuple t;
 	conn_tuple_of(sk, ci, &t);
-	fill_hdr(&s->hdr, &a, sk, &t, ret);
+	fill_hdr(&s->hdr, &a, sk, &t, now, ret);
 	__u64 queued_last = 0;
 	if (ci) {
 		if (a.kind == LLMSLO_EV_READ) {
@@ -489,10 +498,6 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			bump(LLMSLO_ST_CONN_INSERT);
 	}
 	if (ret > 0) {
-		if (io == IO_IOV)
-			copy_iov(s, a.buf, a.iovcnt, ret);
-		else
-			copy_flat(s, a.buf, ret);
 		take_flow_stamps(&s->hdr, &t, a.kind);
 		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
@@ -603,7 +608,9 @@ static __always_inline int exit_accept_common(long ret)
 		return 0;
 	struct conn_tuple t;
 	read_tuple(sk, &t);
-	fill_hdr(&s->hdr, &a, sk, &t, 0);
+	s->hdr.head_len = 0;
+	s->hdr.tail_len = 0;
+	fill_hdr(&s->hdr, &a, sk, &t, bpf_ktime_get_ns(), 0);
 
 	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
 	__u64 key = (__u64)sk;
@@ -662,7 +669,9 @@ static __always_inline int close_common(__u32 fd)
 	if (!s)
 		return 0;
 	struct active_io a = { .ts_enter = bpf_ktime_get_ns(), .fd = fd, .kind = LLMSLO_EV_CLOSE };
-	fill_hdr(&s->hdr, &a, sk, &t, 0);
+	s->hdr.head_len = 0;
+	s->hdr.tail_len = 0;
+	fill_hdr(&s->hdr, &a, sk, &t, bpf_ktime_get_ns(), 0);
 	return submit(s);
 }
 

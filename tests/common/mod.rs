@@ -53,7 +53,12 @@ impl Agent {
     }
 
     pub fn start(args: &[&str]) -> Agent {
-        let mut a = Agent::launch(args);
+        Agent::start_env(args, &[])
+    }
+
+    /// `start` with extra environment variables (`LLMSLO_*` switches).
+    pub fn start_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
+        let mut a = Agent::launch_env(args, envs);
         a.wait_ready(Duration::from_secs(30));
         a
     }
@@ -61,6 +66,11 @@ impl Agent {
     /// Starts the agent without waiting for it to be ready (for agents that serve TLS, or
     /// that are expected to fail).
     pub fn launch(args: &[&str]) -> Agent {
+        Agent::launch_env(args, &[])
+    }
+
+    /// `launch` with extra environment variables.
+    pub fn launch_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log =
@@ -72,6 +82,7 @@ impl Agent {
             .arg(addr.to_string())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
