@@ -1,0 +1,100 @@
+#!/bin/bash
+# What the agent's syscall hooks cost a process, without and with the agent, on both hook sets
+# (per-syscall tracepoints, the default, and LLMSLO_SYSCALL_HOOKS=raw), interleaved ROUNDS times:
+#   - a target writing 120-byte chunks to a TCP socket on loopback (every write traced and copied),
+#   - an untargeted process calling write(/dev/null) and getppid().
+# Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored).
+# The processes under test run on CPU 1, the agent on CPU 0. Root; prints a markdown table.
+#
+#   scripts/syscall-cost.sh [AGENT_BIN] [ROUNDS]
+set -euo pipefail
+AG=${1:-target/release/llm-slo-agent}
+ROUNDS=${2:-3}
+N=${N:-100000}
+[ "$(id -u)" = 0 ] || { echo "SKIPPING: needs root (loads BPF programs)"; exit 0; }
+[ -x "$AG" ] || { echo "no agent binary at $AG (cargo build --release --bin llm-slo-agent)"; exit 1; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+W=$(mktemp -d)
+PORT_API=$((20000 + RANDOM % 5000))
+STATS_WAS=$(sysctl -n kernel.bpf_stats_enabled)
+AP=""
+cleanup() {
+  [ -n "$AP" ] && kill "$AP" 2>/dev/null && wait "$AP" 2>/dev/null || true
+  sysctl -q kernel.bpf_stats_enabled="$STATS_WAS"
+  rm -rf "$W"
+}
+trap cleanup EXIT
+cc -O2 -o "$W/target_write" "$HERE/syscall-cost/target_write.c"
+cc -O2 -o "$W/syscalls" "$HERE/syscall-cost/syscalls.c"
+printf 'crosscheck:\n  enabled: false\n' >"$W/agent.yaml"
+
+start_agent() { # $1 hooks, $2 target pid
+  LLMSLO_SYSCALL_HOOKS=$1 taskset -c 0 "$AG" run --config "$W/agent.yaml" --no-auto --no-network \
+    --target-pid "$2" --listen 127.0.0.1:$PORT_API >"$W/agent.log" 2>&1 &
+  AP=$!
+  for _ in $(seq 100); do curl -sf 127.0.0.1:$PORT_API/readyz >/dev/null && return; sleep 0.1; done
+  echo "agent not ready:"; cat "$W/agent.log"; exit 1
+}
+stop_agent() { kill "$AP"; wait "$AP" 2>/dev/null || true; AP=""; }
+
+# The target writer waits for a go file, so the agent can be started on its pid first.
+target_write() { # $1: hooks or "none"; prints ns per write
+  rm -f "$W/go"
+  exec 3< <(TW_GO="$W/go" taskset -c 1 "$W/target_write" "$N" $((30000 + RANDOM % 5000)))
+  read -r -u 3 pid
+  [ "$1" != none ] && start_agent "$1" "$pid"
+  [ "$1" != none ] && bpftool -j prog show >"$W/before.json"
+  touch "$W/go"
+  local out; out=$(cat <&3)
+  [ "$1" != none ] && bpftool -j prog show >"$W/after.json"
+  [ "$1" != none ] && stop_agent
+  echo "${out#write_ns }"
+}
+
+untargeted() { # $1: hooks or "none"; prints "write getppid" ns
+  if [ "$1" != none ]; then sleep 600 & local s=$!; start_agent "$1" "$s"; fi
+  local w g
+  w=$(taskset -c 1 "$W/syscalls" write)
+  g=$(taskset -c 1 "$W/syscalls" getppid)
+  if [ "$1" != none ]; then stop_agent; kill "$s"; fi
+  echo "$w $g"
+}
+
+declare -A tw uw ug
+for r in $(seq "$ROUNDS"); do
+  for m in none tracepoint raw; do
+    tw[$m]+="$(target_write $m) "
+    read -r a b <<<"$(untargeted $m)"
+    uw[$m]+="$a "; ug[$m]+="$b "
+  done
+done
+range() { tr ' ' '\n' <<<"$1" | grep . | sort -n | sed -n '1p;$p' | paste -sd' ' | awk '{print ($1==$2)?$1:$1"–"$2}'; }
+echo "| ns per call (min–max over $ROUNDS rounds) | no agent | tracepoint (default) | raw |"
+echo "|---|---:|---:|---:|"
+echo "| target: write() of 120 B to a TCP socket, traced | $(range "${tw[none]}") | $(range "${tw[tracepoint]}") | $(range "${tw[raw]}") |"
+echo "| untargeted: write() to /dev/null | $(range "${uw[none]}") | $(range "${uw[tracepoint]}") | $(range "${uw[raw]}") |"
+echo "| untargeted: getppid() | $(range "${ug[none]}") | $(range "${ug[tracepoint]}") | $(range "${ug[raw]}") |"
+
+# BPF run time per program for the traced writes, each hook set once more with bpf_stats on.
+sysctl -q kernel.bpf_stats_enabled=1
+echo
+echo "| hooks | program | runs | ns per run |"
+echo "|---|---|---:|---:|"
+for m in tracepoint raw; do
+  bpftool -j prog show >"$W/pre.json"
+  target_write $m >/dev/null
+  python3 - "$W" "$m" <<'PY'
+import json, sys
+w, m = sys.argv[1], sys.argv[2]
+pre = {p["id"] for p in json.load(open(f"{w}/pre.json"))}
+before = {p["id"]: p for p in json.load(open(f"{w}/before.json")) if p["id"] not in pre}
+for p in json.load(open(f"{w}/after.json")):
+    b = before.get(p["id"])
+    if not b or "run_cnt" not in p:
+        continue
+    n = p["run_cnt"] - b.get("run_cnt", 0)
+    t = p["run_time_ns"] - b.get("run_time_ns", 0)
+    if n >= 1000:
+        print(f"| {m} | {p['name']} | {n} | {t / n:.0f} |")
+PY
+done
