@@ -12,8 +12,9 @@ const NLMSG_DONE: u16 = 3;
 /// on a confused socket.
 const MAX_READS: usize = 16_384;
 
-/// An `NETLINK_ROUTE` socket of the agent's network namespace.
-pub struct Rtnl(OwnedFd);
+/// An `NETLINK_ROUTE` socket of the agent's network namespace, and the sequence number of its
+/// last request (each request gets its own, so a reply left over from a failed call is skipped).
+pub struct Rtnl(OwnedFd, std::cell::Cell<u32>);
 
 impl Rtnl {
     pub fn open() -> io::Result<Rtnl> {
@@ -29,7 +30,10 @@ impl Rtnl {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(Rtnl(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Rtnl(
+            unsafe { OwnedFd::from_raw_fd(fd) },
+            std::cell::Cell::new(0),
+        ))
     }
 
     /// Sends a request of type `ty` with `body` (the family header and attributes) and hands
@@ -51,7 +55,9 @@ impl Rtnl {
         req.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
         req.extend_from_slice(&ty.to_ne_bytes());
         req.extend_from_slice(&(flags as u16).to_ne_bytes());
-        req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        let seq = self.1.get().wrapping_add(1);
+        self.1.set(seq);
+        req.extend_from_slice(&seq.to_ne_bytes());
         req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
         req.extend_from_slice(body);
         // SAFETY: req is a valid buffer of req.len() bytes.
@@ -65,9 +71,13 @@ impl Rtnl {
             let n =
                 unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
             }
-            if parse(&buf[..n as usize], &mut each)? {
+            if parse(&buf[..n as usize], seq, &mut each)? {
                 return Ok(());
             }
         }
@@ -75,19 +85,26 @@ impl Rtnl {
     }
 }
 
-/// Hands each message of one datagram to `each`; true when the answer is over.
-pub fn parse(mut b: &[u8], each: &mut impl FnMut(u16, &[u8])) -> io::Result<bool> {
+/// Hands each message of one datagram that answers request `seq` to `each` (others are what
+/// is left of an earlier, failed call: skipped); true when the answer is over.
+pub fn parse(mut b: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8])) -> io::Result<bool> {
     while b.len() >= NLMSG_HDRLEN {
         let len = u32_at(b, 0) as usize;
         if len < NLMSG_HDRLEN || len > b.len() {
             return Err(io::Error::other("truncated rtnetlink message"));
         }
         let (msg, body) = (u16_at(b, 4), &b[NLMSG_HDRLEN..len]);
+        if u32_at(b, 8) != seq {
+            b = &b[len.next_multiple_of(4).min(b.len())..];
+            continue;
+        }
         match msg {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
                 let errno = if body.len() >= 4 {
-                    -(u32_at(body, 0) as i32)
+                    (u32_at(body, 0) as i32)
+                        .checked_neg()
+                        .unwrap_or(libc::EPROTO)
                 } else {
                     libc::EPROTO
                 };
@@ -161,20 +178,44 @@ pub mod tests {
         let mut d = msg(100, b"abcd");
         d.extend(msg(101, b"ef"));
         let mut seen = Vec::new();
-        assert!(!parse(&d, &mut |t, b: &[u8]| seen.push((t, b.to_vec()))).unwrap());
+        assert!(!parse(&d, 0, &mut |t, b: &[u8]| seen.push((t, b.to_vec()))).unwrap());
         assert_eq!(seen, vec![(100, b"abcd".to_vec()), (101, b"ef".to_vec())]);
         d.extend(msg(DONE, &[0; 4]));
-        assert!(parse(&d, &mut |_, _: &[u8]| {}).unwrap());
-        assert!(parse(&msg(ERROR, &0i32.to_ne_bytes()), &mut |_, _: &[u8]| {}).unwrap());
+        assert!(parse(&d, 0, &mut |_, _: &[u8]| {}).unwrap());
+        assert!(parse(&msg(ERROR, &0i32.to_ne_bytes()), 0, &mut |_, _: &[u8]| {}).unwrap());
         let e = parse(
             &msg(ERROR, &(-libc::EPERM).to_ne_bytes()),
+            0,
             &mut |_, _: &[u8]| {},
         );
         assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EPERM));
-        assert!(!parse(&d[..10], &mut |_, _: &[u8]| {}).unwrap());
+        assert!(!parse(&d[..10], 0, &mut |_, _: &[u8]| {}).unwrap());
         let mut short = msg(100, b"abcd");
         short.truncate(18);
-        assert!(parse(&short, &mut |_, _: &[u8]| {}).is_err());
+        assert!(parse(&short, 0, &mut |_, _: &[u8]| {}).is_err());
+    }
+
+    #[test]
+    fn replies_to_an_earlier_request_are_skipped() {
+        // What a failed call left behind (seq 0: a message and its end), then this call's (seq 7).
+        let mut d = msg(100, b"old!");
+        d.extend(msg(DONE, &[0; 4]));
+        let mut mine = msg(101, b"new!");
+        mine[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        d.extend(&mine);
+        let mut end = msg(DONE, &[0; 4]);
+        end[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        d.extend(&end);
+        let mut seen = Vec::new();
+        assert!(parse(&d, 7, &mut |t, b: &[u8]| seen.push((t, b.to_vec()))).unwrap());
+        assert_eq!(seen, vec![(101, b"new!".to_vec())]);
+        // An error code that cannot be negated is a protocol error, not a panic.
+        let e = parse(
+            &msg(ERROR, &i32::MIN.to_ne_bytes()),
+            0,
+            &mut |_, _: &[u8]| {},
+        );
+        assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::EPROTO));
     }
 
     #[test]

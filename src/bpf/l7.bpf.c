@@ -187,7 +187,10 @@ static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
  * socket (and kept in the entry, when there is one). */
 static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci, struct conn_tuple *t)
 {
-	if (ci && ci->tuple.family) {
+	/* An entry whose socket closed without a close() we saw (killed server, close_range, an fd
+	 * closed by a process no longer targeted) may now name a new socket at the same address. */
+	if (ci && ci->tuple.family &&
+	    (!ci->tuple.stale || BPF_CORE_READ(sk, __sk_common.skc_state) == 7 /* TCP_CLOSE */)) {
 		*t = ci->tuple;
 		return;
 	}
@@ -615,8 +618,14 @@ static __always_inline int exit_accept_common(long ret)
 	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
 	__u64 key = (__u64)sk;
 	struct conn_info fresh = { .tuple = t };
-	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0)
+	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0) {
 		bump(LLMSLO_ST_CONN_INSERT); /* nothing was stamped yet */
+	} else {
+		/* An accepted socket is a new connection, whatever an entry at its address says. */
+		struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
+		if (ci)
+			ci->tuple = t;
+	}
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
@@ -700,6 +709,11 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 #define NR_recvmsg 47
 #define NR_accept4 288
 #define SYSCALL_NR_FIELD orig_ax
+/* A 32-bit task's syscall numbers are another table's (ia32 read is 3, our close). */
+static __always_inline bool compat_syscall(struct pt_regs *regs)
+{
+	return bpf_get_current_task_btf()->thread_info.status & 0x0002 /* TS_COMPAT */;
+}
 #elif defined(bpf_target_arm64)
 #define NR_close 57
 #define NR_read 63
@@ -713,6 +727,11 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 #define NR_recvmsg 212
 #define NR_accept4 242
 #define SYSCALL_NR_FIELD syscallno
+/* A 32-bit (AArch32) task's syscall numbers are another table's. */
+static __always_inline bool compat_syscall(struct pt_regs *regs)
+{
+	return regs->pstate & 0x10 /* PSR_MODE32_BIT */;
+}
 #else
 #error "syscall numbers for this architecture are missing"
 #endif
@@ -749,13 +768,13 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		break;
 	case NR_accept:
 	case NR_accept4:
-		return enter_accept_common();
+		return compat_syscall(regs) ? 0 : enter_accept_common();
 	case NR_close:
-		return close_common(PT_REGS_PARM1_CORE_SYSCALL(regs));
+		return compat_syscall(regs) ? 0 : close_common(PT_REGS_PARM1_CORE_SYSCALL(regs));
 	default:
 		return 0;
 	}
-	if (!is_target())
+	if (!is_target() || compat_syscall(regs))
 		return 0;
 	__u32 fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
 	__u64 arg2 = PT_REGS_PARM2_CORE_SYSCALL(regs);
@@ -780,10 +799,12 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 		break;
 	case NR_accept:
 	case NR_accept4:
-		return exit_accept_common(ret);
+		return compat_syscall(regs) ? 0 : exit_accept_common(ret);
 	default:
 		return 0;
 	}
+	if (compat_syscall(regs))
+		return 0;
 	struct active_io a;
 	if (!active_take(&a))
 		return 0;
@@ -819,7 +840,9 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 	if (!bpf_map_lookup_elem(&listen_ports, &lk))
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
+	/* Complete before the insert publishes it: a reader on another CPU never sees half. */
 	struct conn_info fresh = { .queued_ts = now, .queued_last_ts = now };
+	read_tuple(sk, &fresh.tuple);
 	if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST)) {
 		bump(LLMSLO_ST_CONN_INSERT);
 		return 0;
@@ -850,6 +873,7 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (ci) {
 		ci->queued_ts = 0;
 		ci->queued_last_ts = 0;
+		ci->tuple.stale = 1;
 	}
 	return 0;
 }

@@ -16,7 +16,8 @@ struct conn_tuple {
 	__u16 family; /* AF_INET or AF_INET6; 0: not read yet */
 	__u16 lport;  /* host order */
 	__u16 rport;
-	__u16 pad;
+	__u16 stale;  /* the socket reached TCP_CLOSE: a socket allocated at the same address later
+		       * is another connection, whose tuple is read again */
 	__u8 laddr[16];
 	__u8 raddr[16];
 };

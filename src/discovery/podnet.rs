@@ -100,11 +100,16 @@ fn netns_id(rtnl: &mut Option<Rtnl>, path: &Path) -> io::Result<Option<i32>> {
     let mut req = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
     req.extend(attr(NETNSA_FD, &(ns.as_raw_fd() as u32).to_ne_bytes()));
     let mut id = None;
-    sock.call(libc::RTM_GETNSID, false, &req, |ty, body| {
+    let res = sock.call(libc::RTM_GETNSID, false, &req, |ty, body| {
         if ty == libc::RTM_NEWNSID {
             id = nsid_reply(body);
         }
-    })?;
+    });
+    if res.is_err() {
+        // A fresh socket for the next target: nothing of this answer can be read as its.
+        *rtnl = None;
+    }
+    res?;
     Ok(id.filter(|&i| i >= 0))
 }
 

@@ -81,7 +81,7 @@ pub fn build(cfg: &OtlpCfg, headers: Arc<Headers>) -> Result<opentelemetry_otlp:
                 // tonic is built without its own TLS: the URI's scheme stays https (the
                 // request's :scheme) and the connector does the handshake.
                 let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-                    .with_context(|| format!("otlp.endpoint {endpoint:?}"))?
+                    .with_context(|| format!("otlp.endpoint {:?}", super::shown_url(&endpoint)))?
                     .timeout(timeout)
                     .connect_with_connector_lazy(tls.connector(true, true)?);
                 b.with_channel(channel).build()

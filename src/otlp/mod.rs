@@ -30,8 +30,8 @@ use headers::Headers;
 use spans::{Ids, MonoToUnix, TraceOpts};
 pub use tls::TlsCfg;
 
-/// The `otlp` section of the config (README "OpenTelemetry").
-#[derive(Debug, Clone, Deserialize)]
+/// The `otlp` section of the config (README "OpenTelemetry"). `Debug` shows header names only.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpCfg {
     pub enabled: bool,
@@ -67,6 +67,40 @@ pub struct OtlpCfg {
     pub max_retries: usize,
     /// Token writes sent as events on the root span, at most (0: none).
     pub token_events: usize,
+}
+
+impl std::fmt::Debug for OtlpCfg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden: BTreeMap<&str, &str> = self
+            .headers
+            .keys()
+            .map(|k| (k.as_str(), "<hidden>"))
+            .collect();
+        f.debug_struct("OtlpCfg")
+            .field("enabled", &self.enabled)
+            .field("protocol", &self.protocol)
+            .field("endpoint", &shown_url(&self.endpoint))
+            .field("tls", &self.tls)
+            .field("headers", &hidden)
+            .field("headers_file", &self.headers_file)
+            .field("header_files", &self.header_files)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("service_name", &self.service_name)
+            .field("node_name", &self.node_name)
+            .field("resource_attributes", &self.resource_attributes)
+            .field("queue_size", &self.queue_size)
+            .field("batch_size", &self.batch_size)
+            .field("max_retries", &self.max_retries)
+            .field("token_events", &self.token_events)
+            .finish()
+    }
+}
+
+/// A URL as it may be logged or quoted in an error: without its query and fragment, where
+/// some hosted collectors take an API key.
+pub fn shown_url(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or("")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -148,14 +182,16 @@ impl OtlpCfg {
         );
         let uri: axum::http::Uri = e
             .parse()
-            .with_context(|| format!("otlp.endpoint: not a URL: {e:?}"))?;
+            .with_context(|| format!("otlp.endpoint: not a URL: {:?}", shown_url(&e)))?;
         anyhow::ensure!(
             matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
-            "otlp.endpoint must be http(s)://host:port[/path]: {e:?}"
+            "otlp.endpoint must be http(s)://host:port[/path]: {:?}",
+            shown_url(&e)
         );
         anyhow::ensure!(
             self.tls.is_none() || uri.scheme_str() == Some("https"),
-            "otlp.tls is set but otlp.endpoint is not https:// (traces would go in clear text): {e:?}"
+            "otlp.tls is set but otlp.endpoint is not https:// (traces would go in clear text): {:?}",
+            shown_url(&e)
         );
         if self.protocol == OtlpProtocol::Http && matches!(uri.path(), "" | "/") {
             return Ok(format!("{}/v1/traces", e.trim_end_matches('/')));
@@ -258,7 +294,7 @@ impl Otlp {
         // Header names only: their values may be secrets.
         let names: Vec<String> = headers.current().keys().map(|k| k.to_string()).collect();
         tracing::info!(
-            protocol = ?cfg.protocol, %endpoint, tls = transport.tls, mtls = transport.mtls,
+            protocol = ?cfg.protocol, endpoint = %shown_url(&endpoint), tls = transport.tls, mtls = transport.mtls,
             ca_file = ?tls.ca_file, server_name = ?tls.server_name,
             headers = ?names, headers_file = ?cfg.headers_file,
             sample_ratio = cfg.sample_ratio,
@@ -515,5 +551,43 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_header_values_are_not_shown() {
+        assert_eq!(
+            shown_url("https://ingest.example:4318/v1/traces?api_key=SECRET#x"),
+            "https://ingest.example:4318/v1/traces"
+        );
+        assert_eq!(shown_url("http://c:4318"), "http://c:4318");
+        let cfg = OtlpCfg {
+            endpoint: "https://c:4318/v1/traces?token=SECRET".into(),
+            headers: [("authorization".to_string(), "Bearer SECRET".to_string())].into(),
+            ..Default::default()
+        };
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("SECRET") && dbg.contains("authorization"),
+            "{dbg}"
+        );
+        let err = format!(
+            "{:#}",
+            OtlpCfg {
+                tls: Some(TlsCfg::default()),
+                endpoint: "http://c:4318/v1/traces?token=SECRET".into(),
+                ..Default::default()
+            }
+            .endpoint_uri()
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("not https://") && !err.contains("SECRET"),
+            "{err}"
+        );
     }
 }

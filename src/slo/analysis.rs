@@ -159,13 +159,9 @@ pub fn analyze(engine: &SloEngine, name: &str, recs: &[&RequestRecord]) -> Resul
             }
         }
     }
-    let runq_delta = match (g.mean(), b.mean()) {
-        (Some(gm), Some(bm)) => {
-            out["signals"] = json!({ "cpu_runqueue_wait": { "meeting_mean_ms": gm, "violating_mean_ms": bm, "delta_ms": bm - gm } });
-            Some(bm - gm)
-        }
-        _ => None,
-    };
+    if let (Some(gm), Some(bm)) = (g.mean(), b.mean()) {
+        out["signals"] = json!({ "cpu_runqueue_wait": { "meeting_mean_ms": gm, "violating_mean_ms": bm, "delta_ms": bm - gm } });
+    }
     // Classes: violation rate per value of each dimension.
     let mut dims: BTreeMap<&str, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
     for (r, is_bad) in &judged {
@@ -241,13 +237,35 @@ pub fn analyze(engine: &SloEngine, name: &str, recs: &[&RequestRecord]) -> Resul
         out["class"] =
             json!({ "dimension": d, "value": v, "violation_rate": rate, "requests": cn });
     }
-    // Starved of CPU: the serving threads' extra run-queue wait explains a good part of the
-    // dominant stage's growth (at least a quarter of it, and at least a millisecond).
+    // Starved of CPU: in the dominant stage, when it is a server-side stage that grew, the
+    // serving threads' extra run-queue wait in that same stage explains a good part of the
+    // growth (at least a quarter of it, and at least a millisecond).
     let (mut cause, mut fix) = (cause, fix);
-    if let Some(rd) = runq_delta.filter(|&rd| rd >= 1.0 && rd >= 0.25 * delta) {
+    let server_side = matches!(
+        stage,
+        Stage::QueuePrefill | Stage::Decode | Stage::Inference
+    );
+    let stage_runq_delta = if server_side && delta > 0.0 {
+        let (mut g, mut b) = (Acc::default(), Acc::default());
+        for (r, is_bad) in &judged {
+            let Some(v) = r.cpu_runqueue_wait_ms.as_ref().and_then(|w| w.get(stage)) else {
+                continue;
+            };
+            if *is_bad {
+                b.add(ns_to_ms(v))
+            } else {
+                g.add(ns_to_ms(v))
+            }
+        }
+        g.mean().zip(b.mean()).map(|(gm, bm)| bm - gm)
+    } else {
+        None
+    };
+    if let Some(rd) = stage_runq_delta.filter(|&rd| rd >= 1.0 && rd >= 0.25 * delta) {
         let _ = write!(
             text,
-            "; their server threads waited {rd:+.1} ms longer on a CPU run queue ({:.0}% of that)",
+            "; their server threads waited {rd:+.1} ms longer on a CPU run queue in {} ({:.0}% of that)",
+            stage.name(),
             100.0 * rd / delta
         );
         out["cpu_starved"] = Value::Bool(true);
@@ -343,11 +361,29 @@ mod tests {
         assert_eq!(a["cpu_starved"], true);
         let d = a["diagnosis"].as_str().unwrap();
         assert!(
-            d.contains("waited +50.0 ms longer on a CPU run queue")
+            d.contains("waited +50.0 ms longer on a CPU run queue in queue_prefill")
                 && d.contains("starved of CPU")
                 && d.contains("dedicated CPUs"),
             "{d}"
         );
+        // The extra wait was in decode, not in the stage that grew: no starvation diagnosis
+        // (the per-request signal still shows it).
+        let in_decode = |mut r: RequestRecord, wait_ms: u64| {
+            r.cpu_runqueue_wait_ms = Some(crate::inside::RunqWait {
+                by_stage: [Some(0), Some(wait_ms * 1_000_000), None],
+                total: Some(wait_ms * 1_000_000),
+            });
+            r
+        };
+        let other: Vec<RequestRecord> = (0..40)
+            .map(|i| in_decode(rec(i, 300, 2), 0))
+            .chain((40..50).map(|i| in_decode(rec(i, 300, 60), 50)))
+            .collect();
+        let refs: Vec<&RequestRecord> = other.iter().collect();
+        let a = analyze(&engine, "t", &refs).unwrap();
+        assert_eq!(a["dominant_stage"], "queue_prefill");
+        assert_eq!(a["signals"]["cpu_runqueue_wait"]["delta_ms"], 50.0);
+        assert!(a.get("cpu_starved").is_none(), "{a}");
         // Without run-queue figures: no signal, the usual diagnosis.
         let plain: Vec<RequestRecord> = (0..40)
             .map(|i| rec(i, 300, 2))
