@@ -7,7 +7,7 @@
 # /proc/<agent>/fdinfo) from `bpftool prog show -j`; then SIGTERM and the time to exit.
 # Usage (root): scripts/pod-veth-cost.sh [AGENT_BIN]   (N=200 by default)
 # The two /30s are reserved like the testbed's (/run/llmslo-testbed/subnets, under its flock).
-set -u
+set -euo pipefail
 BIN=${1:-target/debug/llm-slo-agent}
 N=${N:-200}
 P=lsm$$
