@@ -165,24 +165,6 @@ static __always_inline struct listen_key listen_key_of(struct sock *sk)
 	return k;
 }
 
-/* The socket's addresses and ports. */
-static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
-{
-	__builtin_memset(t, 0, sizeof(*t));
-	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (t->family == AF_INET) {
-		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		__builtin_memcpy(t->laddr, &l, 4);
-		__builtin_memcpy(t->raddr, &r, 4);
-	} else {
-		BPF_CORE_READ_INTO(&t->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&t->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-	}
-}
-
 /* The connection's tuple: from its map entry when an earlier event read it, else from the
  * socket (and kept in the entry, when there is one). */
 static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci, struct conn_tuple *t)

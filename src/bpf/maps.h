@@ -128,23 +128,30 @@ static __always_inline void tuple_flow_key(const struct conn_tuple *t, struct ll
 	}
 }
 
+/* The socket's addresses and ports. */
+static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET) {
+		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(t->laddr, &l, 4);
+		__builtin_memcpy(t->raddr, &r, 4);
+	} else {
+		BPF_CORE_READ_INTO(&t->laddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&t->raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+}
+
 /* The flow key of a server-side socket: client = remote end. */
 static __always_inline void sock_flow_key(struct sock *sk, struct llmslo_flow_key *k)
 {
-	__builtin_memset(k, 0, sizeof(*k));
-	k->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	k->dport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	k->sport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (k->family == AF_INET) {
-		__u32 l = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
-		__u32 r = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		__builtin_memcpy(k->daddr, &l, 4);
-		__builtin_memcpy(k->saddr, &r, 4);
-	} else {
-		BPF_CORE_READ_INTO(&k->daddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&k->saddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-		normalize_key(k);
-	}
+	struct conn_tuple t;
+	read_tuple(sk, &t);
+	tuple_flow_key(&t, k);
 }
 
 #endif

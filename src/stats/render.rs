@@ -98,11 +98,7 @@ impl Aggregator {
             for st in Stage::ALL {
                 let h = &s.hists[STAGE0 + st as usize];
                 if h.count() > 0 {
-                    labels.clear();
-                    labels.push_str(&s.exposition);
-                    labels.push_str(",stage=\"");
-                    labels.push_str(st.name());
-                    labels.push('"');
+                    stage_labels(&mut labels, &s.exposition, st);
                     h.render(out, name, &labels, &prom::STAGE_BUCKETS);
                 }
             }
@@ -118,11 +114,7 @@ impl Aggregator {
         for s in self.all_series() {
             for (h, st) in s.runq_hists.iter().zip(RUNQ_STAGES) {
                 if h.count() > 0 {
-                    labels.clear();
-                    labels.push_str(&s.exposition);
-                    labels.push_str(",stage=\"");
-                    labels.push_str(st.name());
-                    labels.push('"');
+                    stage_labels(&mut labels, &s.exposition, st);
                     h.render(out, name, &labels, &prom::STAGE_BUCKETS);
                 }
             }
@@ -166,4 +158,13 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// A series' labels plus `stage="<name>"`, into `out` (reused between series).
+fn stage_labels(out: &mut String, exposition: &str, st: Stage) {
+    out.clear();
+    out.push_str(exposition);
+    out.push_str(",stage=\"");
+    out.push_str(st.name());
+    out.push('"');
 }
