@@ -95,13 +95,8 @@ impl Aggregator {
         );
         let mut labels = String::new();
         for s in self.all_series() {
-            for st in Stage::ALL {
-                let h = &s.hists[STAGE0 + st as usize];
-                if h.count() > 0 {
-                    stage_labels(&mut labels, &s.exposition, st);
-                    h.render(out, name, &labels, &prom::STAGE_BUCKETS);
-                }
-            }
+            let hs = Stage::ALL.map(|st| (&s.hists[STAGE0 + st as usize], st));
+            render_by_stage(out, name, &mut labels, &s.exposition, hs);
         }
 
         let name = "llmslo_request_cpu_runqueue_wait_seconds";
@@ -112,12 +107,8 @@ impl Aggregator {
             "histogram",
         );
         for s in self.all_series() {
-            for (h, st) in s.runq_hists.iter().zip(RUNQ_STAGES) {
-                if h.count() > 0 {
-                    stage_labels(&mut labels, &s.exposition, st);
-                    h.render(out, name, &labels, &prom::STAGE_BUCKETS);
-                }
-            }
+            let hs = s.runq_hists.iter().zip(RUNQ_STAGES);
+            render_by_stage(out, name, &mut labels, &s.exposition, hs);
         }
 
         // A summary, not a gauge: Prometheus' linter (promtool check metrics) rejects a
@@ -160,11 +151,23 @@ impl Aggregator {
     }
 }
 
-/// A series' labels plus `stage="<name>"`, into `out` (reused between series).
-fn stage_labels(out: &mut String, exposition: &str, st: Stage) {
-    out.clear();
-    out.push_str(exposition);
-    out.push_str(",stage=\"");
-    out.push_str(st.name());
-    out.push('"');
+/// One series' per-stage histograms (those with observations) of family `name`, each with the
+/// series' labels plus `stage="<name>"`; `labels` is a buffer reused between series.
+fn render_by_stage<'a>(
+    out: &mut String,
+    name: &str,
+    labels: &mut String,
+    exposition: &str,
+    hists: impl IntoIterator<Item = (&'a prom::FixedHist, Stage)>,
+) {
+    for (h, st) in hists {
+        if h.count() > 0 {
+            labels.clear();
+            labels.push_str(exposition);
+            labels.push_str(",stage=\"");
+            labels.push_str(st.name());
+            labels.push('"');
+            h.render(out, name, labels, &prom::STAGE_BUCKETS);
+        }
+    }
 }
