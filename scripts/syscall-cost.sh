@@ -75,17 +75,15 @@ echo "| target: write() of 120 B to a TCP socket, traced | $(range "${tw[none]}"
 echo "| untargeted: write() to /dev/null | $(range "${uw[none]}") | $(range "${uw[tracepoint]}") | $(range "${uw[raw]}") |"
 echo "| untargeted: getppid() | $(range "${ug[none]}") | $(range "${ug[tracepoint]}") | $(range "${ug[raw]}") |"
 
-# BPF run time per program for the traced writes, each hook set once more with bpf_stats on.
+# BPF run time per program, each hook set once more with bpf_stats on: for the target's traced
+# writes, and for an untargeted process's write(/dev/null) (every run of the write programs is
+# then for a process that is not a target: the filter's cost). Other processes on the machine
+# run the programs too; the program counts say how many runs each figure rests on.
 sysctl -q kernel.bpf_stats_enabled=1
-echo
-echo "| hooks | program | runs | ns per run |"
-echo "|---|---|---:|---:|"
-for m in tracepoint raw; do
-  bpftool -j prog show >"$W/pre.json"
-  target_write $m >/dev/null
-  python3 - "$W" "$m" <<'PY'
+prog_stats() { # $1 hooks, $2 label: the agent's programs' runs and ns per run between the snapshots
+  python3 - "$W" "$1" "$2" <<'PY'
 import json, sys
-w, m = sys.argv[1], sys.argv[2]
+w, m, what = sys.argv[1:4]
 pre = {p["id"] for p in json.load(open(f"{w}/pre.json"))}
 before = {p["id"]: p for p in json.load(open(f"{w}/before.json")) if p["id"] not in pre}
 for p in json.load(open(f"{w}/after.json")):
@@ -95,6 +93,25 @@ for p in json.load(open(f"{w}/after.json")):
     n = p["run_cnt"] - b.get("run_cnt", 0)
     t = p["run_time_ns"] - b.get("run_time_ns", 0)
     if n >= 1000:
-        print(f"| {m} | {p['name']} | {n} | {t / n:.0f} |")
+        print(f"| {m} | {what} | {p['name']} | {n} | {t / n:.0f} |")
 PY
+}
+untargeted_stats() { # $1 hooks: write(/dev/null) by a process that is not a target
+  sleep 600 & local s=$!
+  start_agent "$1" "$s"
+  bpftool -j prog show >"$W/before.json"
+  taskset -c 1 "$W/syscalls" write >/dev/null
+  bpftool -j prog show >"$W/after.json"
+  stop_agent; kill "$s"
+}
+echo
+echo "| hooks | process | program | runs | ns per run |"
+echo "|---|---|---|---:|---:|"
+for m in tracepoint raw; do
+  bpftool -j prog show >"$W/pre.json"
+  target_write $m >/dev/null
+  prog_stats $m "target, traced write"
+  bpftool -j prog show >"$W/pre.json"
+  untargeted_stats $m
+  prog_stats $m "untargeted write"
 done

@@ -172,6 +172,8 @@ pub struct TargetMaps {
     ports: MapHandle,
     /// `n_cgroup_targets` in the object's mmapped .bss: lets untargeted tasks skip a lookup.
     n_cgroups: &'static mut u32,
+    /// `target_tgid_bits` in the same .bss: the syscall programs' one-load target test.
+    tgid_bits: &'static mut [u8],
     applied: TargetSet,
 }
 
@@ -211,6 +213,7 @@ impl L7 {
             listen: MapHandle::try_from(&skel.maps.listen_ports)?,
             ports: MapHandle::try_from(&skel.maps.target_ports)?,
             n_cgroups: &mut bss.n_cgroup_targets,
+            tgid_bits: &mut bss.target_tgid_bits[..],
             applied: TargetSet::default(),
         };
         let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
@@ -319,12 +322,16 @@ impl TargetMaps {
     /// Makes the kernel's target maps equal to `want`.
     pub fn apply(&mut self, want: &TargetSet) -> Result<()> {
         for t in self.applied.tgids.difference(&want.tgids) {
+            set_tgid_bit(self.tgid_bits, *t, false);
             let _ = self.tgids.delete(&t.to_ne_bytes());
         }
         for t in want.tgids.difference(&self.applied.tgids) {
             self.tgids
                 .update(&t.to_ne_bytes(), &[1], MapFlags::ANY)
                 .with_context(|| format!("adding target tgid {t}"))?;
+            if !set_tgid_bit(self.tgid_bits, *t, true) {
+                tracing::warn!(tgid = t, "tgid beyond the kernel's pid limit: not traced");
+            }
         }
         for c in self.applied.cgroups.difference(&want.cgroups) {
             let _ = self.cgroups.delete(&c.to_ne_bytes());
@@ -354,6 +361,22 @@ impl TargetMaps {
         self.applied = want.clone();
         Ok(())
     }
+}
+
+/// Sets or clears `tgid`'s bit in the kernel's target bitmap (`target_tgid_bits`: byte
+/// `tgid / 8`, bit `tgid % 8`, as `tgid_is_target` in l7.bpf.c reads it). The agent's BPF
+/// thread is the only writer; each byte is stored whole, so a program never sees it torn.
+/// False when the tgid is beyond the bitmap (it cannot be: the kernel's pid limit is 4M).
+fn set_tgid_bit(bits: &mut [u8], tgid: u32, on: bool) -> bool {
+    let Some(byte) = bits.get_mut((tgid / 8) as usize) else {
+        return false;
+    };
+    let mask = 1u8 << (tgid % 8);
+    let v = if on { *byte | mask } else { *byte & !mask };
+    // SAFETY: a byte of the mmapped .bss that the programs read concurrently; volatile so the
+    // store is made now and whole.
+    unsafe { std::ptr::write_volatile(byte, v) };
+    true
 }
 
 impl StatsMap {
@@ -432,6 +455,25 @@ fn bump_memlock_rlimit() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tgid_bits_are_set_and_cleared_one_at_a_time() {
+        let mut bits = vec![0u8; 4 * 1024 * 1024 / 8];
+        // Byte tgid/8, bit tgid%8: what l7.bpf.c's tgid_is_target reads.
+        assert!(super::set_tgid_bit(&mut bits, 13, true));
+        assert_eq!(bits[1], 0b0010_0000);
+        assert!(super::set_tgid_bit(&mut bits, 8, true));
+        assert_eq!(bits[1], 0b0010_0001);
+        assert!(super::set_tgid_bit(&mut bits, 13, false));
+        assert_eq!(bits[1], 0b0000_0001, "the neighbour in the same byte stays");
+        assert!(super::set_tgid_bit(&mut bits, 4 * 1024 * 1024 - 1, true));
+        assert_eq!(bits[bits.len() - 1], 0x80);
+        assert!(
+            !super::set_tgid_bit(&mut bits, 4 * 1024 * 1024, true),
+            "beyond the pid limit"
+        );
+        assert_eq!(bits.iter().map(|b| b.count_ones()).sum::<u32>(), 2);
+    }
+
     #[test]
     fn conn_map_evictions_from_counters_and_live_entries() {
         let mut h = ConnMapHealth {

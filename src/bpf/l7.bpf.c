@@ -20,6 +20,25 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* Set by userspace before attach: skip the cgroup lookup while no cgroup is targeted. */
 __u32 n_cgroup_targets = 0;
+
+/* Target tgids, one bit each over the whole pid space (PID_MAX_LIMIT: 4M on 64-bit), in the
+ * .bss that userspace writes through its mapping. Every read, write, accept and close of every
+ * process on the node asks whether its process is a target: this way the answer is a load and
+ * a mask, without a helper call or a hash (`target_tgids` stays the list that the GPU object
+ * and userspace use). 512 KiB. */
+#define TGID_BITS (4 * 1024 * 1024)
+__u8 target_tgid_bits[TGID_BITS / 8] = {};
+
+static __always_inline bool tgid_is_target(__u32 tgid)
+{
+	if (tgid >= TGID_BITS)
+		return false;
+	/* The mask, on the very register used, is what the verifier bounds the load by. */
+	__u64 byte = tgid >> 3;
+	asm volatile("%0 &= 0x7ffff" : "+r"(byte)); /* TGID_BITS / 8 - 1 */
+	return target_tgid_bits[byte] & (1 << (tgid & 7));
+}
+
 /* Set by userspace before load: the run-queue programs are loaded, so events carry their
  * thread's run-queue wait (without them the verifier drops that read). */
 const volatile __u32 runq_on = 0;
@@ -73,15 +92,29 @@ static __always_inline bool active_put(const struct active_io *a)
 	return true;
 }
 
-/* Takes the traced syscall now exiting, if this thread entered one. */
+/* Takes the traced syscall now exiting, if this thread entered one. A process that is not a
+ * target leaves before the storage lookup (the bit test; with cgroup targets the storage
+ * answers). A slot left by a process untargeted mid-syscall is cleared by its next untraced
+ * enter (active_clear) before anything could take it. */
 static __always_inline bool active_take(struct active_io *out)
 {
+	if (!n_cgroup_targets && !tgid_is_target(bpf_get_current_pid_tgid() >> 32))
+		return false;
 	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
 	if (!slot || !slot->kind)
 		return false;
 	*out = *slot;
 	slot->kind = 0;
 	return true;
+}
+
+/* A target's read/write on something other than a TCP socket: no slot may stay from an
+ * earlier syscall for its exit to take. */
+static __always_inline void active_clear(void)
+{
+	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
+	if (slot)
+		slot->kind = 0;
 }
 
 struct scratch {
@@ -122,7 +155,7 @@ static __always_inline __u64 head_off(__u64 v)
 static __always_inline bool is_target(void)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (bpf_map_lookup_elem(&target_tgids, &tgid))
+	if (tgid_is_target(tgid))
 		return true;
 	if (!n_cgroup_targets)
 		return false;
@@ -130,28 +163,31 @@ static __always_inline bool is_target(void)
 	return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
 }
 
-/* current->files->fdt->fd[fd] → struct sock, for TCP over IPv4/IPv6 only. */
+/* current->files->fdt->fd[fd] → struct sock, for TCP over IPv4/IPv6 only. Every target
+ * read/write pays this walk, so it loads through BTF pointers (plain loads the JIT guards with
+ * an exception table) instead of a helper call per field: one bpf_probe_read_kernel remains,
+ * for the fd array slot, whose variable index a BTF pointer cannot take. */
 static __always_inline struct sock *fd_to_sock(__u32 fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+	struct fdtable *fdt = bpf_get_current_task_btf()->files->fdt;
+	if (!fdt || fd >= fdt->max_fds)
 		return NULL;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *f = NULL;
-	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+	/* A pointer to pointers reads as a plain number: the slot is copied. */
+	struct file **fds = fdt->fd;
+	struct file *raw = NULL;
+	if (bpf_probe_read_kernel(&raw, sizeof(raw), &fds[fd]) || !raw)
 		return NULL;
-	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
-	if ((mode & S_IFMT) != S_IFSOCK)
+	struct file *f = bpf_core_cast(raw, struct file);
+	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
 		return NULL;
-	struct socket *sock = BPF_CORE_READ(f, private_data);
-	struct sock *sk = BPF_CORE_READ(sock, sk);
+	struct socket *sock = bpf_core_cast(f->private_data, struct socket);
+	struct sock *sk = sock->sk;
 	if (!sk)
 		return NULL;
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return NULL;
-	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	if (sk->sk_protocol != IPPROTO_TCP)
 		return NULL;
 	return sk;
 }
@@ -314,15 +350,21 @@ static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const s
 }
 
 /* Waking the reader for every event costs the traced syscall several microseconds; the reader
- * drains on a short timer instead, and is woken only once a backlog builds up. */
+ * drains on a short timer instead, and is woken once per WAKEUP_BACKLOG bytes of backlog: by
+ * the record that carries the backlog across a multiple of it. (Forcing a wake-up on every
+ * record past a mark, as this did before, cost each of them an interrupt raised on its CPU, a
+ * VM exit on virtual machines: 40 % of the write exit's time under a fast token stream.) A
+ * crossing missed between racing CPUs only leaves the backlog to the timer. */
 #define WAKEUP_BACKLOG (256 * 1024)
 
 static __always_inline int submit(struct scratch *s)
 {
 	__u64 n = clamp_to(s->hdr.head_len + s->hdr.tail_len, LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP);
-	__u64 flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
-										  : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, s, sizeof(s->hdr) + n, flags)) {
+	__u64 size = sizeof(s->hdr) + n;
+	__u64 backlog = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 flags = (backlog + size) / WAKEUP_BACKLOG != backlog / WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
+										   : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&events, s, size, flags)) {
 		bump(LLMSLO_ST_RB_FULL);
 		return 0;
 	}
@@ -403,8 +445,10 @@ static __always_inline void copy_iov(struct scratch *s, __u64 iovp, __u32 iovcnt
 static __always_inline int enter_traced(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
 {
 	struct sock *sk = fd_to_sock(fd);
-	if (!sk)
+	if (!sk) {
+		active_clear();
 		return 0;
+	}
 	struct active_io a = {
 		.ts_enter = bpf_ktime_get_ns(),
 		.sk = (__u64)sk,
@@ -803,8 +847,8 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 		return 0;
 	/* Every socket on the node that receives data comes here: a server port of a target, or
 	 * leave at once. */
-	struct sock *sk = (struct sock *)ctx->skaddr;
-	if (!is_target_port(BPF_CORE_READ(sk, __sk_common.skc_num)))
+	struct sock *sk = bpf_core_cast(ctx->skaddr, struct sock);
+	if (!is_target_port(sk->__sk_common.skc_num))
 		return 0;
 	__u64 key = (__u64)ctx->skaddr;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
@@ -816,7 +860,7 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 		return 0;
 	}
 	/* A listening socket is woken for new connections, not data: skip it. */
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) == 10 /* TCP_LISTEN */)
+	if (sk->__sk_common.skc_state == 10 /* TCP_LISTEN */)
 		return 0;
 	struct listen_key lk = listen_key_of(sk);
 	if (!bpf_map_lookup_elem(&listen_ports, &lk))
@@ -871,15 +915,16 @@ struct {
 	__type(value, struct llmslo_runq_counts);
 } runq_by_tgid SEC(".maps");
 
+/* p is the scheduler tracepoint's own (BTF) pointer: plain loads, no helper calls, on a path
+ * every context switch of the node takes. */
 static __always_inline __u64 task_cgroup_id(struct task_struct *p)
 {
-	return BPF_CORE_READ(p, cgroups, dfl_cgrp, kn, id);
+	return p->cgroups->dfl_cgrp->kn->id;
 }
 
 static __always_inline bool task_is_target(struct task_struct *p)
 {
-	__u32 tgid = BPF_CORE_READ(p, tgid);
-	if (bpf_map_lookup_elem(&target_tgids, &tgid))
+	if (tgid_is_target(p->tgid))
 		return true;
 	if (!n_cgroup_targets)
 		return false;
@@ -923,7 +968,7 @@ int BPF_PROG(runq_switch, bool preempt, struct task_struct *prev, struct task_st
 	__u64 wait = bpf_ktime_get_ns() - st->since;
 	st->since = 0;
 	st->total_ns += wait;
-	__u32 tgid = BPF_CORE_READ(next, tgid);
+	__u32 tgid = next->tgid;
 	struct llmslo_runq_counts *c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
 	if (!c) {
 		struct llmslo_runq_counts fresh = { .cgroup_id = task_cgroup_id(next) };
