@@ -16,23 +16,22 @@
 //! LLMSLO_BENCH_LOAD (0.7). Everything is bounded to about 6 minutes and cleaned up on
 //! error, panic and Ctrl-C (pods, agent, synthetic server, the bpf_stats sysctl).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::{agent_bin, machine, sh, tree, write_doc, Agent, BpfStats};
 use testbed::{CgroupDriver, ClientRecord, LoadConfig, Pod, PodCgroup, PodProcess};
+
+mod common;
 
 const PORT: u16 = 8000;
 /// Whole-run budget: blocks that would not fit are skipped (and the report says so).
 const BUDGET: Duration = Duration::from_secs(330);
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -84,42 +83,12 @@ impl Settings {
 // Cleanup guards: everything undoes itself on Drop (normal return, error, panic).
 
 /// Enables `kernel.bpf_stats_enabled` and restores the previous value on Drop.
-struct BpfStats {
-    prev: String,
-}
-
-impl BpfStats {
-    fn enable() -> Result<BpfStats> {
-        let prev = std::fs::read_to_string(BPF_STATS)
-            .context("reading kernel.bpf_stats_enabled")?
-            .trim()
-            .to_string();
-        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
-        Ok(BpfStats { prev })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(BPF_STATS, &self.prev) {
-            eprintln!(
-                "!!! could not restore kernel.bpf_stats_enabled={}: {e}",
-                self.prev
-            );
-        }
-    }
-}
-
 /// The synthetic server in a testbed pod. Field order is drop order: the server dies
 /// before its cgroup and netns go.
 struct ServerPod {
     _server: PodProcess,
     cg: PodCgroup,
     pod: Pod,
-}
-
-fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent"))
 }
 
 fn server_pod(s: &Settings) -> Result<ServerPod> {
@@ -146,203 +115,6 @@ fn server_pod(s: &Settings) -> Result<ServerPod> {
         cg,
         pod,
     })
-}
-
-/// The agent as a child process; SIGTERM (then SIGKILL) on Drop.
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    stopped_ok: Option<bool>,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-impl Agent {
-    fn start(cgroup: &str) -> Result<Agent> {
-        let port = free_port()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let log = std::env::temp_dir().join(format!(
-            "llmslo-bench-agent-{}-{port}.log",
-            std::process::id()
-        ));
-        let child = Command::new(agent_bin())
-            .arg("run")
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--no-auto",
-                "--target-cgroup",
-                cgroup,
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("spawning the agent")?;
-        let mut a = Agent {
-            child,
-            addr,
-            log,
-            stopped_ok: None,
-        };
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = a.child.try_wait()? {
-                bail!("agent exited during start-up ({st}):\n{}", a.log_text());
-            }
-            if let Ok((200, _)) = http_get(a.addr, "/readyz") {
-                return Ok(a);
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("agent not ready after 30 s:\n{}", a.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// utime + stime of the whole process (all threads), in ns.
-    fn cpu_ns(&self) -> Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        let rest = stat.rsplit_once(") ").context("parsing /proc/pid/stat")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 of stat; `rest` starts at field 3 (state).
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(ticks * 1_000_000_000 / hz)
-    }
-
-    /// Voluntary context switches summed over the agent's threads (each is a sleep, mostly
-    /// a wait for the ring buffer that some event's wake-up ended).
-    fn wakeups(&self) -> u64 {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
-            return 0;
-        };
-        dir.flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-            .filter_map(|st| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            })
-            .sum()
-    }
-
-    fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        let (code, body) = http_get(self.addr, "/metrics")?;
-        if code != 200 {
-            bail!("/metrics answered {code}");
-        }
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with("llmslo_agent_"))
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect())
-    }
-
-    /// Program names the agent reports as attached (`/api/v1/targets`).
-    fn programs(&self) -> BTreeSet<String> {
-        let Ok((200, body)) = http_get(self.addr, "/api/v1/targets") else {
-            return BTreeSet::new();
-        };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["programs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|p| p["attached"] != false)
-                    .filter_map(|p| p["name"].as_str())
-                    // The kernel keeps 15 characters of a program's name.
-                    .map(|n| n.chars().take(15).collect())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns whether it exited cleanly.
-    fn stop(&mut self) -> bool {
-        if let Some(ok) = self.stopped_ok {
-            return ok;
-        }
-        // SAFETY: kill(2) on our own, not yet reaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        let mut ok = false;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => {
-                    ok = st.success();
-                    break;
-                }
-                Ok(None) if t0.elapsed() < Duration::from_secs(10) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-            }
-        }
-        self.stopped_ok = Some(ok);
-        ok
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// GET over a fresh connection; (status, body), chunked bodies decoded.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok((code, body.to_string()));
-    }
-    let (mut rest, mut out) = (body, String::new());
-    while let Some((size, r)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || r.len() < n {
-            break;
-        }
-        out.push_str(&r[..n]);
-        rest = r[n..].trim_start_matches("\r\n");
-    }
-    Ok((code, out))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -622,7 +394,7 @@ fn main() {
         Ok(Ok(report)) => {
             println!("{report}");
             if std::env::var("LLMSLO_BENCH_WRITE").as_deref() == Ok("1") {
-                match write_doc(&report) {
+                match write_doc("overhead", &report) {
                     Ok(p) => eprintln!("results written to {}", p.display()),
                     Err(e) => {
                         eprintln!("could not write the results: {e:#}");
@@ -724,44 +496,6 @@ fn run(t0: Instant) -> Result<String> {
 
 // ---------------------------------------------------------------------------------------
 // The report.
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_else(|| "?".into());
-    format!("{} CPUs ({cpu})", sh("nproc", &[]))
-}
-
-/// The commit the agent was built from, and whether the working tree differed from it.
-fn tree() -> String {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let head = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
-    if head.is_empty() {
-        return "unknown (not a git checkout)".into();
-    }
-    let dirty = !sh(
-        "git",
-        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_empty();
-    if dirty {
-        format!("`{head}` with uncommitted changes")
-    } else {
-        format!("`{head}`")
-    }
-}
 
 fn f2(v: f64) -> String {
     if v.is_finite() {
@@ -1014,20 +748,4 @@ fn report(
         tns as f64 / open_ok.max(1) as f64
     );
     o
-}
-
-/// Replaces the text between the overhead markers of docs/BENCHMARKS.md (appends the
-/// markers when missing).
-fn write_doc(report: &str) -> Result<PathBuf> {
-    const BEGIN: &str = "<!-- overhead:begin -->";
-    const END: &str = "<!-- overhead:end -->";
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let block = format!("{BEGIN}\n{report}\n{END}");
-    let new = match (text.find(BEGIN), text.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &text[..a], &text[b + END.len()..]),
-        _ => format!("{text}\n{block}\n"),
-    };
-    std::fs::write(&path, new)?;
-    Ok(path)
 }

@@ -1,0 +1,308 @@
+//! What the benches that drive the real agent share: the agent as a child process, its
+//! endpoints, the kernel's BPF run-time accounting, and the report's provenance lines.
+#![allow(dead_code)] // each bench uses its own part
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled=1` while held; the previous value is restored on drop.
+pub struct BpfStats {
+    prev: String,
+}
+
+impl BpfStats {
+    pub fn enable() -> Result<BpfStats> {
+        let prev = std::fs::read_to_string(BPF_STATS)
+            .context("reading kernel.bpf_stats_enabled")?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats { prev })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(BPF_STATS, &self.prev) {
+            eprintln!(
+                "!!! could not restore kernel.bpf_stats_enabled={}: {e}",
+                self.prev
+            );
+        }
+    }
+}
+
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent"))
+}
+
+/// The agent, `run --no-auto --target-cgroup <cgroup>`, as a child process; SIGTERM (then
+/// SIGKILL) on Drop.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    stopped_ok: Option<bool>,
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Agent {
+    pub fn start(cgroup: &str) -> Result<Agent> {
+        Agent::start_with(cgroup, None)
+    }
+
+    /// The same with a config file of this YAML.
+    pub fn start_with(cgroup: &str, config: Option<&str>) -> Result<Agent> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let log = std::env::temp_dir().join(format!(
+            "llmslo-bench-agent-{}-{port}.log",
+            std::process::id()
+        ));
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run");
+        if let Some(yaml) = config {
+            let file = log.with_extension("yaml");
+            std::fs::write(&file, yaml).context("writing the agent's config")?;
+            cmd.arg("--config").arg(file);
+        }
+        let child = cmd
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--no-auto",
+                "--target-cgroup",
+                cgroup,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning the agent")?;
+        let mut a = Agent {
+            child,
+            addr,
+            log,
+            stopped_ok: None,
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = a.child.try_wait()? {
+                bail!("agent exited during start-up ({st}):\n{}", a.log_text());
+            }
+            if let Ok((200, _)) = http_get(a.addr, "/readyz") {
+                return Ok(a);
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("agent not ready after 30 s:\n{}", a.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// utime + stime of the whole process (all threads), in ns.
+    pub fn cpu_ns(&self) -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        let rest = stat.rsplit_once(") ").context("parsing /proc/pid/stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 of stat; `rest` starts at field 3 (state).
+        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Ok(ticks * 1_000_000_000 / hz)
+    }
+
+    /// Voluntary context switches summed over the agent's threads (each is a sleep, mostly
+    /// a wait for the ring buffer that some event's wake-up ended).
+    pub fn wakeups(&self) -> u64 {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        dir.flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter_map(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let (code, body) = http_get(self.addr, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with("llmslo_agent_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Program names the agent reports as attached (`/api/v1/targets`).
+    pub fn programs(&self) -> BTreeSet<String> {
+        let Ok((200, body)) = http_get(self.addr, "/api/v1/targets") else {
+            return BTreeSet::new();
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["programs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| p["attached"] != false)
+                    .filter_map(|p| p["name"].as_str())
+                    // The kernel keeps 15 characters of a program's name.
+                    .map(|n| n.chars().take(15).collect())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        if let Some(ok) = self.stopped_ok {
+            return ok;
+        }
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        let mut ok = false;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => {
+                    ok = st.success();
+                    break;
+                }
+                Ok(None) if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        self.stopped_ok = Some(ok);
+        ok
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// GET over a fresh connection; (status, body), chunked bodies decoded.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((code, body.to_string()));
+    }
+    let (mut rest, mut out) = (body, String::new());
+    while let Some((size, r)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || r.len() < n {
+            break;
+        }
+        out.push_str(&r[..n]);
+        rest = r[n..].trim_start_matches("\r\n");
+    }
+    Ok((code, out))
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    format!("{} CPUs ({cpu})", sh("nproc", &[]))
+}
+
+/// The commit the agent was built from, and whether the working tree differed from it.
+pub fn tree() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let head = sh("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
+    if head.is_empty() {
+        return "unknown (not a git checkout)".into();
+    }
+    let dirty = !sh(
+        "git",
+        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    if dirty {
+        format!("`{head}` with uncommitted changes")
+    } else {
+        format!("`{head}`")
+    }
+}
+
+/// Replaces the text between the `<!-- {name}:begin -->` and `<!-- {name}:end -->` markers of
+/// docs/BENCHMARKS.md (appends the markers when missing).
+pub fn write_doc(name: &str, report: &str) -> Result<PathBuf> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let block = format!("{begin}\n{report}\n{end}");
+    let new = match (text.find(&begin), text.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &text[..a], &text[b + end.len()..]),
+        _ => format!("{text}\n{block}\n"),
+    };
+    std::fs::write(&path, new)?;
+    Ok(path)
+}
