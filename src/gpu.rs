@@ -102,7 +102,8 @@ impl CudaScan {
     /// Forgets processes gone from `members` (tgid → cgroup id) or moved to another cgroup;
     /// answers those due for a read: never read first, then the longest unread.
     fn due(&mut self, members: &BTreeMap<u32, u64>, now: Instant) -> Vec<u32> {
-        self.seen.retain(|pid, s| members.get(pid) == Some(&s.cgroup));
+        self.seen
+            .retain(|pid, s| members.get(pid) == Some(&s.cgroup));
         let mut due: Vec<(Option<Instant>, u32)> = members
             .keys()
             .filter_map(|&pid| match self.seen.get(&pid) {
@@ -527,8 +528,7 @@ mod tests {
         for &(pid, cuda) in pids {
             let d = dir.join(pid.to_string());
             std::fs::create_dir_all(&d).unwrap();
-            let mut maps =
-                String::from("55d0-55d1 r-xp 00000000 fd:01 12 /usr/bin/python3.12\n");
+            let mut maps = String::from("55d0-55d1 r-xp 00000000 fd:01 12 /usr/bin/python3.12\n");
             if cuda {
                 maps.push_str(
                     "7f00-7f10 r-xp 00000000 fd:01 77 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15\n",
@@ -561,7 +561,10 @@ mod tests {
         let libs = scan.scan(&dir, &members, t0 + Duration::from_secs(1));
         assert_eq!(libs.values().next().unwrap().procs, [(11, 7)].into());
         let libs = scan.scan(&dir, &members, t0 + RECHECK);
-        assert_eq!(libs.values().next().unwrap().procs, [(10, 7), (11, 7)].into());
+        assert_eq!(
+            libs.values().next().unwrap().procs,
+            [(10, 7), (11, 7)].into()
+        );
         // The engine exits (gone from the cgroup): forgotten.
         let members: BTreeMap<u32, u64> = [(10, 7)].into();
         let libs = scan.scan(&dir, &members, t0 + RECHECK);
@@ -587,14 +590,19 @@ mod tests {
         let t1 = t0 + RECHECK;
         let second = scan.due(&members, t1);
         assert_eq!(second.len(), MAX_READS);
-        assert!(second[..18].iter().all(|p| !first.contains(p)), "{second:?}");
+        assert!(
+            second[..18].iter().all(|p| !first.contains(p)),
+            "{second:?}"
+        );
         for &p in &second {
             scan.record(p, 7, Vec::new(), t1);
         }
         // A second later only the 18 read at t0 and not since are due.
         let third = scan.due(&members, t1 + Duration::from_secs(1));
         assert_eq!(third.len(), 18);
-        assert!(third.iter().all(|p| first.contains(p) && !second.contains(p)));
+        assert!(third
+            .iter()
+            .all(|p| first.contains(p) && !second.contains(p)));
         assert!(scan.due(&members, t1).iter().all(|p| !second.contains(p)));
     }
 
