@@ -120,16 +120,13 @@ impl CudaScan {
     }
 
     /// Keeps what `pid`'s mappings showed.
-    fn record(&mut self, pid: u32, cgroup: u64, libs: Vec<(LibKey, String)>, now: Instant) {
-        let read_at = now;
-        self.seen.insert(
-            pid,
-            Seen {
-                cgroup,
-                libs,
-                read_at,
-            },
-        );
+    fn record(&mut self, pid: u32, cgroup: u64, libs: Vec<(LibKey, String)>, read_at: Instant) {
+        let seen = Seen {
+            cgroup,
+            libs,
+            read_at,
+        };
+        self.seen.insert(pid, seen);
     }
 
     /// One discovery pass: reads the mappings of the processes due and answers every libcuda
