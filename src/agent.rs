@@ -345,7 +345,7 @@ fn bpf_thread(
         }
         let res = l7.targets.apply(&snap.set);
         if let Some(g) = gpu.as_mut() {
-            g.apply(&snap.set.cuda);
+            g.apply(&snap.set.cuda, &snap.set.gpu_cgroups);
         }
         *shared.snapshot.write().expect("snapshot lock") = snap;
         res
@@ -430,12 +430,15 @@ pub struct DiscoveryLoop {
     pub label_keys: Vec<String>,
     /// Set when Kubernetes enrichment is on.
     pub node: Option<String>,
+    /// Which processes of targets' cgroups map libcuda, from one pass to the next.
+    pub cuda: std::sync::Mutex<crate::gpu::CudaScan>,
 }
 
 impl DiscoveryLoop {
     /// One scan, labelled from the Kubernetes index.
     pub fn scan(&self, k8s: &K8sState) -> Snapshot {
-        let mut snap = discovery::scan(&self.cfg, k8s);
+        let mut cuda = self.cuda.lock().expect("cuda scan lock");
+        let mut snap = discovery::scan(&self.cfg, k8s, &mut cuda);
         snap.enrich(k8s, &self.label_keys, self.node.as_deref());
         snap
     }
@@ -608,6 +611,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         forget_after: Duration::from_secs(cfg.discovery.forget_after_s),
         label_keys: cfg.kubernetes.labels.clone(),
         node: node.filter(|_| k8s_on),
+        cuda: Default::default(),
     };
     // The first scan runs before the programs attach, so targets are in place from the start.
     tx.send(dl.scan(&shared.k8s)).ok();

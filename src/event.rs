@@ -55,11 +55,11 @@ pub struct Inside {
     pub tid: u32,
     /// That thread's run-queue wait so far (ns); `None` without the run-queue programs.
     pub runq_ns: Option<u64>,
-    /// The process's CUDA activity so far; `None` when it has no GPU counters (no libcuda).
+    /// Its cgroup's CUDA activity so far; `None` when it has no GPU counters (no libcuda).
     pub gpu: Option<GpuTotals>,
 }
 
-/// A process's CUDA totals at one moment.
+/// A cgroup's CUDA totals at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GpuTotals {
     pub launches: u64,

@@ -1,5 +1,5 @@
 //! Inside the server during a request: how long the thread serving it waited on a CPU run
-//! queue, and what its process asked of the GPU, per server-side stage (`queue_prefill`,
+//! queue, and what its cgroup (every process of the server's container) asked of the GPU, per server-side stage (`queue_prefill`,
 //! `decode`, or `inference` for a non-streaming response). Every read and write carries the
 //! kernel's cumulative counters as the syscall returned (`event::Inside`); a stage's figure is
 //! the difference between the events that bound it: the read that completed the request, the
@@ -9,8 +9,9 @@
 //! syscalls: it is then exactly the time that thread spent runnable but not running in between.
 //! When the two ends were written by different threads (a multi-threaded runtime that moved the
 //! request), nothing says which threads worked on it in between: the stage has no figure rather
-//! than a guess. GPU counters are per process: every launch the process made in the window
-//! counts, including launches for other requests in the same batch.
+//! than a guess. GPU counters are per cgroup: every launch the server's processes (an engine
+//! process's too) made in the window counts, including launches for other requests in the
+//! same batch.
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -78,7 +79,7 @@ impl Serialize for RunqWait {
     }
 }
 
-/// The process's GPU activity during one stage.
+/// The server cgroup's GPU activity during one stage.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct GpuStage {
     /// cuLaunchKernel / cuLaunchKernelEx calls.
@@ -87,12 +88,12 @@ pub struct GpuStage {
     pub graph_launches: u64,
     /// (launches + graph launches) per second of the stage; null for an empty stage.
     pub launches_per_s: Option<f64>,
-    /// Time the process spent in cuStreamSynchronize / cuCtxSynchronize.
+    /// Time the cgroup's threads spent in cuStreamSynchronize / cuCtxSynchronize.
     pub sync_wait_ms: f64,
     /// Estimate: sync wait / stage duration, clamped to [0, 1]. A host thread blocked in a
     /// synchronisation is waiting for the GPU to finish work, so the share of the stage spent
-    /// there roughly bounds from below how busy the GPU was (launches without a sync, other streams and
-    /// other processes are not seen); several threads syncing at once can push the raw ratio
+    /// there roughly bounds from below how busy the GPU was (launches without a sync, other
+    /// streams and other cgroups' processes are not seen); several threads syncing at once can push the raw ratio
     /// past 1, hence the clamp. Null for an empty stage.
     pub busy_fraction: Option<f64>,
 }
@@ -130,9 +131,9 @@ fn runq_between(a: &Inside, b: &Inside) -> Option<u64> {
     b.runq_ns?.checked_sub(a.runq_ns?)
 }
 
-/// GPU activity of the process between two of its syscalls. A start without counters (the
-/// process had made no CUDA call the probes saw yet) counts from zero; counters that went back
-/// (the process's entry was dropped and started again) give nothing.
+/// GPU activity of the server's cgroup between two of its syscalls. A start without counters
+/// (no CUDA call the probes saw yet) counts from zero; counters that went back (the cgroup's
+/// entry was dropped and started again) give nothing.
 fn gpu_between(a: &Inside, b: &Inside, dur_ns: u64) -> Option<GpuStage> {
     let end = b.gpu?;
     let start = a.gpu.unwrap_or_default();

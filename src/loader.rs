@@ -41,7 +41,10 @@ pub struct TargetSet {
     pub listen: BTreeSet<(u32, u16)>,
     /// Interfaces that get packet hooks.
     pub hooks: Vec<crate::netpath::HookSpec>,
-    /// libcuda files the target tgids map (GPU uprobes).
+    /// The targets' own cgroup v2 ids: the CUDA calls of every process in them are counted,
+    /// per cgroup (GPU uprobes).
+    pub gpu_cgroups: BTreeSet<u64>,
+    /// libcuda files the processes of those cgroups map.
     pub cuda: std::collections::BTreeMap<crate::gpu::LibKey, crate::gpu::CudaLib>,
 }
 

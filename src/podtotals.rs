@@ -1,62 +1,89 @@
-//! Per-process kernel counters (hash maps keyed by tgid: GPU activity, per-CPU run-queue
-//! waits) summed per pod for `/metrics`. A process's totals stay with its pod after it exits:
-//! they are folded into `retired` and its kernel entry can be deleted, so pods' counters never
-//! go back and the kernel maps hold live processes only.
+//! Kernel counters per process or cgroup (hash maps keyed by tgid: per-CPU run-queue waits; by
+//! cgroup id: GPU activity) summed per pod for `/metrics`. A process's or cgroup's totals stay
+//! with its pod after it is no target any more: they are folded into `retired` and its kernel
+//! entry can be deleted, so pods' counters never go back and the kernel maps hold live targets
+//! only.
 
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::discovery::Snapshot;
+use crate::discovery::{Meta, Snapshot};
 
 /// (namespace, pod): the only labels these metrics carry.
 pub type PodLabels = (String, String);
 
-#[derive(Debug, Default)]
-pub struct PodTotals<C> {
-    labels: BTreeMap<u32, PodLabels>,
+#[derive(Debug)]
+pub struct PodTotals<K, C> {
+    labels: BTreeMap<K, PodLabels>,
     retired: BTreeMap<PodLabels, C>,
 }
 
-impl<C: Copy + Default + AddAssign> PodTotals<C> {
-    /// Folds the kernel map's entries (tgid, the process's cgroup id if known, its counts) into
-    /// per-pod totals. Answers them and the tgids that are no longer targets, whose entries the
-    /// caller deletes (their counts are kept here).
-    pub fn fold(
+impl<K, C> Default for PodTotals<K, C> {
+    fn default() -> Self {
+        PodTotals {
+            labels: BTreeMap::new(),
+            retired: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, C: Copy + Default + AddAssign> PodTotals<K, C> {
+    /// Folds the kernel map's entries (key, the labels the snapshot has for it if any, whether
+    /// it is still targeted, its counts) into per-pod totals. Answers them and the keys that are
+    /// no longer targeted, whose entries the caller deletes (their counts are kept here).
+    pub fn fold_keyed<'m>(
         &mut self,
-        entries: impl IntoIterator<Item = (u32, Option<u64>, C)>,
-        snap: &Snapshot,
-    ) -> (BTreeMap<PodLabels, C>, Vec<u32>) {
+        entries: impl IntoIterator<Item = (K, Option<&'m Meta>, bool, C)>,
+    ) -> (BTreeMap<PodLabels, C>, Vec<K>) {
         let mut live: BTreeMap<PodLabels, C> = BTreeMap::new();
         let mut gone = Vec::new();
-        for (tgid, cgroup, c) in entries {
-            let meta = match cgroup {
-                Some(cg) => snap.meta(tgid, cg),
-                None => snap.by_tgid.get(&tgid),
-            };
+        for (key, meta, targeted, c) in entries {
             if let Some(m) = meta {
                 let l = (
                     m.namespace.clone().unwrap_or_default(),
                     m.pod.clone().unwrap_or_default(),
                 );
-                self.labels.insert(tgid, l);
+                self.labels.insert(key.clone(), l);
             }
-            let labels = self.labels.get(&tgid).cloned().unwrap_or_default();
-            let targeted = snap.set.tgids.contains(&tgid)
-                || cgroup.is_some_and(|cg| snap.set.cgroups.contains(&cg));
+            let labels = self.labels.get(&key).cloned().unwrap_or_default();
             if targeted {
                 *live.entry(labels).or_default() += c;
             } else {
                 *self.retired.entry(labels).or_default() += c;
-                self.labels.remove(&tgid);
-                gone.push(tgid);
+                self.labels.remove(&key);
+                gone.push(key);
             }
         }
         for (l, c) in &self.retired {
             *live.entry(l.clone()).or_default() += *c;
         }
         (live, gone)
+    }
+}
+
+impl<C: Copy + Default + AddAssign> PodTotals<u32, C> {
+    /// [`PodTotals::fold_keyed`] for maps keyed by tgid: (tgid, the process's cgroup id if
+    /// known, its counts); a process is targeted by its tgid or its cgroup.
+    pub fn fold(
+        &mut self,
+        entries: impl IntoIterator<Item = (u32, Option<u64>, C)>,
+        snap: &Snapshot,
+    ) -> (BTreeMap<PodLabels, C>, Vec<u32>) {
+        let entries: Vec<_> = entries
+            .into_iter()
+            .map(|(tgid, cgroup, c)| {
+                let meta = match cgroup {
+                    Some(cg) => snap.meta(tgid, cg),
+                    None => snap.by_tgid.get(&tgid),
+                };
+                let targeted = snap.set.tgids.contains(&tgid)
+                    || cgroup.is_some_and(|cg| snap.set.cgroups.contains(&cg));
+                (tgid, meta, targeted, c)
+            })
+            .collect();
+        self.fold_keyed(entries)
     }
 }
 
@@ -102,7 +129,6 @@ pub fn render<C>(out: &mut String, by_pod: &BTreeMap<PodLabels, C>, families: &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::Meta;
 
     fn snap(tgids: &[(u32, &str)], cgroups: &[(u64, &str)]) -> Snapshot {
         let mut s = Snapshot::default();
@@ -124,7 +150,7 @@ mod tests {
 
     #[test]
     fn totals_per_pod_survive_their_processes() {
-        let mut t: PodTotals<u64> = PodTotals::default();
+        let mut t: PodTotals<u32, u64> = PodTotals::default();
         let pod = |p: &str| ("ns".to_string(), p.to_string());
         // Two processes of pod a (one by tgid, a worker by its cgroup), one of pod b.
         let s1 = snap(&[(10, "a"), (20, "b")], &[(7, "a")]);

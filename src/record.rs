@@ -343,7 +343,7 @@ pub struct RequestRecord {
     /// (`queue_prefill`, `decode` or `inference`) and `total`; a stage whose two ends were
     /// different threads has none (see `inside`). Null without the run-queue programs.
     pub cpu_runqueue_wait_ms: Option<crate::inside::RunqWait>,
-    /// The server process's GPU activity per server-side stage; null when it has no GPU
+    /// The server cgroup's GPU activity per server-side stage; null when it has no GPU
     /// counters (no libcuda probed).
     pub gpu: Option<crate::inside::GpuStages>,
     /// The sidecar proxy the request passed through (absent without one).

@@ -28,7 +28,7 @@ impl std::ops::AddAssign for RunqCounts {
 
 pub struct RunQueue {
     counts: MapHandle,
-    totals: PodTotals<RunqCounts>,
+    totals: PodTotals<u32, RunqCounts>,
 }
 
 impl RunQueue {

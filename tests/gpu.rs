@@ -5,7 +5,10 @@
 //! match exactly; the sync wait must match the time the program spent in cuStreamSynchronize.
 //! Per request: an HTTP server on the same library (`tests/fixtures/cuda_server.c`) launches a
 //! known number of kernels before the first token and after it; each record must say exactly
-//! that many for its queue_prefill and decode.
+//! that many for its queue_prefill and decode. Counters are per target cgroup: in the shape of
+//! vLLM V1 the HTTP process never loads libcuda and a forked engine process of the same cgroup
+//! makes every call; its calls must be in the requests' records and the pod's counters, and a
+//! process of another cgroup on the same library must count nothing.
 
 mod common;
 
@@ -15,6 +18,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{kernel_tests_enabled, Agent};
+use testbed::{CgroupDriver, PodCgroup};
 
 /// One `work` command of tests/fixtures/cuda_app.c.
 const WORK_LAUNCHES: u64 = 1000 + 500;
@@ -22,6 +26,9 @@ const WORK_GRAPHS: u64 = 300;
 const WORK_MEMCPY_BYTES: u64 = 100 * 4096 + 50 * (1 << 20) + 25 * 12345;
 const WORK_SYNCS: u64 = 20 + 10;
 const BENCH_N: u64 = 200_000;
+/// Probes per libcuda: 6 async symbols and cuStreamSynchronize (entry and return), each also in
+/// its _ptsz form, and cuCtxSynchronize (entry and return).
+const PROBES: usize = 18;
 
 fn cc(out: &Path, args: &[&str]) {
     let st = Command::new("cc")
@@ -103,7 +110,7 @@ impl Drop for App {
     }
 }
 
-/// Every `llmslo_gpu_*` sample of the process's pod (no pod here: empty labels).
+/// Every `llmslo_gpu_*` sample of one pod.
 #[derive(Debug, Default, PartialEq)]
 struct Gpu {
     launches: u64,
@@ -113,10 +120,15 @@ struct Gpu {
     wait_s: f64,
 }
 
+/// The samples of the process's pod (no pod here: empty labels).
 fn gpu_metrics(agent: &Agent) -> Gpu {
+    gpu_metrics_of(agent, "")
+}
+
+fn gpu_metrics_of(agent: &Agent, pod: &str) -> Gpu {
     let m = agent.get("/metrics");
     let v = |name: &str| -> f64 {
-        let prefix = format!("{name}{{namespace=\"\",pod=\"\"}} ");
+        let prefix = format!("{name}{{namespace=\"\",pod=\"{pod}\"}} ");
         m.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .map(|v| v.trim().parse().unwrap())
@@ -133,9 +145,13 @@ fn gpu_metrics(agent: &Agent) -> Gpu {
 
 /// Polls until the counters reach `launches` and `syncs` (counts only grow) or 15 s pass.
 fn wait_counts(agent: &Agent, launches: u64, syncs: u64) -> Gpu {
+    wait_counts_of(agent, "", launches, syncs)
+}
+
+fn wait_counts_of(agent: &Agent, pod: &str, launches: u64, syncs: u64) -> Gpu {
     let t0 = Instant::now();
     loop {
-        let g = gpu_metrics(agent);
+        let g = gpu_metrics_of(agent, pod);
         if (g.launches >= launches && g.syncs >= syncs) || t0.elapsed() > Duration::from_secs(15) {
             return g;
         }
@@ -182,7 +198,7 @@ fn cuda_uprobes_count_exactly() {
     let l = &libs[0];
     assert_eq!(l["path"], lib.to_str().unwrap(), "{l}");
     assert_eq!(l["tgids"][0].as_u64(), Some(pid.parse().unwrap()), "{l}");
-    assert_eq!(l["attached"].as_array().unwrap().len(), 10, "{l}");
+    assert_eq!(l["attached"].as_array().unwrap().len(), PROBES, "{l}");
     assert_eq!(l["errors"].as_array().unwrap().len(), 0, "{l}");
 
     let probed = app.cmd(&format!("bench {BENCH_N}"));
@@ -268,13 +284,35 @@ fn cuda_uprobes_count_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One request to tests/fixtures/cuda_server.c, which makes `prefill` kernel launches,
-/// `graphs` graph launches and `syncs` 5 ms synchronisations between reading it and writing the
-/// first token, and `decode` launches between the first token and the last write.
-fn cuda_request(port: u16, prefill: u64, graphs: u64, syncs: u64, decode: u64) -> String {
+/// What one request to tests/fixtures/cuda_server.c makes the driver do: between reading it and
+/// writing the first token, `prefill` cuLaunchKernel, `ptsz` cuLaunchKernel_ptsz, `graphs`
+/// graph launches and `syncs` 5 ms synchronisations; `decode` launches between the first token
+/// and the last write.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    prefill: u64,
+    ptsz: u64,
+    graphs: u64,
+    syncs: u64,
+    decode: u64,
+}
+
+const fn work(prefill: u64, ptsz: u64, graphs: u64, syncs: u64, decode: u64) -> Work {
+    Work {
+        prefill,
+        ptsz,
+        graphs,
+        syncs,
+        decode,
+    }
+}
+
+fn cuda_request(port: u16, w: Work) -> String {
     use std::io::Read;
-    let path =
-        format!("/v1/completions?prefill={prefill}&graphs={graphs}&syncs={syncs}&decode={decode}");
+    let path = format!(
+        "/v1/completions?prefill={}&ptsz={}&graphs={}&syncs={}&decode={}",
+        w.prefill, w.ptsz, w.graphs, w.syncs, w.decode
+    );
     let body = r#"{"model":"fake","prompt":"hi","stream":true}"#;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -312,52 +350,24 @@ fn per_request_gpu_activity_is_exact() {
     }
     assert_eq!(gpu_libraries(&agent).len(), 1, "{}", agent.log_text());
 
-    // (prefill launches, graph launches, 5 ms syncs, decode launches)
-    let cases = [(7, 2, 1, 11), (0, 0, 0, 5), (250, 3, 2, 0), (13, 0, 0, 40)];
-    let paths: Vec<String> = cases
-        .iter()
-        .map(|&(n, g, s, m)| cuda_request(port, n, g, s, m))
-        .collect();
-    let mut recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= cases.len());
-    assert_eq!(recs.len(), cases.len(), "{recs:?}");
-    // Records carry the path without its query: match them by order (one at a time).
-    recs.sort_by_key(|r| r["id"].as_u64());
-    for ((&(n, g, s, m), path), r) in cases.iter().zip(&paths).zip(&recs) {
-        assert_eq!(r["path"], "/v1/completions", "{r}");
-        let (qp, d) = (&r["gpu"]["queue_prefill"], &r["gpu"]["decode"]);
-        assert_eq!(
-            (qp["launches"].as_u64(), qp["graph_launches"].as_u64()),
-            (Some(n), Some(g)),
-            "{path}: {r}"
-        );
-        assert_eq!(
-            (d["launches"].as_u64(), d["graph_launches"].as_u64()),
-            (Some(m), Some(0)),
-            "{path}: {r}"
-        );
-        let qp_ms = r["stages"]["queue_prefill"].as_f64().unwrap();
-        let rate = qp["launches_per_s"].as_f64().unwrap();
-        assert!(
-            (rate - (n + g) as f64 / (qp_ms / 1e3)).abs() <= 1e-6 * rate.max(1.0),
-            "{path}: {r}"
-        );
-        // Each sync sleeps 5 ms inside the probes' window; queue_prefill holds them all.
-        let sync = qp["sync_wait_ms"].as_f64().unwrap();
-        let busy = qp["busy_fraction"].as_f64().unwrap();
-        assert!(
-            sync >= 5.0 * s as f64 && sync <= qp_ms,
-            "{path}: sync {sync} ms in a {qp_ms} ms stage"
-        );
-        assert!((0.0..=1.0).contains(&busy), "{path}: {r}");
-        if s > 0 {
-            assert!(busy > 0.5, "{path}: mostly synchronising, busy {busy}: {r}");
-        }
-        assert_eq!(d["sync_wait_ms"].as_f64(), Some(0.0), "{path}: {r}");
+    // One with cuLaunchKernel_ptsz only: the per-thread-stream form is counted as a launch.
+    let cases = [
+        work(7, 0, 2, 1, 11),
+        work(0, 0, 0, 0, 5),
+        work(250, 0, 3, 2, 0),
+        work(0, 13, 0, 0, 40),
+    ];
+    let recs = run_requests(&agent, port, &cases);
+    let launches: u64 = cases.iter().map(|w| w.prefill + w.ptsz + w.decode).sum();
+    let syncs: u64 = cases.iter().map(|w| w.syncs).sum();
+    let g = wait_counts(&agent, launches, syncs);
+    assert_eq!((g.launches, g.syncs), (launches, syncs), "{g:?}");
+    for r in &recs {
         // The run-queue programs are on: the one thread that served it has figures.
         let w = &r["cpu_runqueue_wait_ms"];
         assert!(
             w["queue_prefill"].as_f64().is_some() && w["total"].as_f64().is_some(),
-            "{path}: {r}"
+            "{r}"
         );
     }
     let m = agent.get("/metrics");
@@ -367,5 +377,208 @@ fn per_request_gpu_activity_is_exact() {
     );
     common::promtool_check(&m);
     drop(srv);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends `cases` one at a time and checks each record's per-stage GPU figures against what the
+/// server was asked to do; answers the records in order.
+fn run_requests(agent: &Agent, port: u16, cases: &[Work]) -> Vec<serde_json::Value> {
+    let before = agent.get_json("/api/v1/requests")["requests"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let paths: Vec<String> = cases.iter().map(|&w| cuda_request(port, w)).collect();
+    let mut recs =
+        agent.wait_requests(Duration::from_secs(10), |r| r.len() >= before + cases.len());
+    assert_eq!(recs.len(), before + cases.len(), "{recs:?}");
+    // Records carry the path without its query: match them by order (one at a time).
+    recs.sort_by_key(|r| r["id"].as_u64());
+    let recs = recs.split_off(before);
+    for ((w, path), r) in cases.iter().zip(&paths).zip(&recs) {
+        assert_eq!(r["path"], "/v1/completions", "{r}");
+        let (qp, d) = (&r["gpu"]["queue_prefill"], &r["gpu"]["decode"]);
+        assert_eq!(
+            (qp["launches"].as_u64(), qp["graph_launches"].as_u64()),
+            (Some(w.prefill + w.ptsz), Some(w.graphs)),
+            "{path}: {r}"
+        );
+        assert_eq!(
+            (d["launches"].as_u64(), d["graph_launches"].as_u64()),
+            (Some(w.decode), Some(0)),
+            "{path}: {r}"
+        );
+        let qp_ms = r["stages"]["queue_prefill"].as_f64().unwrap();
+        let rate = qp["launches_per_s"].as_f64().unwrap();
+        let n = w.prefill + w.ptsz + w.graphs;
+        assert!(
+            (rate - n as f64 / (qp_ms / 1e3)).abs() <= 1e-6 * rate.max(1.0),
+            "{path}: {r}"
+        );
+        // Each sync sleeps 5 ms inside the probes' window; queue_prefill holds them all.
+        let sync = qp["sync_wait_ms"].as_f64().unwrap();
+        let busy = qp["busy_fraction"].as_f64().unwrap();
+        assert!(
+            sync >= 5.0 * w.syncs as f64 && sync <= qp_ms,
+            "{path}: sync {sync} ms in a {qp_ms} ms stage"
+        );
+        assert!((0.0..=1.0).contains(&busy), "{path}: {r}");
+        if w.syncs > 0 {
+            assert!(busy > 0.5, "{path}: mostly synchronising, busy {busy}: {r}");
+        }
+        assert_eq!(d["sync_wait_ms"].as_f64(), Some(0.0), "{path}: {r}");
+    }
+    recs
+}
+
+/// `prog` started inside `cg` (it moves itself there before exec, so its children are born in it).
+fn in_cgroup(cg: &PodCgroup, prog: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+        .arg(cg.path().join("cgroup.procs"))
+        .arg(prog);
+    c
+}
+
+/// The tgids and cgroup ids of the one attached libcuda, once `want` says they are complete.
+fn wait_lib(agent: &Agent, want: impl Fn(&[u64]) -> bool) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let libs = gpu_libraries(agent);
+        let tgids: Vec<u64> = libs
+            .first()
+            .and_then(|l| l["tgids"].as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        if (libs.len() == 1 && want(&tgids)) || t0.elapsed() > Duration::from_secs(15) {
+            assert_eq!(libs.len(), 1, "{libs:?}\n{}", agent.log_text());
+            return libs[0].clone();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn engine_process_in_the_servers_cgroup_is_counted() {
+    if !kernel_tests_enabled("engine_process_in_the_servers_cgroup_is_counted") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("llmslo-gpucg-{}", std::process::id()));
+    let (lib, app_bin) = build(&dir);
+    let server = dir.join("cuda_server");
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    cc(
+        &server,
+        &[fx.join("cuda_server.c").to_str().unwrap(), "-ldl"],
+    );
+    // The server's pod (a kubelet-style container cgroup) and another pod, not traced.
+    let cg = PodCgroup::create(CgroupDriver::Systemd, "burstable").unwrap();
+    let other_cg = PodCgroup::create(CgroupDriver::Systemd, "besteffort").unwrap();
+    let pod = "vllm-engine-0";
+    let port = 20000 + ((std::process::id() + 5000) % 10000) as u16;
+    let mut srv = App::spawn(
+        in_cgroup(&cg, &server)
+            .arg(&lib)
+            .arg(port.to_string())
+            .arg("engine")
+            .env("HOSTNAME", pod),
+    );
+    let srv_pid = u64::from(srv.child.id());
+    let engine: u64 = srv
+        .read_line()
+        .strip_prefix("engine ")
+        .expect("the server names its engine")
+        .parse()
+        .unwrap();
+    // Another process of the server's cgroup on CUDA (as vLLM's TP workers are), and one of
+    // another cgroup on the same library file.
+    let mut helper = App::spawn(in_cgroup(&cg, &app_bin).arg(&lib));
+    let helper_pid = u64::from(helper.child.id());
+    let mut stranger = App::spawn(in_cgroup(&other_cg, &app_bin).arg(&lib));
+    let stranger_pid = u64::from(stranger.child.id());
+
+    let agent = Agent::start(&[
+        "--no-auto",
+        "--no-network",
+        "--target-pid",
+        &srv_pid.to_string(),
+    ]);
+    let l = wait_lib(&agent, |t| t.contains(&engine) && t.contains(&helper_pid));
+    // Probed in the cgroup's processes that map it: not the HTTP process (it never loaded
+    // libcuda), not the other cgroup's.
+    let tgids: Vec<u64> = l["tgids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let mut want = vec![engine, helper_pid];
+    want.sort();
+    assert_eq!(
+        tgids, want,
+        "server {srv_pid}, stranger {stranger_pid}: {l}"
+    );
+    assert_eq!(l["cgroup_ids"], serde_json::json!([cg.id()]), "{l}");
+    assert_eq!(l["attached"].as_array().unwrap().len(), PROBES, "{l}");
+    assert_eq!(l["errors"].as_array().unwrap().len(), 0, "{l}");
+
+    let cases = [
+        work(7, 3, 2, 1, 11),
+        work(0, 0, 0, 0, 5),
+        work(250, 0, 3, 2, 0),
+        work(13, 40, 0, 0, 40),
+    ];
+    run_requests(&agent, port, &cases);
+    let launches: u64 = cases.iter().map(|w| w.prefill + w.ptsz + w.decode).sum();
+    let graphs: u64 = cases.iter().map(|w| w.graphs).sum();
+    let syncs: u64 = cases.iter().map(|w| w.syncs).sum();
+    let g = wait_counts_of(&agent, pod, launches, syncs);
+    assert_eq!(
+        (g.launches, g.graphs, g.syncs, g.bytes),
+        (launches, graphs, syncs, 0),
+        "{g:?}"
+    );
+    eprintln!("engine process: {launches} launches, {graphs} graph launches, {syncs} syncs in {} requests, all counted for pod {pod}", cases.len());
+
+    // The other cgroup's process: nothing counted, and no probe in it (it pays nothing).
+    stranger.cmd("work");
+    let untargeted = stranger.cmd(&format!("bench {BENCH_N}"));
+    // A helper of the server's cgroup: counted with the pod.
+    helper.cmd("work");
+    let h = wait_counts_of(&agent, pod, launches + WORK_LAUNCHES, syncs + WORK_SYNCS);
+    assert_eq!(
+        (h.launches, h.graphs, h.bytes, h.syncs),
+        (
+            launches + WORK_LAUNCHES,
+            graphs + WORK_GRAPHS,
+            WORK_MEMCPY_BYTES,
+            syncs + WORK_SYNCS
+        ),
+        "{h:?}"
+    );
+    assert!(
+        untargeted.iter().all(|&ns| ns < 1000.0),
+        "a process of another cgroup pays for the probes: {untargeted:?} ns per call"
+    );
+    // The helper moves to the other cgroup while its probes are still attached (until the next
+    // discovery pass notices): the kernel's cgroup check keeps its calls out.
+    std::fs::write(other_cg.path().join("cgroup.procs"), helper_pid.to_string()).unwrap();
+    helper.cmd(&format!("bench {BENCH_N}"));
+    helper.cmd("work");
+    wait_lib(&agent, |t| t == [engine]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        gpu_metrics_of(&agent, pod),
+        h,
+        "calls from outside the target's cgroup were counted"
+    );
+    let m = agent.get("/metrics");
+    common::promtool_check(&m);
+    let series: Vec<&str> = m.lines().filter(|l| l.starts_with("llmslo_gpu_")).collect();
+    // One pod: a call counted under any other cgroup would be a second, unlabelled series.
+    assert_eq!(
+        series.len(),
+        5,
+        "calls from outside the target's cgroup were counted: {series:?}"
+    );
+    drop((srv, helper, stranger));
     let _ = std::fs::remove_dir_all(&dir);
 }

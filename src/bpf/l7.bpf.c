@@ -231,9 +231,11 @@ struct {
 } runq_since SEC(".maps");
 
 /* A read or write carries the cumulative counters of what happened inside the server: its
- * thread's run-queue wait and its process's GPU activity. One task-storage load and one hash
- * lookup, for target processes' reads and writes only. fill_hdr has zeroed them. */
-static __always_inline void fill_inside(struct llmslo_event_hdr *h, __u32 tgid)
+ * thread's run-queue wait and its cgroup's GPU activity (every process of the server's
+ * container: vLLM's engine core launches the kernels, not the process that serves HTTP). One
+ * task-storage load and one hash lookup, for target processes' reads and writes only. fill_hdr
+ * has zeroed them and set the cgroup id. */
+static __always_inline void fill_inside(struct llmslo_event_hdr *h)
 {
 	if (runq_on) {
 		struct runq_state *st = bpf_task_storage_get(&runq_since, bpf_get_current_task_btf(), 0, 0);
@@ -242,7 +244,8 @@ static __always_inline void fill_inside(struct llmslo_event_hdr *h, __u32 tgid)
 			h->runq_total_ns = st->total_ns;
 		h->inside |= LLMSLO_INSIDE_RUNQ;
 	}
-	struct llmslo_gpu_counts *g = bpf_map_lookup_elem(&gpu_counts, &tgid);
+	__u64 cg = h->cgroup_id;
+	struct llmslo_gpu_counts *g = bpf_map_lookup_elem(&gpu_counts, &cg);
 	if (g) {
 		h->gpu_launches = g->launches;
 		h->gpu_graph_launches = g->graph_launches;
@@ -531,7 +534,7 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
 	/* Last: its branches then come after the copy loops, which the verifier walks once. */
-	fill_inside(&s->hdr, s->hdr.tgid);
+	fill_inside(&s->hdr);
 	return submit(s);
 }
 

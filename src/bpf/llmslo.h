@@ -44,7 +44,7 @@ enum llmslo_stat {
 	LLMSLO_ST_FLOW_FULL = 8,     /* packet-path flow map insert failed */
 	LLMSLO_ST_PKT_PARSE = 9,     /* a packet at a hook could not be parsed (counted, passed) */
 	LLMSLO_ST_RETRANSMIT = 10,   /* retransmitted request segments ignored for timestamps */
-	LLMSLO_ST_GPU_MAP_FULL = 11, /* GPU per-tgid counter or in-flight sync map full: call not counted */
+	LLMSLO_ST_GPU_MAP_FULL = 11, /* GPU per-cgroup counter or in-flight sync map full: call not counted */
 	LLMSLO_ST_CONN_INSERT = 12,  /* connection map: new entries (with deletes and the live count,
 				      * userspace derives the LRU's evictions) */
 	LLMSLO_ST_CONN_DELETE = 13,  /* connection map: entries removed at close() */
@@ -75,7 +75,7 @@ struct llmslo_event_hdr {
 	 * the difference between two events of a request (what happened inside the server between
 	 * them). Valid when the matching bit of `inside` is set (enum llmslo_inside). */
 	__u64 runq_total_ns;      /* run-queue wait of the calling thread so far */
-	__u64 gpu_launches;       /* the process's llmslo_gpu_counts.launches so far */
+	__u64 gpu_launches;       /* its cgroup's llmslo_gpu_counts.launches so far */
 	__u64 gpu_graph_launches; /* ... graph_launches */
 	__u64 gpu_sync_wait_ns;   /* ... sync_wait_ns */
 	__u32 inside;             /* enum llmslo_inside bits */
@@ -85,7 +85,7 @@ struct llmslo_event_hdr {
 /* Which cumulative counters an event carries. */
 enum llmslo_inside {
 	LLMSLO_INSIDE_RUNQ = 1, /* the run-queue programs are loaded: runq_total_ns is valid */
-	LLMSLO_INSIDE_GPU = 2,  /* the process has GPU counters (libcuda probed): gpu_* are valid */
+	LLMSLO_INSIDE_GPU = 2,  /* its cgroup has GPU counters (libcuda probed): gpu_* are valid */
 };
 
 /* A TCP flow as the server's socket sees it: saddr/sport the client, daddr/dport the server.
@@ -115,13 +115,14 @@ struct llmslo_flow {
 	__u32 pad;
 };
 
-/* CUDA driver activity of one process (gpu.bpf.c): one entry per process, added to atomically,
- * so that the L7 programs can read a process's totals at the moment of a syscall. */
+/* CUDA driver activity of one target cgroup (gpu.bpf.c): one entry per cgroup, added to
+ * atomically by all its processes, so that the L7 programs can read its totals at the moment of
+ * a syscall. */
 struct llmslo_gpu_counts {
-	__u64 launches;       /* cuLaunchKernel, cuLaunchKernelEx */
-	__u64 graph_launches; /* cuGraphLaunch */
-	__u64 memcpy_bytes;   /* size argument of cuMemcpyHtoDAsync_v2, cuMemcpyDtoHAsync_v2, cuMemcpyAsync */
-	__u64 syncs;          /* cuStreamSynchronize, cuCtxSynchronize (counted when they return) */
+	__u64 launches;       /* cuLaunchKernel, cuLaunchKernelEx (and their _ptsz forms) */
+	__u64 graph_launches; /* cuGraphLaunch(_ptsz) */
+	__u64 memcpy_bytes;   /* size argument of cuMemcpyHtoDAsync_v2, cuMemcpyDtoHAsync_v2, cuMemcpyAsync (_ptsz) */
+	__u64 syncs;          /* cuStreamSynchronize(_ptsz), cuCtxSynchronize (counted when they return) */
 	__u64 sync_wait_ns;   /* their return - entry */
 };
 

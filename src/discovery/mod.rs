@@ -430,9 +430,18 @@ impl Snapshot {
     }
 }
 
-/// One full scan: explicit pids and cgroups plus command-line matches.
-pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
+/// One full scan: explicit pids and cgroups plus command-line matches. `cuda` remembers which
+/// processes of the targets' cgroups map libcuda (see [`crate::gpu::CudaScan`]).
+pub fn scan(
+    cfg: &DiscoveryConfig,
+    k8s: &k8s::K8sState,
+    cuda: &mut crate::gpu::CudaScan,
+) -> Snapshot {
     let mut snap = Snapshot::default();
+    // GPU: each target's own cgroup (id → directory, to list its processes) and the processes
+    // of those cgroups (tgid → cgroup id), whose libcuda is probed and counted per cgroup.
+    let mut gpu_dirs: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut gpu_members: BTreeMap<u32, u64> = BTreeMap::new();
     let cg_mount = cgroup2_mount();
     let mut wanted_pids: BTreeMap<u32, String> =
         cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
@@ -476,7 +485,6 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
         };
         snap.set.tgids.insert(pid);
         snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
-        crate::gpu::add_target(&mut snap.set.cuda, &cfg.proc_root, pid);
         snap.by_tgid.insert(pid, meta.clone());
         // A server in a pod is also targeted by its container's cgroup: that covers its worker
         // processes, and works where our /proc's pids are not the kernel's (a node that is
@@ -484,6 +492,20 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
         if let (Some(_), Some(id)) = (&kube, cg_id) {
             snap.set.cgroups.insert(id);
             snap.by_cgroup.insert(id, meta.clone());
+        }
+        // Its cgroup's GPU activity is its, pod or not (a server's engine process is a
+        // separate process in the same cgroup); the L7 programs trace pod containers only.
+        // Only the processes the agent probes count, so in the root cgroup, which holds
+        // whatever the node runs outside any service or container, the target alone is probed.
+        if let (Some(m), Some(p), Some(id)) = (&cg_mount, &cg_path, cg_id) {
+            gpu_members.insert(pid, id);
+            snap.set.gpu_cgroups.insert(id);
+            if p != "/" {
+                gpu_dirs
+                    .entry(id)
+                    .or_insert_with(|| m.join(p.trim_start_matches('/')));
+            }
+            snap.by_cgroup.entry(id).or_insert_with(|| meta.clone());
         }
         snap.targets.push(Target::node_local(
             Some(pid),
@@ -528,9 +550,15 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
         let kube = parse_kube_cgroup(&rel);
         let meta = meta_for(kube.as_ref(), None);
         snap.set.cgroups.insert(id);
-        for pid in cgroup_pids(&full) {
+        // Listed here already: not again below.
+        snap.set.gpu_cgroups.insert(id);
+        gpu_dirs.remove(&id);
+        for (i, pid) in cgroup_pids(&full).into_iter().enumerate() {
             snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
             cgroup_targets.push(pid);
+            if i < crate::gpu::MAX_CGROUP_PROCS {
+                gpu_members.entry(pid).or_insert(id);
+            }
         }
         snap.by_cgroup.insert(id, meta.clone());
         snap.targets.push(Target::node_local(
@@ -542,6 +570,16 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState) -> Snapshot {
             meta,
         ));
     }
+    for (id, dir) in gpu_dirs {
+        snap.set.gpu_cgroups.insert(id);
+        for pid in cgroup_pids(&dir)
+            .into_iter()
+            .take(crate::gpu::MAX_CGROUP_PROCS)
+        {
+            gpu_members.entry(pid).or_insert(id);
+        }
+    }
+    snap.set.cuda = cuda.scan(&cfg.proc_root, &gpu_members, std::time::Instant::now());
     // In the same pass as the targets: a new server's pod veth is hooked before its traffic
     // is traced (the BPF thread attaches hooks before it fills the target maps).
     let pids = snap.set.tgids.iter().copied().chain(cgroup_targets);
@@ -814,7 +852,11 @@ mod tests {
             pids: vec![std::process::id()],
             ..Default::default()
         };
-        let snap = scan(&cfg, &k8s::K8sState::default());
+        let snap = scan(
+            &cfg,
+            &k8s::K8sState::default(),
+            &mut crate::gpu::CudaScan::default(),
+        );
         assert!(snap.set.tgids.contains(&std::process::id()));
         assert_eq!(snap.targets[0].reason, "pid");
     }
