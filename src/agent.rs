@@ -346,6 +346,9 @@ fn bpf_thread(
         let res = l7.targets.apply(&snap.set);
         if let Some(g) = gpu.as_mut() {
             g.apply(&snap.set.cuda, &snap.set.gpu_cgroups);
+            if g.probing() {
+                l7.targets.gpu_probed();
+            }
         }
         *shared.snapshot.write().expect("snapshot lock") = snap;
         res

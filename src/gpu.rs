@@ -300,6 +300,13 @@ impl Gpu {
     /// Counts the processes of `cgroups` (the targets' own cgroups) and attaches to the
     /// libraries in `want` for each process mapping them; detaches processes and libraries gone
     /// from it.
+    /// Whether any process's libcuda carries probes now.
+    pub fn probing(&self) -> bool {
+        self.attached
+            .values()
+            .any(|(_, per_pid)| !per_pid.is_empty())
+    }
+
     pub fn apply(&mut self, want: &BTreeMap<LibKey, CudaLib>, cgroups: &BTreeSet<u64>) {
         for c in self.applied_cgroups.difference(cgroups) {
             let _ = self.cgroups.delete(&c.to_ne_bytes());

@@ -177,6 +177,8 @@ pub struct TargetMaps {
     n_cgroups: &'static mut u32,
     /// `target_tgid_bits` in the same .bss: the syscall programs' one-load target test.
     tgid_bits: &'static mut [u8],
+    /// `gpu_probed` in the same .bss: events carry GPU counters once it is set.
+    gpu_probed: &'static mut u32,
     applied: TargetSet,
 }
 
@@ -217,6 +219,7 @@ impl L7 {
             ports: MapHandle::try_from(&skel.maps.target_ports)?,
             n_cgroups: &mut bss.n_cgroup_targets,
             tgid_bits: &mut bss.target_tgid_bits[..],
+            gpu_probed: &mut bss.gpu_probed,
             applied: TargetSet::default(),
         };
         let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
@@ -322,6 +325,15 @@ impl SyscallHooks {
 }
 
 impl TargetMaps {
+    /// From now on the syscall programs look up the GPU counters of each event's cgroup (set
+    /// once a libcuda is probed; never cleared: counters outlive the probes).
+    pub fn gpu_probed(&mut self) {
+        if *self.gpu_probed == 0 {
+            // SAFETY: an aligned u32 of the mmapped .bss, stored whole.
+            unsafe { std::ptr::write_volatile(self.gpu_probed, 1) };
+        }
+    }
+
     /// Makes the kernel's target maps equal to `want`.
     pub fn apply(&mut self, want: &TargetSet) -> Result<()> {
         for t in self.applied.tgids.difference(&want.tgids) {

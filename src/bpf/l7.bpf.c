@@ -21,6 +21,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by userspace before attach: skip the cgroup lookup while no cgroup is targeted. */
 __u32 n_cgroup_targets = 0;
 
+/* Set by userspace once a libcuda has been probed: until then no GPU counters exist and the
+ * reads and writes skip their lookup. */
+__u32 gpu_probed = 0;
+
 /* Target tgids, one bit each over the whole pid space (PID_MAX_LIMIT: 4M on 64-bit), in the
  * .bss that userspace writes through its mapping. Every read, write, accept and close of every
  * process on the node asks whether its process is a target: this way the answer is a load and
@@ -244,6 +248,8 @@ static __always_inline void fill_inside(struct llmslo_event_hdr *h)
 			h->runq_total_ns = st->total_ns;
 		h->inside |= LLMSLO_INSIDE_RUNQ;
 	}
+	if (!gpu_probed)
+		return;
 	__u64 cg = h->cgroup_id;
 	struct llmslo_gpu_counts *g = bpf_map_lookup_elem(&gpu_counts, &cg);
 	if (g) {
