@@ -7,7 +7,7 @@ CARGO ?= cargo
 # System packages: BPF toolchain, netns testbed, real peers (promtool, nginx).
 APT_PKGS := clang llvm libelf-dev zlib1g-dev libbpf-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl
 
-.PHONY: all deps mounts build test test-unit test-kernel lint fuzz demo bench clean
+.PHONY: all deps mounts build test test-unit test-kernel lint fuzz demo bench bench-soak clean
 
 all: build
 
@@ -69,6 +69,11 @@ bench: deps mounts
 	$(CARGO) bench --bench pipeline
 	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench overhead
 	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench tc
+
+# Sustained record rate (60 s) and memory over a 10-minute soak; rewrites its section of
+# docs/BENCHMARKS.md. Separate from `bench` for its length (~12 minutes).
+bench-soak: deps mounts
+	LLMSLO_BENCH_WRITE=1 $(CARGO) bench --bench soak
 
 clean:
 	$(CARGO) clean

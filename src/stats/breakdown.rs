@@ -20,12 +20,10 @@ const METRICS: [(usize, &str); 4] = [
 /// p50/p95/p99 (HDR), exact mean and count of metric `m`, in ms; `None` without samples.
 fn summary(d: &SlotData, m: usize) -> Option<Map<String, Value>> {
     let h = d.hists[m].as_ref().filter(|h| !h.is_empty())?;
-    let mut q = h
-        .value_at_quantiles([0.5, 0.95, 0.99])
-        .map(|us| us as f64 / 1e3);
+    let q = h.value_at_quantiles([0.5, 0.95, 0.99]);
     let mut o = Map::new();
-    for k in ["p50", "p95", "p99"] {
-        o.insert(k.into(), json!(q.next().unwrap_or(0.0)));
+    for (k, us) in ["p50", "p95", "p99"].into_iter().zip(q) {
+        o.insert(k.into(), json!(us as f64 / 1e3));
     }
     o.insert(
         "mean".into(),

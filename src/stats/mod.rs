@@ -5,6 +5,7 @@ mod breakdown;
 pub mod heatmap;
 pub mod prom;
 mod render;
+mod sparse;
 mod window;
 
 #[cfg(test)]

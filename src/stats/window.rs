@@ -2,8 +2,8 @@
 //! histograms (µs) and exact sums per metric, plus running 1m/5m aggregates so that a query
 //! reads one histogram instead of merging up to 31 slots.
 
+use super::sparse::SparseHist;
 use crate::record::Stage;
-use hdrhistogram::Histogram;
 
 pub(crate) const TTFT: usize = 0;
 pub(crate) const ITL: usize = 1;
@@ -14,10 +14,6 @@ pub(crate) const STAGE0: usize = 4;
 pub(crate) const N_STAGES: usize = Stage::ALL.len();
 pub(crate) const N_METRICS: usize = STAGE0 + N_STAGES;
 
-/// Per-bucket counts: a 10 s slot cannot reach 2^32 in one bucket, and u32 halves the
-/// memory that dominates the agent's footprint (aggregates saturate rather than wrap).
-pub(crate) type Count = u32;
-
 /// 1 h: longer values are clamped so one bogus timestamp cannot grow a histogram (and the
 /// memory of every slot it is merged into) without bound.
 const MAX_US: u64 = 3_600_000_000;
@@ -26,7 +22,7 @@ const MAX_US: u64 = 3_600_000_000;
 #[derive(Clone)]
 pub(crate) struct SlotData {
     /// Created on first use: most label sets never see most stages.
-    pub hists: [Option<Histogram<Count>>; N_METRICS],
+    pub hists: [Option<SparseHist>; N_METRICS],
     /// Exact sums (ns) for means; HDR means are only as exact as its buckets.
     pub sum_ns: [u64; N_METRICS],
     /// Stage time of records that also have an E2E: the numerator of `share_of_e2e`, so that
@@ -52,12 +48,10 @@ impl Default for SlotData {
 impl SlotData {
     pub fn observe(&mut self, m: usize, ns: u64, sig_figs: u8) {
         let us = ns.saturating_add(500).div_euclid(1000).min(MAX_US);
-        let h = self.hists[m]
-            .get_or_insert_with(|| Histogram::new(sig_figs).expect("sig_figs validated"));
-        // Not `saturating_record`: that clamps to the current size instead of growing.
-        if h.record(us).is_ok() {
-            self.sum_ns[m] = self.sum_ns[m].saturating_add(ns);
-        }
+        self.hists[m]
+            .get_or_insert_with(|| SparseHist::new(sig_figs))
+            .record(us);
+        self.sum_ns[m] = self.sum_ns[m].saturating_add(ns);
     }
 
     /// Empties the slot but keeps its histograms' memory for reuse.
@@ -77,8 +71,7 @@ impl SlotData {
                 continue;
             };
             match mine {
-                // Auto-resizing histograms cannot refuse an addend.
-                Some(h) => h.add(theirs).expect("auto-resize"),
+                Some(h) => h.add(theirs),
                 None => *mine = Some(theirs.clone()),
             }
         }
@@ -101,7 +94,7 @@ impl SlotData {
                 continue;
             };
             ok &= match mine {
-                Some(h) if h.high() >= theirs.max() => h.subtract(theirs).is_ok(),
+                Some(h) => h.subtract(theirs),
                 _ => false,
             };
         }
@@ -124,7 +117,7 @@ impl SlotData {
         self.hists
             .iter()
             .flatten()
-            .map(|h| h.distinct_values() * std::mem::size_of::<Count>())
+            .map(SparseHist::heap_bytes)
             .sum()
     }
 }

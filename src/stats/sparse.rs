@@ -1,0 +1,344 @@
+//! A latency histogram that holds only the buckets it has counts in.
+//!
+//! Same buckets as an HDR histogram of the same significant digits (lowest discernible value 1):
+//! the same index for every value, the same quantiles, so the sliding windows answer exactly
+//! what they answered with `hdrhistogram`. The difference is memory: an HDR histogram is a dense
+//! array up to its largest value (~4–5 KiB for a few tens of ms at 2 digits, for every metric of
+//! every 10 s slot of every label set: ~1.2 MB for a busy label set), while a slot of a label set
+//! sees tens of distinct values. Here the counts are a sorted list of (bucket, count), 8 bytes a
+//! bucket in use.
+
+/// Counts per bucket: a slot's bucket cannot reach 2^32; aggregates saturate rather than wrap.
+pub(crate) type Count = u32;
+
+/// The HDR bucket layout for `sig_figs` digits and a lowest discernible value of 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    sub_bucket_count: u32,
+    sub_bucket_half_count: u32,
+    sub_bucket_half_count_magnitude: u8,
+    sub_bucket_mask: u64,
+    leading_zero_count_base: u8,
+}
+
+impl Layout {
+    fn new(sig_figs: u8) -> Layout {
+        let largest = 2 * 10u64.pow(u32::from(sig_figs.clamp(1, 5)));
+        let magnitude = (largest as f64).log2().ceil() as u8;
+        let half_magnitude = magnitude - 1;
+        let count = 1u32 << magnitude;
+        Layout {
+            sub_bucket_count: count,
+            sub_bucket_half_count: count / 2,
+            sub_bucket_half_count_magnitude: half_magnitude,
+            sub_bucket_mask: u64::from(count) - 1,
+            leading_zero_count_base: 64 - half_magnitude - 1,
+        }
+    }
+
+    fn bucket_for(&self, v: u64) -> u8 {
+        self.leading_zero_count_base - (v | self.sub_bucket_mask).leading_zeros() as u8
+    }
+
+    fn index_for(&self, v: u64) -> u32 {
+        let b = self.bucket_for(v);
+        let sb = (v >> b) as u32;
+        // Bucket 0 uses its lower half too: its offset is then negative by at most half a
+        // bucket, which its base (half a bucket in) absorbs.
+        ((u32::from(b) + 1) << self.sub_bucket_half_count_magnitude) + sb
+            - self.sub_bucket_half_count
+    }
+
+    fn value_for(&self, index: u32) -> u64 {
+        let mut b = (index >> self.sub_bucket_half_count_magnitude) as i32 - 1;
+        let mut sb = (index & (self.sub_bucket_half_count - 1)) + self.sub_bucket_half_count;
+        if b < 0 {
+            sb -= self.sub_bucket_half_count;
+            b = 0;
+        }
+        u64::from(sb) << b
+    }
+
+    fn lowest_equivalent(&self, v: u64) -> u64 {
+        let b = self.bucket_for(v);
+        (v >> b) << b
+    }
+
+    fn highest_equivalent(&self, v: u64) -> u64 {
+        if v == u64::MAX {
+            return u64::MAX;
+        }
+        let b = self.bucket_for(v);
+        let sb = (v >> b) as u32;
+        let size = 1u64
+            << if sb >= self.sub_bucket_count {
+                b + 1
+            } else {
+                b
+            };
+        self.lowest_equivalent(v).saturating_add(size) - 1
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct SparseHist {
+    layout: Layout,
+    /// (bucket index, count), sorted by index, no zero counts.
+    counts: Vec<(u32, Count)>,
+    total: u64,
+}
+
+impl SparseHist {
+    pub fn new(sig_figs: u8) -> SparseHist {
+        SparseHist {
+            layout: Layout::new(sig_figs),
+            counts: Vec::new(),
+            total: 0,
+        }
+    }
+
+    pub fn record(&mut self, v: u64) {
+        let i = self.layout.index_for(v);
+        match self.counts.binary_search_by_key(&i, |&(k, _)| k) {
+            Ok(p) => self.counts[p].1 = self.counts[p].1.saturating_add(1),
+            Err(p) => self.counts.insert(p, (i, 1)),
+        }
+        self.total += 1;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Lowest value equivalent to the smallest recorded one (0 when empty).
+    #[cfg(test)]
+    pub fn min(&self) -> u64 {
+        self.counts
+            .first()
+            .map_or(0, |&(i, _)| self.layout.value_for(i))
+    }
+
+    /// Highest value equivalent to the largest recorded one (0 when empty).
+    #[cfg(test)]
+    pub fn max(&self) -> u64 {
+        self.counts.last().map_or(0, |&(i, _)| {
+            self.layout.highest_equivalent(self.layout.value_for(i))
+        })
+    }
+
+    /// Empties it, keeping its memory for reuse.
+    pub fn reset(&mut self) {
+        self.counts.clear();
+        self.total = 0;
+    }
+
+    /// Adds `o`'s counts (same layout).
+    pub fn add(&mut self, o: &SparseHist) {
+        debug_assert_eq!(self.layout, o.layout);
+        if o.counts.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.counts.len() + o.counts.len());
+        let (mut a, mut b) = (self.counts.iter().peekable(), o.counts.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(&&(i, x)), Some(&&(j, y))) => {
+                    if i == j {
+                        out.push((i, x.saturating_add(y)));
+                        a.next();
+                        b.next();
+                    } else if i < j {
+                        out.push((i, x));
+                        a.next();
+                    } else {
+                        out.push((j, y));
+                        b.next();
+                    }
+                }
+                (Some(&&e), None) => {
+                    out.push(e);
+                    a.next();
+                }
+                (None, Some(&&e)) => {
+                    out.push(e);
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        out.shrink_to_fit();
+        self.counts = out;
+        self.total = self.total.saturating_add(o.total);
+    }
+
+    /// Removes `o`'s counts; false when `o` was not part of it (a count it lacks), in which
+    /// case it is left in an unspecified state for the caller to rebuild.
+    pub fn subtract(&mut self, o: &SparseHist) -> bool {
+        debug_assert_eq!(self.layout, o.layout);
+        let mut ok = self.total >= o.total;
+        let mut p = 0;
+        for &(j, y) in &o.counts {
+            while p < self.counts.len() && self.counts[p].0 < j {
+                p += 1;
+            }
+            match self.counts.get_mut(p) {
+                Some((i, x)) if *i == j && *x >= y => *x -= y,
+                _ => ok = false,
+            }
+        }
+        self.counts.retain(|&(_, c)| c > 0);
+        self.total = self.total.saturating_sub(o.total);
+        ok
+    }
+
+    /// The values at each of `quantiles` (ascending), as `hdrhistogram`'s `value_at_quantile`
+    /// answers them: the highest value equivalent to the bucket where the count reaches
+    /// ceil(q × total) (at least 1); the lowest for q = 0. Empty: zeros.
+    pub fn value_at_quantiles<const N: usize>(&self, quantiles: [f64; N]) -> [u64; N] {
+        let mut out = [0u64; N];
+        if self.total == 0 {
+            return out;
+        }
+        let mut it = self.counts.iter();
+        let (mut seen, mut cur) = (0u64, None::<u32>);
+        for (slot, &q) in out.iter_mut().zip(&quantiles) {
+            let q = q.min(1.0);
+            let want = ((q * self.total as f64).ceil() as u64).max(1);
+            while seen < want {
+                match it.next() {
+                    Some(&(i, c)) => {
+                        seen += u64::from(c);
+                        cur = Some(i);
+                    }
+                    None => break,
+                }
+            }
+            if let Some(i) = cur {
+                let v = self.layout.value_for(i);
+                *slot = if q == 0.0 {
+                    self.layout.lowest_equivalent(v)
+                } else {
+                    self.layout.highest_equivalent(v)
+                };
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    pub fn value_at_quantile(&self, q: f64) -> u64 {
+        self.value_at_quantiles([q])[0]
+    }
+
+    /// Bytes of counts held.
+    pub fn heap_bytes(&self) -> usize {
+        self.counts.capacity() * std::mem::size_of::<(u32, Count)>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hdrhistogram::Histogram;
+
+    fn values(seed: u64, n: usize) -> Vec<u64> {
+        // xorshift: log-spread values from 0 to ~1 h in µs, plus small exact ones.
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let bits = x % 33;
+                (x >> 20) & ((1u64 << bits) - 1)
+            })
+            .collect()
+    }
+
+    const QS: [f64; 7] = [0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0];
+
+    fn hdr_quantiles(h: &Histogram<u32>) -> Vec<u64> {
+        QS.iter().map(|&q| h.value_at_quantile(q)).collect()
+    }
+
+    #[test]
+    fn same_buckets_and_quantiles_as_hdr() {
+        for sig in 1..=3u8 {
+            for seed in 1..6 {
+                let vs = values(seed, 2_000);
+                let mut s = SparseHist::new(sig);
+                let mut h = Histogram::<u32>::new(sig).unwrap();
+                for &v in &vs {
+                    s.record(v);
+                    h.record(v).unwrap();
+                }
+                assert_eq!(s.len(), h.len());
+                assert_eq!(
+                    s.value_at_quantiles(QS).to_vec(),
+                    hdr_quantiles(&h),
+                    "sig {sig}"
+                );
+                assert_eq!(s.max(), h.max(), "sig {sig}");
+                assert_eq!(s.min(), h.lowest_equivalent(h.min()));
+                assert_eq!(s.counts.len(), h.iter_recorded().count());
+                for &v in vs.iter().take(200) {
+                    assert_eq!(s.layout.highest_equivalent(v), h.highest_equivalent(v));
+                    assert_eq!(s.layout.lowest_equivalent(v), h.lowest_equivalent(v));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn add_and_subtract_are_inverse_and_match_hdr() {
+        let (a, b) = (values(7, 500), values(8, 700));
+        let (mut sa, mut sb) = (SparseHist::new(2), SparseHist::new(2));
+        let (mut ha, mut hb) = (
+            Histogram::<u32>::new(2).unwrap(),
+            Histogram::<u32>::new(2).unwrap(),
+        );
+        a.iter().for_each(|&v| {
+            sa.record(v);
+            ha.record(v).unwrap();
+        });
+        b.iter().for_each(|&v| {
+            sb.record(v);
+            hb.record(v).unwrap();
+        });
+        let before = sa.clone();
+        sa.add(&sb);
+        ha.add(&hb).unwrap();
+        assert_eq!(sa.len(), 1_200);
+        assert_eq!(sa.value_at_quantiles(QS).to_vec(), hdr_quantiles(&ha));
+        assert!(sa.subtract(&sb));
+        assert_eq!(sa.counts, before.counts);
+        assert_eq!(sa.len(), before.len());
+        // Taking away what was never added is reported.
+        let mut never = SparseHist::new(2);
+        never.record(123_456_789);
+        assert!(!sa.clone().subtract(&never));
+        let mut too_many = sa.clone();
+        too_many.add(&sa);
+        assert!(!sa.subtract(&too_many));
+    }
+
+    #[test]
+    fn empty_and_memory() {
+        let mut s = SparseHist::new(2);
+        assert_eq!(s.value_at_quantiles([0.5, 0.99]), [0, 0]);
+        assert!(s.is_empty());
+        for v in [1_000u64, 1_001, 1_002, 30_000, 30_100] {
+            s.record(v);
+        }
+        // 1000..1002 share a bucket at 2 digits (width 4 from 512 up), 30000 and 30100 do not.
+        assert_eq!(s.counts.len(), 3);
+        assert!(s.heap_bytes() <= 8 * 4);
+        assert_eq!(s.value_at_quantile(0.5), 1_003);
+        s.reset();
+        assert!(s.is_empty() && s.max() == 0);
+    }
+}
