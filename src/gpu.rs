@@ -179,6 +179,12 @@ impl Gpu {
         })
     }
 
+    /// A pod's totals go once no target has carried its labels for `d` (default 30 s).
+    pub fn forget_after(mut self, d: std::time::Duration) -> Gpu {
+        self.totals = crate::podtotals::PodTotals::new(d);
+        self
+    }
+
     /// Attaches to the libraries in `want` for each target process mapping them; detaches
     /// processes and libraries gone from it.
     pub fn apply(&mut self, want: &BTreeMap<LibKey, CudaLib>) {
