@@ -228,7 +228,11 @@ mod tests {
         t.forget(&snap(&[], &[]), now + Duration::from_secs(20));
         t.forget(&snap(&[(31, "c")], &[]), now + Duration::from_secs(25));
         t.forget(&snap(&[], &[]), now + Duration::from_secs(40));
-        assert_eq!(t.retired_pods(), 1, "c went, came back, went again 15 s ago");
+        assert_eq!(
+            t.retired_pods(),
+            1,
+            "c went, came back, went again 15 s ago"
+        );
         t.forget(&snap(&[], &[]), now + Duration::from_secs(80));
         assert_eq!(t.retired_pods(), 0);
     }

@@ -243,7 +243,7 @@ fn start_pods(n: usize, net: &Pod, api: &mut Api, sig: &str, t: &mut Tally) -> V
     for _ in 0..n {
         let i = t.pods;
         t.pods += 1;
-        let driver = if i % 2 == 0 {
+        let driver = if i.is_multiple_of(2) {
             CgroupDriver::Systemd
         } else {
             CgroupDriver::Cgroupfs

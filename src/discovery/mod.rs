@@ -864,7 +864,10 @@ mod tests {
         // A socket that starts listening after the namespace was read waits for the next scan.
         let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let pb = b.local_addr().unwrap().port();
-        assert!(!l.ports(Path::new("/proc"), me).iter().any(|&(_, p)| p == pb));
+        assert!(!l
+            .ports(Path::new("/proc"), me)
+            .iter()
+            .any(|&(_, p)| p == pb));
         let fresh = listen_ports(Path::new("/proc"), me);
         assert!(fresh.iter().any(|&(_, p)| p == pa) && fresh.iter().any(|&(_, p)| p == pb));
     }
