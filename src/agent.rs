@@ -129,6 +129,8 @@ pub struct Shared {
     pub gpu: RwLock<crate::gpu::GpuView>,
     /// Run-queue waits of the targets, per pod.
     pub runq: RwLock<BTreeMap<crate::podtotals::PodLabels, crate::runq::RunqCounts>>,
+    /// How long a pod's series (requests, run-queue, GPU) outlive its last target.
+    pub forget_after: Duration,
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
     pub started: Instant,
@@ -176,6 +178,7 @@ impl Shared {
             hooks: RwLock::new(Vec::new()),
             gpu: RwLock::new(Default::default()),
             runq: RwLock::new(Default::default()),
+            forget_after: Duration::from_secs(cfg.discovery.forget_after_s),
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
@@ -306,10 +309,11 @@ fn bpf_thread(
         None
     };
     let mut gpu = crate::gpu::Gpu::load(&l7.skel)
+        .map(|g| g.forget_after(shared.forget_after))
         .inspect(|g| verifier.extend(g.verifier.clone()))
         .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "GPU uprobes not loaded"))
         .ok();
-    let mut runq = crate::runq::RunQueue::new(&l7.skel)
+    let mut runq = crate::runq::RunQueue::new(&l7.skel, shared.forget_after)
         .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "run-queue counters not readable"))
         .ok();
     *shared.programs.write().expect("programs lock") = progs;

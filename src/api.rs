@@ -373,15 +373,26 @@ fn render_health(s: &Shared, out: &mut String) {
         "Processes and cgroups traced now.",
         &[(&[], n_targets as f64)],
     );
-    let (series, retained) = {
+    let (series, overflowed, retained) = {
         let st = s.store.lock().expect("store lock");
-        (st.agg.label_sets(), st.recent.len())
+        (
+            st.agg.label_sets(),
+            st.agg.overflow_records(),
+            st.recent.len(),
+        )
     };
     write_gauge(
         out,
         "llmslo_agent_label_sets",
         "Distinct request label sets.",
         &[(&[], series as f64)],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_label_set_overflow_total",
+        "Requests counted under the overflow label set (namespace, pod, model and route \"other\") \
+         because max_label_sets distinct label sets were held.",
+        &[(&[], overflowed as f64)],
     );
     write_gauge(
         out,

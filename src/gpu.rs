@@ -297,9 +297,12 @@ impl Gpu {
         })
     }
 
-    /// Counts the processes of `cgroups` (the targets' own cgroups) and attaches to the
-    /// libraries in `want` for each process mapping them; detaches processes and libraries gone
-    /// from it.
+    /// A pod's totals go once no target has carried its labels for `d` (default 30 s).
+    pub fn forget_after(mut self, d: std::time::Duration) -> Gpu {
+        self.totals = crate::podtotals::PodTotals::new(d);
+        self
+    }
+
     /// Whether any process's libcuda carries probes now.
     pub fn probing(&self) -> bool {
         self.attached
@@ -307,6 +310,9 @@ impl Gpu {
             .any(|(_, per_pid)| !per_pid.is_empty())
     }
 
+    /// Counts the processes of `cgroups` (the targets' own cgroups) and attaches to the
+    /// libraries in `want` for each process mapping them; detaches processes and libraries gone
+    /// from it.
     pub fn apply(&mut self, want: &BTreeMap<LibKey, CudaLib>, cgroups: &BTreeSet<u64>) {
         for c in self.applied_cgroups.difference(cgroups) {
             let _ = self.cgroups.delete(&c.to_ne_bytes());
@@ -401,7 +407,7 @@ impl Gpu {
                 Some((cg, self.read(&key)))
             })
             .collect();
-        let (by_pod, gone) = self.totals.fold_keyed(cgroup_entries(snap, raw));
+        let (by_pod, gone) = self.totals.fold_keyed(cgroup_entries(snap, raw), snap);
         for cg in gone {
             let _ = self.counts.delete(&cg.to_ne_bytes());
         }
@@ -626,14 +632,14 @@ mod tests {
         };
         let mut totals: crate::podtotals::PodTotals<u64, GpuCounts> = Default::default();
         let pod = ("ml".to_string(), "vllm-0".to_string());
-        let (by_pod, gone) = totals.fold_keyed(cgroup_entries(&snap, vec![(7, c(5))]));
+        let (by_pod, gone) = totals.fold_keyed(cgroup_entries(&snap, vec![(7, c(5))]), &snap);
         assert_eq!(by_pod[&pod].launches, 5);
         assert!(gone.is_empty());
         // The pod's server goes: its cgroup's entry is deleted, its count stays with the pod.
         snap.set.gpu_cgroups.clear();
-        let (by_pod, gone) = totals.fold_keyed(cgroup_entries(&snap, vec![(7, c(9))]));
+        let (by_pod, gone) = totals.fold_keyed(cgroup_entries(&snap, vec![(7, c(9))]), &snap);
         assert_eq!((by_pod[&pod].launches, gone), (9, vec![7]));
-        let (by_pod, _) = totals.fold_keyed(cgroup_entries(&snap, vec![]));
+        let (by_pod, _) = totals.fold_keyed(cgroup_entries(&snap, vec![]), &snap);
         assert_eq!(by_pod[&pod].launches, 9);
     }
 

@@ -2,10 +2,13 @@
 //! cgroup id: GPU activity) summed per pod for `/metrics`. A process's or cgroup's totals stay
 //! with its pod after it is no target any more: they are folded into `retired` and its kernel
 //! entry can be deleted, so pods' counters never go back and the kernel maps hold live targets
-//! only.
+//! only. A pod's totals go once no target has carried its labels for `forget_after`, the rule
+//! of its request series (`agent::forget_series`): pods churned through the node leave nothing
+//! behind.
 
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
+use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
@@ -18,13 +21,51 @@ pub type PodLabels = (String, String);
 pub struct PodTotals<K, C> {
     labels: BTreeMap<K, PodLabels>,
     retired: BTreeMap<PodLabels, C>,
+    /// Retired pods without a target, since when.
+    gone_since: BTreeMap<PodLabels, Instant>,
+    forget_after: Duration,
 }
 
 impl<K, C> Default for PodTotals<K, C> {
+    /// Forgets after 30 s, the default of `discovery.forget_after_s`.
     fn default() -> Self {
+        PodTotals::new(Duration::from_secs(30))
+    }
+}
+
+impl<K, C> PodTotals<K, C> {
+    /// Totals whose pods are dropped once no target has carried their labels for
+    /// `forget_after`.
+    pub fn new(forget_after: Duration) -> Self {
         PodTotals {
             labels: BTreeMap::new(),
             retired: BTreeMap::new(),
+            gone_since: BTreeMap::new(),
+            forget_after,
+        }
+    }
+
+    /// Pods whose totals are kept (live ones and retired ones not yet forgotten).
+    pub fn retired_pods(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Drops the retired totals of pods that no target has carried for `forget_after`.
+    fn forget(&mut self, snap: &Snapshot, now: Instant) {
+        let targeted = snap.pod_keys();
+        let retired = &self.retired;
+        self.gone_since
+            .retain(|k, _| retired.contains_key(k) && !targeted.contains(k));
+        let mut forgotten = Vec::new();
+        for k in self.retired.keys().filter(|k| !targeted.contains(*k)) {
+            let since = *self.gone_since.entry(k.clone()).or_insert(now);
+            if now.duration_since(since) >= self.forget_after {
+                forgotten.push(k.clone());
+            }
+        }
+        for k in forgotten {
+            self.retired.remove(&k);
+            self.gone_since.remove(&k);
         }
     }
 }
@@ -36,6 +77,7 @@ impl<K: Ord + Clone, C: Copy + Default + AddAssign> PodTotals<K, C> {
     pub fn fold_keyed<'m>(
         &mut self,
         entries: impl IntoIterator<Item = (K, Option<&'m Meta>, bool, C)>,
+        snap: &Snapshot,
     ) -> (BTreeMap<PodLabels, C>, Vec<K>) {
         let mut live: BTreeMap<PodLabels, C> = BTreeMap::new();
         let mut gone = Vec::new();
@@ -56,6 +98,7 @@ impl<K: Ord + Clone, C: Copy + Default + AddAssign> PodTotals<K, C> {
                 gone.push(key);
             }
         }
+        self.forget(snap, Instant::now());
         for (l, c) in &self.retired {
             *live.entry(l.clone()).or_default() += *c;
         }
@@ -83,7 +126,7 @@ impl<C: Copy + Default + AddAssign> PodTotals<u32, C> {
                 (tgid, meta, targeted, c)
             })
             .collect();
-        self.fold_keyed(entries)
+        self.fold_keyed(entries, snap)
     }
 }
 
@@ -168,5 +211,47 @@ mod tests {
         // Next round the kernel no longer has 20: b stays at 2, never goes back.
         let (live, _) = t.fold([(10, None, 6), (11, Some(7), 3)], &s2);
         assert_eq!(live[&pod("b")], 2);
+    }
+
+    #[test]
+    fn a_gone_pods_totals_go_after_forget_after() {
+        let mut t: PodTotals<u32, u64> = PodTotals::new(Duration::from_secs(30));
+        let pod = |p: &str| ("ns".to_string(), p.to_string());
+        let both = snap(&[(10, "a"), (20, "b"), (21, "b")], &[]);
+        t.fold([(10, None, 5), (20, None, 1), (21, None, 2)], &both);
+        // b's first process exits while its second is still a target: kept however long.
+        let one_b = snap(&[(10, "a"), (21, "b")], &[]);
+        let (live, _) = t.fold([(10, None, 5), (20, None, 1), (21, None, 2)], &one_b);
+        assert_eq!(live[&pod("b")], 3);
+        let t0 = Instant::now();
+        t.forget(&one_b, t0 + Duration::from_secs(3600));
+        assert_eq!(t.retired_pods(), 1, "b has a target: its totals stay");
+        // Then pod b is gone: its totals stay for 30 s, then go; a's are untouched.
+        let a_only = snap(&[(10, "a")], &[]);
+        let (live, _) = t.fold([(10, None, 5), (21, None, 2)], &a_only);
+        assert_eq!(live[&pod("b")], 3);
+        let since = Instant::now();
+        t.forget(&a_only, since + Duration::from_secs(29));
+        assert_eq!(t.retired_pods(), 1, "not yet");
+        t.forget(&a_only, since + Duration::from_secs(31));
+        assert_eq!(t.retired_pods(), 0, "gone after forget_after");
+        let (live, _) = t.fold([(10, None, 6)], &a_only);
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[&pod("a")], 6);
+        // A pod that comes back before the time is up keeps its totals (the clock restarts).
+        let mut t: PodTotals<u32, u64> = PodTotals::new(Duration::from_secs(30));
+        t.fold([(30, None, 4)], &snap(&[(30, "c")], &[]));
+        t.fold([(30, None, 4)], &snap(&[], &[]));
+        let now = Instant::now();
+        t.forget(&snap(&[], &[]), now + Duration::from_secs(20));
+        t.forget(&snap(&[(31, "c")], &[]), now + Duration::from_secs(25));
+        t.forget(&snap(&[], &[]), now + Duration::from_secs(40));
+        assert_eq!(
+            t.retired_pods(),
+            1,
+            "c went, came back, went again 15 s ago"
+        );
+        t.forget(&snap(&[], &[]), now + Duration::from_secs(80));
+        assert_eq!(t.retired_pods(), 0);
     }
 }

@@ -32,10 +32,11 @@ pub struct RunQueue {
 }
 
 impl RunQueue {
-    pub fn new(l7: &L7Skel<'static>) -> Result<RunQueue> {
+    /// A pod's totals go once no target has carried its labels for `forget_after`.
+    pub fn new(l7: &L7Skel<'static>, forget_after: std::time::Duration) -> Result<RunQueue> {
         Ok(RunQueue {
             counts: MapHandle::try_from(&l7.maps.runq_by_tgid)?,
-            totals: PodTotals::default(),
+            totals: PodTotals::new(forget_after),
         })
     }
 

@@ -267,45 +267,63 @@ fn interpreted_entry<'a>(argv: &[&'a str]) -> Option<&'a str> {
 /// The (netns inode, port) pairs on which `pid` has listening TCP sockets. Lets the kernel stamp
 /// `sock_queued` for a connection's first request, which arrives before the server accepts it.
 pub fn listen_ports(proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = proc_root.join(pid.to_string());
-    let mut out = BTreeSet::new();
-    let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
-        return out;
-    };
-    let inodes: BTreeSet<u64> = std::fs::read_dir(dir.join("fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l
-                .to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            Some(l)
-        })
-        .collect();
-    if inodes.is_empty() {
-        return out;
-    }
-    for table in ["net/tcp", "net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(table)) else {
-            continue;
-        };
-        out.extend(
-            parse_listeners(&text, &inodes)
-                .into_iter()
-                .map(|port| (ns.ino() as u32, port)),
-        );
-    }
-    out
+    Listeners::default().ports(proc_root, pid)
 }
 
-/// Local ports of LISTEN (state 0A) rows of /proc/net/tcp{,6} whose socket inode is in `inodes`.
-pub fn parse_listeners(table: &str, inodes: &BTreeSet<u64>) -> Vec<u16> {
+/// The LISTEN rows of each network namespace's `/proc/<pid>/net/tcp{,6}`, read once per scan.
+/// Every read of those files walks the kernel's whole established-socket hash (the sockets of
+/// every namespace: ~6 ms here), so reading them once per process made a scan of 250 targets
+/// in one namespace take 3 s; the processes of a pod, its sidecars and host-network pods share a
+/// namespace.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// netns inode -> (socket inode, port) of its listening sockets.
+    by_netns: BTreeMap<u64, Vec<(u64, u16)>>,
+}
+
+impl Listeners {
+    /// [`listen_ports`], reading each namespace's tables at most once.
+    pub fn ports(&mut self, proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = proc_root.join(pid.to_string());
+        let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
+            return BTreeSet::new();
+        };
+        let inodes: BTreeSet<u64> = std::fs::read_dir(dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                let l = l
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()?;
+                Some(l)
+            })
+            .collect();
+        // A process without sockets costs no table read.
+        if inodes.is_empty() {
+            return BTreeSet::new();
+        }
+        let rows = self.by_netns.entry(ns.ino()).or_insert_with(|| {
+            ["net/tcp", "net/tcp6"]
+                .iter()
+                .filter_map(|t| std::fs::read_to_string(dir.join(t)).ok())
+                .flat_map(|text| listen_rows(&text))
+                .collect()
+        });
+        rows.iter()
+            .filter(|(inode, _)| inodes.contains(inode))
+            .map(|&(_, port)| (ns.ino() as u32, port))
+            .collect()
+    }
+}
+
+/// (socket inode, local port) of the LISTEN (state 0A) rows of /proc/net/tcp{,6}.
+fn listen_rows(table: &str) -> Vec<(u64, u16)> {
     table
         .lines()
         .skip(1)
@@ -313,8 +331,17 @@ pub fn parse_listeners(table: &str, inodes: &BTreeSet<u64>) -> Vec<u16> {
             let f: Vec<&str> = l.split_whitespace().collect();
             let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
             let inode: u64 = f.get(9)?.parse().ok()?;
-            (*f.get(3)? == "0A" && inodes.contains(&inode)).then_some(port)
+            (*f.get(3)? == "0A").then_some((inode, port))
         })
+        .collect()
+}
+
+/// Local ports of LISTEN (state 0A) rows of /proc/net/tcp{,6} whose socket inode is in `inodes`.
+pub fn parse_listeners(table: &str, inodes: &BTreeSet<u64>) -> Vec<u16> {
+    listen_rows(table)
+        .into_iter()
+        .filter(|(inode, _)| inodes.contains(inode))
+        .map(|(_, port)| port)
         .collect()
 }
 
@@ -442,6 +469,7 @@ pub fn scan(
     // of those cgroups (tgid → cgroup id), whose libcuda is probed and counted per cgroup.
     let mut gpu_dirs: BTreeMap<u64, PathBuf> = BTreeMap::new();
     let mut gpu_members: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut listeners = Listeners::default();
     let cg_mount = cgroup2_mount();
     let mut wanted_pids: BTreeMap<u32, String> =
         cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
@@ -462,7 +490,7 @@ pub fn scan(
                         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
                         match_signature(&refs, &cfg.signatures).map(|s| format!("signature:{s}"))
                     });
-                if let Some(why) = sig.or_else(|| selected(cfg, k8s, pid)) {
+                if let Some(why) = sig.or_else(|| selected(cfg, k8s, &mut listeners, pid)) {
                     wanted_pids.insert(pid, why);
                 }
             }
@@ -484,7 +512,7 @@ pub fn scan(
             _ => None,
         };
         snap.set.tgids.insert(pid);
-        snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+        snap.set.listen.extend(listeners.ports(&cfg.proc_root, pid));
         snap.by_tgid.insert(pid, meta.clone());
         // A server in a pod is also targeted by its container's cgroup: that covers its worker
         // processes, and works where our /proc's pids are not the kernel's (a node that is
@@ -524,7 +552,7 @@ pub fn scan(
             .filter_map(|t| t.cgroup_path.clone())
             .collect();
         for rel in pods {
-            add_sidecars(&mut snap, cfg, m, &rel);
+            add_sidecars(&mut snap, cfg, &mut listeners, m, &rel);
         }
     }
     let mut cgroup_targets = Vec::new();
@@ -554,7 +582,7 @@ pub fn scan(
         snap.set.gpu_cgroups.insert(id);
         gpu_dirs.remove(&id);
         for (i, pid) in cgroup_pids(&full).into_iter().enumerate() {
-            snap.set.listen.extend(listen_ports(&cfg.proc_root, pid));
+            snap.set.listen.extend(listeners.ports(&cfg.proc_root, pid));
             cgroup_targets.push(pid);
             if i < crate::gpu::MAX_CGROUP_PROCS {
                 gpu_members.entry(pid).or_insert(id);
@@ -589,12 +617,18 @@ pub fn scan(
 
 /// Why `pid` is picked by a `discovery.select` selector: it runs in a pod (kubelet cgroup) and
 /// matches one of them.
-fn selected(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, pid: u32) -> Option<String> {
+fn selected(
+    cfg: &DiscoveryConfig,
+    k8s: &k8s::K8sState,
+    listeners: &mut Listeners,
+    pid: u32,
+) -> Option<String> {
     if cfg.select.is_empty() {
         return None;
     }
     let kube = proc_cgroup_path(&cfg.proc_root, pid).and_then(|p| parse_kube_cgroup(&p))?;
-    let listening: BTreeSet<u16> = listen_ports(&cfg.proc_root, pid)
+    let listening: BTreeSet<u16> = listeners
+        .ports(&cfg.proc_root, pid)
         .into_iter()
         .map(|(_, port)| port)
         .collect();
@@ -611,7 +645,13 @@ fn selected(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, pid: u32) -> Option<Stri
 
 /// Targets the sidecar proxies among the other containers of the pod of container cgroup
 /// `rel`: their requests are joined with the app's (see `assemble::sidecar`).
-fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &str) {
+fn add_sidecars(
+    snap: &mut Snapshot,
+    cfg: &DiscoveryConfig,
+    listeners: &mut Listeners,
+    mount: &Path,
+    rel: &str,
+) {
     let container = mount.join(rel.trim_start_matches('/'));
     let Some(pod_dir) = container.parent() else {
         return;
@@ -645,7 +685,7 @@ fn add_sidecars(snap: &mut Snapshot, cfg: &DiscoveryConfig, mount: &Path, rel: &
         for &p in &pids {
             snap.set.tgids.insert(p);
             snap.by_tgid.insert(p, meta.clone());
-            snap.set.listen.extend(listen_ports(&cfg.proc_root, p));
+            snap.set.listen.extend(listeners.ports(&cfg.proc_root, p));
         }
         snap.targets.push(Target::node_local(
             Some(pid),
@@ -843,6 +883,31 @@ mod tests {
    2: 0200F40A:1F40 0100F40A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0\n";
         let inodes: BTreeSet<u64> = [4242, 4243].into();
         assert_eq!(parse_listeners(t, &inodes), vec![8000]);
+    }
+
+    #[test]
+    fn listeners_read_a_namespace_once_per_scan() {
+        let me = std::process::id();
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pa = a.local_addr().unwrap().port();
+        let mut l = Listeners::default();
+        let ports: Vec<u16> = l
+            .ports(Path::new("/proc"), me)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        // Other tests of this process may listen too.
+        assert!(ports.contains(&pa), "{ports:?}");
+        assert_eq!(l.by_netns.len(), 1, "one namespace read");
+        // A socket that starts listening after the namespace was read waits for the next scan.
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pb = b.local_addr().unwrap().port();
+        assert!(!l
+            .ports(Path::new("/proc"), me)
+            .iter()
+            .any(|&(_, p)| p == pb));
+        let fresh = listen_ports(Path::new("/proc"), me);
+        assert!(fresh.iter().any(|&(_, p)| p == pa) && fresh.iter().any(|&(_, p)| p == pb));
     }
 
     #[test]
