@@ -141,11 +141,16 @@ fn rate_phase(s: &Settings, sp: &ServerPod, agent: &Agent) -> Result<RatePhase> 
     })
 }
 
-/// One non-streamed request on a new keep-alive connection, answered; the connection is
-/// returned open.
+/// A new keep-alive connection with one request answered on it.
 fn idle_connection(addr: SocketAddr, model: &str) -> Result<TcpStream> {
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    request_on(&mut c, model)?;
+    Ok(c)
+}
+
+/// One non-streamed request on `c`, its whole response read (the connection stays open).
+fn request_on(c: &mut TcpStream, model: &str) -> Result<()> {
     let body = format!(
         "{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":1,\"stream\":false}}"
     );
@@ -173,7 +178,7 @@ fn idle_connection(addr: SocketAddr, model: &str) -> Result<TcpStream> {
                 })
                 .context("response without Content-Length")?;
             if rest.len() >= len {
-                return Ok(c);
+                return Ok(());
             }
         }
     }
@@ -250,6 +255,7 @@ fn soak_phase(s: &Settings, sp: &ServerPod, agent: &Agent) -> Result<SoakPhase> 
     let t0 = Instant::now();
     let mut samples = vec![sample(agent.pid(), t0)?];
     let mut last = Instant::now();
+    let mut last_reuse = Instant::now();
     let (mut cycles, mut requests, mut warm) = (0, 0, None);
     'run: while t0.elapsed().as_secs_f64() < s.soak_s {
         for i in 0..s.label_sets {
@@ -271,6 +277,16 @@ fn soak_phase(s: &Settings, sp: &ServerPod, agent: &Agent) -> Result<SoakPhase> 
                 last = Instant::now();
                 samples.push(sample(agent.pid(), t0)?);
             }
+            // The held connections are used now and then, as a client's pool is: the agent
+            // forgets a connection idle for 5 minutes.
+            if last_reuse.elapsed() >= Duration::from_secs(60) {
+                last_reuse = Instant::now();
+                for (j, c) in held.iter_mut().enumerate() {
+                    request_on(c, &model(j % s.label_sets))
+                        .with_context(|| format!("request on held connection {j}"))?;
+                }
+                requests += held.len();
+            }
         }
         cycles += 1;
         if cycles == 1 {
@@ -287,7 +303,7 @@ fn soak_phase(s: &Settings, sp: &ServerPod, agent: &Agent) -> Result<SoakPhase> 
     // Distinct label sets of one request family, as /metrics shows them.
     let mut sets = BTreeSet::new();
     for line in body.lines() {
-        if let Some(rest) = line.strip_prefix("llmslo_request_e2e_seconds_count{") {
+        if let Some(rest) = line.strip_prefix("llmslo_e2e_seconds_count{") {
             if let Some(labels) = rest.split_once('}').map(|(l, _)| l) {
                 sets.insert(labels.to_string());
             }
@@ -486,7 +502,7 @@ fn report(
     );
     let _ = writeln!(
         o,
-        "| label sets in `/metrics` (`llmslo_request_e2e_seconds_count`) | {}{} |",
+        "| label sets in `/metrics` (`llmslo_e2e_seconds_count`) | {}{} |",
         soak.label_sets,
         if soak.overflow {
             " (including the overflow set)"

@@ -257,6 +257,7 @@ pub fn start_bpf(
     let ringbuf_bytes = cfg.ringbuf_bytes;
     let conn_entries = cfg.max_kernel_connections;
     let runq = cfg.cpu_runqueue;
+    let gpu_uprobes = cfg.gpu_uprobes;
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
         max_conns: cfg.max_connections,
@@ -266,7 +267,8 @@ pub fn start_bpf(
         .name("llmslo-bpf".into())
         .spawn(move || {
             let sizes = (ringbuf_bytes, conn_entries, runq);
-            if let Err(e) = bpf_thread(network, sizes, asm_cfg, &shared, targets, &ready_tx) {
+            let hooks = (network, gpu_uprobes);
+            if let Err(e) = bpf_thread(hooks, sizes, asm_cfg, &shared, targets, &ready_tx) {
                 let _ = ready_tx.try_send(Err(e));
             }
         })?;
@@ -277,7 +279,7 @@ pub fn start_bpf(
 }
 
 fn bpf_thread(
-    network: bool,
+    (network, gpu_uprobes): (bool, bool),
     (ringbuf_bytes, conn_entries, runq): (u32, u32, bool),
     asm_cfg: AssemblerConfig,
     shared: &Shared,
@@ -308,11 +310,16 @@ fn bpf_thread(
     } else {
         None
     };
-    let mut gpu = crate::gpu::Gpu::load(&l7.skel)
-        .map(|g| g.forget_after(shared.forget_after))
-        .inspect(|g| verifier.extend(g.verifier.clone()))
-        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "GPU uprobes not loaded"))
-        .ok();
+    let mut gpu = if gpu_uprobes {
+        crate::gpu::Gpu::load(&l7.skel)
+            .map(|g| g.forget_after(shared.forget_after))
+            .inspect(|g| verifier.extend(g.verifier.clone()))
+            .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "GPU uprobes not loaded"))
+            .ok()
+    } else {
+        tracing::info!("gpu_uprobes: false: the CUDA driver is not probed");
+        None
+    };
     let mut runq = crate::runq::RunQueue::new(&l7.skel, shared.forget_after)
         .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "run-queue counters not readable"))
         .ok();

@@ -25,6 +25,10 @@ pub struct Config {
     /// Count the targets' run-queue waits (sched_wakeup/sched_switch programs: every context
     /// switch on the node pays a task-storage lookup).
     pub cpu_runqueue: bool,
+    /// Uprobe the CUDA driver of the targets' cgroups (GPU activity per pod and per request).
+    /// Each probed call traps into the kernel (~1–20 µs): false where a server launches many
+    /// kernels per token without CUDA graphs.
+    pub gpu_uprobes: bool,
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
@@ -170,6 +174,7 @@ impl Default for Config {
             max_connections: 65_536,
             max_kernel_connections: 65_536,
             cpu_runqueue: true,
+            gpu_uprobes: true,
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),

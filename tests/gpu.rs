@@ -376,6 +376,20 @@ fn per_request_gpu_activity_is_exact() {
         "{m}"
     );
     common::promtool_check(&m);
+    drop(agent);
+
+    // `gpu_uprobes: false`: the same server, nothing probed, no GPU figures (null, not 0).
+    let agent = Agent::start_with_config(
+        "gpu_uprobes: false\ncrosscheck:\n  enabled: false\n",
+        &["--no-auto", "--no-network", "--target-pid", &pid],
+    );
+    cuda_request(port, work(5, 0, 1, 1, 3));
+    let recs = agent.wait_requests(Duration::from_secs(10), |r| !r.is_empty());
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert!(recs[0]["gpu"]["queue_prefill"].is_null(), "{}", recs[0]);
+    assert!(recs[0]["gpu"]["decode"].is_null(), "{}", recs[0]);
+    assert!(gpu_libraries(&agent).is_empty(), "{}", agent.log_text());
+    assert!(!agent.get("/metrics").contains("llmslo_gpu_"));
     drop(srv);
     let _ = std::fs::remove_dir_all(&dir);
 }

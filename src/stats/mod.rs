@@ -130,8 +130,9 @@ pub struct AggregatorConfig {
     pub slots: usize,
     /// Pod labels (Kubernetes keys) whose values `Labels::pod_labels` holds, in order.
     pub pod_labels: Vec<String>,
-    /// HDR significant digits. 2 (quantiles within 1%) rather than 3: memory grows ~8× per
-    /// digit, and a busy label set with all stages already holds ~1.2 MB across 31 slots at 2.
+    /// HDR significant digits (bucket layout of the windows' sparse histograms). 2: quantiles
+    /// within 1%. A slot holds only the buckets its values fell in, so memory grows with the
+    /// distinct values seen, ~8× more of them per extra digit.
     pub sig_figs: u8,
 }
 
