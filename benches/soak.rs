@@ -124,7 +124,7 @@ fn rate_phase(s: &Settings, sp: &ServerPod, agent: &Agent) -> Result<RatePhase> 
     cfg.requests = 10_000_000;
     cfg.max_tokens = Some(200);
     cfg.deadline = Duration::from_secs_f64(s.rate_s);
-    cfg.model = "soak-rate".into();
+    cfg.model = model(0);
     let recs = testbed::loadgen::run(&cfg)?;
     let secs = t0.elapsed().as_secs_f64();
     // The reader drains every 10 ms; give it and the cut-off streams' last records a moment.
@@ -188,20 +188,27 @@ fn request_on(c: &mut TcpStream, model: &str) -> Result<()> {
 struct Sample {
     t_s: f64,
     rss_kib: u64,
+    /// The agent's own memory (heap, stacks): RSS less its binary's pages and the BPF maps it
+    /// has mapped (the ring buffer's data pages are mapped twice and counted twice).
+    anon_kib: u64,
     fds: usize,
 }
 
 fn sample(pid: u32, t0: Instant) -> Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| name.to_string())
+    };
+    let (rss_kib, anon_kib) = (field("VmRSS:")?, field("RssAnon:")?);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok(Sample {
         t_s: t0.elapsed().as_secs_f64(),
         rss_kib,
+        anon_kib,
         fds,
     })
 }
@@ -469,6 +476,7 @@ fn report(
     let first = soak.samples.first().copied();
     let end = soak.samples.last().copied();
     let max = soak.samples.iter().map(|x| x.rss_kib).max().unwrap_or(0);
+    let max_anon = soak.samples.iter().map(|x| x.anon_kib).max().unwrap_or(0);
     let after_warm: Vec<Sample> = match soak.warm {
         Some(w) => soak
             .samples
@@ -480,8 +488,16 @@ fn report(
     };
     let slope = slope_kib_per_min(&after_warm);
     let cell = |x: Option<Sample>| {
-        x.map(|x| format!("{} MiB, {} fds (t = {:.0} s)", mib(x.rss_kib), x.fds, x.t_s))
-            .unwrap_or_else(|| "n/a".into())
+        x.map(|x| {
+            format!(
+                "RSS {} MiB (anonymous {} MiB), {} fds (t = {:.0} s)",
+                mib(x.rss_kib),
+                mib(x.anon_kib),
+                x.fds,
+                x.t_s
+            )
+        })
+        .unwrap_or_else(|| "n/a".into())
     };
     let _ = writeln!(o, "| | |\n|---|---|");
     let _ = writeln!(
@@ -495,7 +511,12 @@ fn report(
         cell(soak.warm)
     );
     let _ = writeln!(o, "| end | {} |", cell(end));
-    let _ = writeln!(o, "| largest RSS | {} MiB |", mib(max));
+    let _ = writeln!(
+        o,
+        "| largest RSS (anonymous) | {} MiB ({} MiB) |",
+        mib(max),
+        mib(max_anon)
+    );
     let _ = writeln!(
         o,
         "| RSS slope after warm-up (least squares) | {slope:+.1} KiB per minute |"
@@ -519,6 +540,6 @@ fn report(
     let _ = writeln!(o);
     let _ = writeln!(o, "Against the goals: zero loss at 100,000 records/s for 60 s — {}; RSS ≤ 64 MiB with 200 label sets and 1,000 open connections — {}.",
         if rate.lost == 0.0 && eps >= 100_000.0 && rate.secs >= 60.0 { "met" } else if rate.lost == 0.0 { "no loss, at the rate reached" } else { "not met (records lost)" },
-        if max <= 64 * 1024 { "met" } else { "not met" });
+        if max <= 64 * 1024 { "met".to_string() } else { format!("not met by RSS; the agent's own (anonymous) memory is {} MiB, the rest its binary's pages and the BPF maps it has mapped", mib(max_anon)) });
     o
 }
