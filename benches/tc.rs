@@ -37,7 +37,9 @@ fn get(addr: SocketAddr, path: &str) -> Option<String> {
     b.starts_with("HTTP/1.1 200").then_some(b)
 }
 
-fn start_agent(veth: &str) -> AgentProc {
+/// The agent with `target` (a process in the pod) as its target: only target pods' veths are
+/// hooked.
+fn start_agent(veth: &str, target: u32) -> AgentProc {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -46,6 +48,7 @@ fn start_agent(veth: &str) -> AgentProc {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new(agent_bin())
         .args(["run", "--no-auto", "--listen", &addr.to_string()])
+        .args(["--target-pid", &target.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -88,10 +91,13 @@ fn main() {
     let pod = testbed::Pod::create("tcbench").expect("pod");
     let to = SocketAddr::new(pod.ip().into(), 9);
     let veth = pod.host_veth().to_string();
+    let mut sleeper = Command::new("sleep");
+    sleeper.arg("600");
+    let target = pod.spawn(sleeper, None).expect("a process in the pod");
     let mut rows = Vec::new();
     for pair in 0..PAIRS {
         let off = blast(to);
-        let agent = start_agent(&veth);
+        let agent = start_agent(&veth, target.pid());
         let on = blast(to);
         drop(agent);
         rows.push((pair + 1, off, on));
@@ -102,7 +108,7 @@ fn main() {
     md += &format!(
         "- date: {}; kernel {}; {} CPUs\n- command (root): `LLMSLO_BENCH_WRITE=1 cargo bench --bench tc`\n\
          - 64-byte UDP datagrams from the root netns into a pod through its host veth, {} s blocks, off/on interleaved; \
-         \"on\" = the agent running with no targets, so its tcx programs on the veth parse every packet and pass it on\n\n",
+         \"on\" = the agent running with a process in the pod as its target, so its tcx programs are on the pod's veth and look at every packet (none is for a traced port) and pass it on\n\n",
         String::from_utf8_lossy(&Command::new("date").arg("-u").arg("+%F %H:%M UTC").output().unwrap().stdout).trim(),
         String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
