@@ -18,33 +18,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{agent_bin, machine, sh, tree, write_doc, Agent, BpfStats};
-use testbed::{CgroupDriver, ClientRecord, LoadConfig, Pod, PodCgroup, PodProcess};
+use common::{
+    env_or, machine, server_pod, sh, tree, write_doc, Agent, BpfStats, ServerPod, PORT, STOP,
+};
+use testbed::{ClientRecord, LoadConfig};
 
 mod common;
 
-const PORT: u16 = 8000;
 /// Whole-run budget: blocks that would not fit are skipped (and the report says so).
 const BUDGET: Duration = Duration::from_secs(330);
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -83,39 +70,6 @@ impl Settings {
 // Cleanup guards: everything undoes itself on Drop (normal return, error, panic).
 
 /// Enables `kernel.bpf_stats_enabled` and restores the previous value on Drop.
-/// The synthetic server in a testbed pod. Field order is drop order: the server dies
-/// before its cgroup and netns go.
-struct ServerPod {
-    _server: PodProcess,
-    cg: PodCgroup,
-    pod: Pod,
-}
-
-fn server_pod(s: &Settings) -> Result<ServerPod> {
-    let pod = Pod::create("bench").context("creating the pod netns")?;
-    let cg = PodCgroup::create(CgroupDriver::Systemd, "burstable").context("pod cgroup")?;
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg0("llmslo-synth-server")
-        .arg("synth-server")
-        .args(["--listen", &format!("0.0.0.0:{PORT}")])
-        .args(["--decode-ms", &s.decode_ms.to_string()])
-        .args(["--tokens", &s.tokens.to_string()])
-        // Enough slots that the CPU, not the server's queue, is what saturates.
-        .args(["--concurrency", "4096"])
-        // Safety net should this process die without dropping the pod.
-        .args(["--max-runtime-s", "900"])
-        .env("HOSTNAME", "bench")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let server = pod.spawn(cmd, Some(&cg)).context("spawning the server")?;
-    pod.wait_for_port(PORT, Duration::from_secs(10))
-        .context("server listening")?;
-    Ok(ServerPod {
-        _server: server,
-        cg,
-        pod,
-    })
-}
 
 // ---------------------------------------------------------------------------------------
 // BPF program statistics.
@@ -379,15 +333,7 @@ fn main() {
         );
         return;
     }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
+    common::catch_signals();
     let t0 = Instant::now();
     let result = std::panic::catch_unwind(|| run(t0));
     match result {
@@ -422,7 +368,8 @@ fn run(t0: Instant) -> Result<String> {
     let s = Settings::from_env();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let stats = BpfStats::enable()?;
-    let sp = server_pod(&s)?;
+    let (decode, tokens) = (s.decode_ms.to_string(), s.tokens.to_string());
+    let sp = server_pod("bench", &["--decode-ms", &decode, "--tokens", &tokens])?;
     let mut r = Run {
         s: s.clone(),
         t0,

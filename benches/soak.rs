@@ -20,32 +20,16 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{agent_bin, machine, tree, write_doc, Agent};
-use testbed::{CgroupDriver, LoadConfig, Pod, PodCgroup, PodProcess};
+use common::{env_or, machine, server_pod, tree, write_doc, Agent, ServerPod, PORT, STOP};
+use testbed::LoadConfig;
 
 mod common;
 
-const PORT: u16 = 8000;
 const AGENT_CONFIG: &str = "crosscheck:\n  enabled: false\n";
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Settings {
     rate_s: f64,
@@ -65,37 +49,6 @@ impl Settings {
             label_sets: env_or("LLMSLO_SOAK_LABEL_SETS", 200),
         }
     }
-}
-
-/// The synthetic server in a testbed pod (field order is drop order).
-struct ServerPod {
-    _server: PodProcess,
-    cg: PodCgroup,
-    pod: Pod,
-}
-
-fn server_pod() -> Result<ServerPod> {
-    let pod = Pod::create("soak").context("creating the pod netns")?;
-    let cg = PodCgroup::create(CgroupDriver::Systemd, "burstable").context("pod cgroup")?;
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg0("llmslo-synth-server")
-        .arg("synth-server")
-        .args(["--listen", &format!("0.0.0.0:{PORT}")])
-        .args(["--decode-ms", "1"])
-        .args(["--write-mode", "split"])
-        .args(["--concurrency", "4096"])
-        .args(["--max-runtime-s", "1200"])
-        .env("HOSTNAME", "soak")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let server = pod.spawn(cmd, Some(&cg)).context("spawning the server")?;
-    pod.wait_for_port(PORT, Duration::from_secs(10))
-        .context("server listening")?;
-    Ok(ServerPod {
-        _server: server,
-        cg,
-        pod,
-    })
 }
 
 fn metric(m: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
@@ -339,15 +292,7 @@ fn main() {
         );
         return;
     }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe {
-            libc::signal(
-                sig,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
-        };
-    }
+    common::catch_signals();
     // 1,000 held connections plus the load generator's: the soft fd limit up to the hard one.
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -389,7 +334,8 @@ fn main() {
 fn run() -> Result<String> {
     let s = Settings::from_env();
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let sp = server_pod()?;
+    // ~2,000 records a second per stream: a token each ms, each SSE event in two writes.
+    let sp = server_pod("soak", &["--decode-ms", "1", "--write-mode", "split"])?;
     let mut agent = Agent::start_with(sp.cg.cgroup_path(), Some(AGENT_CONFIG))?;
     eprintln!("[soak] rate phase: {} s", s.rate_s);
     let rate = rate_phase(&s, &sp, &agent)?;

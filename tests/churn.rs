@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::node::server_pod;
-use common::{kernel_tests_enabled, Agent};
+use common::{fds, kernel_tests_enabled, proc_status, Agent};
 use testbed::{CgroupDriver, LoadConfig, Pod};
 
 const PODS: usize = 500;
@@ -58,21 +58,6 @@ fn add_veths(ns: &str, prefix: &str, range: std::ops::Range<usize>) {
         cmds += &format!("link set {host} up\n");
     }
     ip_batch(&cmds);
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 fn pod_veths(agent: &Agent, prefix: &str) -> usize {

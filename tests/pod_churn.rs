@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apiserver::ApiServer;
-use common::{http_get, kernel_tests_enabled, Agent};
+use common::{fds, http_get, kernel_tests_enabled, proc_status, Agent};
 use serde_json::{json, Value};
 use testbed::{CgroupDriver, LoadConfig, Pod, PodCgroup, PodProcess};
 
@@ -46,21 +46,6 @@ fn env_usize(key: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 /// One pod: its server dies before its cgroup goes (field order is drop order).

@@ -5,11 +5,42 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use testbed::{CgroupDriver, Pod, PodCgroup, PodProcess};
+
+/// Set by SIGINT/SIGTERM (see [`catch_signals`]): the bench stops at the next block and cleans up.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set [`STOP`] instead of killing the bench (whose set-up must be undone).
+pub fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+/// The environment variable `name` parsed, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -305,4 +336,41 @@ pub fn write_doc(name: &str, report: &str) -> Result<PathBuf> {
     };
     std::fs::write(&path, new)?;
     Ok(path)
+}
+
+/// Where the synthetic server listens in its pod.
+pub const PORT: u16 = 8000;
+
+/// The synthetic server in a testbed pod (netns + kubelet-style cgroup). Field order is drop
+/// order: the server dies before its cgroup and netns go.
+pub struct ServerPod {
+    _server: PodProcess,
+    pub cg: PodCgroup,
+    pub pod: Pod,
+}
+
+/// Starts `llmslo-synth-server` with `args` in a new pod named `name`, and waits for its port.
+pub fn server_pod(name: &str, args: &[&str]) -> Result<ServerPod> {
+    let pod = Pod::create(name).context("creating the pod netns")?;
+    let cg = PodCgroup::create(CgroupDriver::Systemd, "burstable").context("pod cgroup")?;
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg0("llmslo-synth-server")
+        .arg("synth-server")
+        .args(["--listen", &format!("0.0.0.0:{PORT}")])
+        .args(args)
+        // Enough slots that the CPU, not the server's queue, is what saturates.
+        .args(["--concurrency", "4096"])
+        // Safety net should this process die without dropping the pod.
+        .args(["--max-runtime-s", "1200"])
+        .env("HOSTNAME", name)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = pod.spawn(cmd, Some(&cg)).context("spawning the server")?;
+    pod.wait_for_port(PORT, Duration::from_secs(10))
+        .context("server listening")?;
+    Ok(ServerPod {
+        _server: server,
+        cg,
+        pod,
+    })
 }
