@@ -3,8 +3,7 @@
 #![allow(dead_code)] // each bench uses its own part
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -249,40 +248,8 @@ impl Drop for Agent {
     }
 }
 
-/// GET over a fresh connection; (status, body), chunked bodies decoded.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok((code, body.to_string()));
-    }
-    let (mut rest, mut out) = (body, String::new());
-    while let Some((size, r)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || r.len() < n {
-            break;
-        }
-        out.push_str(&r[..n]);
-        rest = r[n..].trim_start_matches("\r\n");
-    }
-    Ok((code, out))
-}
+/// GET over a fresh connection; (status, body), a chunked body decoded.
+pub use testbed::http::get as http_get;
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
