@@ -336,15 +336,6 @@ fn listen_rows(table: &str) -> Vec<(u64, u16)> {
         .collect()
 }
 
-/// Local ports of LISTEN (state 0A) rows of /proc/net/tcp{,6} whose socket inode is in `inodes`.
-pub fn parse_listeners(table: &str, inodes: &BTreeSet<u64>) -> Vec<u16> {
-    listen_rows(table)
-        .into_iter()
-        .filter(|(inode, _)| inodes.contains(inode))
-        .map(|(_, port)| port)
-        .collect()
-}
-
 fn read_cmdline(proc_root: &Path, pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
     let args: Vec<String> = raw
@@ -881,8 +872,8 @@ mod tests {
    0: 00000000:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
    1: 0100007F:1F41 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 999 1 0000000000000000 100 0 0 10 0\n\
    2: 0200F40A:1F40 0100F40A:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0\n";
-        let inodes: BTreeSet<u64> = [4242, 4243].into();
-        assert_eq!(parse_listeners(t, &inodes), vec![8000]);
+        // LISTEN rows only (the established 4243 is not one), with their socket inodes.
+        assert_eq!(listen_rows(t), vec![(4242, 8000), (999, 8001)]);
     }
 
     #[test]
