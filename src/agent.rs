@@ -138,7 +138,8 @@ pub struct Shared {
     pub otlp: Option<crate::otlp::Otlp>,
     /// Cross-check against the servers' own metrics, when enabled.
     pub crosscheck: Option<Arc<crate::crosscheck::Crosscheck>>,
-    bpf_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The threads that hold attached programs and detach them once `stop` is set.
+    hook_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 pub fn unix_now() -> u64 {
@@ -189,7 +190,7 @@ impl Shared {
                     cfg.max_label_sets,
                 ))
             }),
-            bpf_thread: Mutex::new(None),
+            hook_threads: Mutex::new(Vec::new()),
         }))
     }
 
@@ -568,9 +569,14 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
         auth,
         crate::serve::require_token,
     ));
+    // Detaching waits for RCU grace periods, one after another (see `netpath::Expedite`):
+    // expedited from the signal until every program is detached.
+    let fast = Arc::new(Mutex::new(None));
+    let fast2 = fast.clone();
     let shutdown = async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
+        *fast2.lock().expect("expedite lock") = Some(crate::netpath::Expedite::teardown());
         stop.stop.store(true, Ordering::SeqCst);
     };
     match tls {
@@ -584,10 +590,22 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
                 .await?
         }
     }
+    let t0 = Instant::now();
     shared.stop.store(true, Ordering::SeqCst);
-    if let Some(h) = shared.bpf_thread.lock().expect("thread lock").take() {
+    let threads = std::mem::take(&mut *shared.hook_threads.lock().expect("thread lock"));
+    for h in threads {
         let _ = h.join();
     }
+    let expedited = fast
+        .lock()
+        .expect("expedite lock")
+        .take()
+        .is_some_and(|g| g.active());
+    tracing::info!(
+        took_ms = t0.elapsed().as_millis() as u64,
+        expedited,
+        "every program detached"
+    );
     if let Some(x) = &shared.otlp {
         x.shutdown(Duration::from_secs(5));
     }
@@ -630,7 +648,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
     // The first scan runs before the programs attach, so targets are in place from the start.
     tx.send(dl.scan(&shared.k8s)).ok();
     let h = start_bpf(cfg, shared.clone(), rx)?;
-    *shared.bpf_thread.lock().expect("thread lock") = Some(h);
+    shared.hook_threads.lock().expect("thread lock").push(h);
     match crate::procwatch::spawn(
         dl.cfg.proc_root.clone(),
         dl.cfg.signatures.clone(),
@@ -638,11 +656,14 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         !dl.cfg.select.is_empty(),
         shared.clone(),
     ) {
-        Ok(progs) => shared
-            .programs
-            .write()
-            .expect("programs lock")
-            .extend(progs),
+        Ok((progs, h)) => {
+            shared
+                .programs
+                .write()
+                .expect("programs lock")
+                .extend(progs);
+            shared.hook_threads.lock().expect("thread lock").push(h);
+        }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "exec/exit tracepoints not attached: new servers are found at the next poll");
         }

@@ -3,6 +3,8 @@
 //! the interfaces a hook plan names (tcx links on kernels >= 6.6, clsact filters below).
 
 mod clsact;
+mod rcu;
+pub use rcu::Expedite;
 mod tcdump;
 
 use std::collections::BTreeMap;
@@ -116,6 +118,7 @@ impl NetPath {
     pub fn load(l7: &L7Skel<'static>, tcx: bool, netfilter: bool) -> Result<NetPath> {
         // Filters a crashed agent left would stamp packets alongside ours: remove them first.
         let state = clsact::state_dir();
+        rcu::restore_stale(&state, std::path::Path::new(rcu::KNOB));
         let swept = clsact::sweep_stale(&state);
         if swept > 0 {
             tracing::info!(
@@ -366,8 +369,11 @@ impl NetPath {
 impl Drop for NetPath {
     fn drop(&mut self) {
         // tcx links detach as they close (concurrently: see `detach_concurrently`); clsact
-        // filters go with the ledger's own drop, which removes them all and rewrites its file
-        // once, not once per device.
+        // filters go in one pass of the ledger, which rewrites its file once, not once per
+        // device. Both wait for an RCU grace period per device under RTNL: expedited ones
+        // while we detach (see `rcu`).
+        let t0 = std::time::Instant::now();
+        let devices = self.attached.len();
         let mut links = std::mem::take(&mut self._tcp_links);
         links.append(&mut self._nf_links);
         for (_, a) in std::mem::take(&mut self.attached) {
@@ -375,6 +381,14 @@ impl Drop for NetPath {
                 links.append(&mut l);
             }
         }
+        let fast = rcu::Expedite::teardown();
         crate::loader::detach_concurrently(links);
+        self.ledger.release_all();
+        tracing::info!(
+            devices,
+            expedited = fast.active() || rcu::Expedite::on(),
+            took_ms = t0.elapsed().as_millis() as u64,
+            "network hooks detached"
+        );
     }
 }

@@ -78,23 +78,27 @@ fn wants_rescan(
 }
 
 /// Loads and attaches the two tracepoints and starts the thread that reads their events.
-/// Returns the attached programs (for `/api/v1/targets`).
+/// Returns the attached programs (for `/api/v1/targets`) and the thread, which detaches them
+/// once `shared.stop` is set.
 pub fn spawn(
     proc_root: PathBuf,
     signatures: Vec<String>,
     auto: bool,
     select: bool,
     shared: Arc<Shared>,
-) -> Result<Vec<AttachedProg>> {
+) -> Result<(Vec<AttachedProg>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<AttachedProg>>>(1);
-    std::thread::Builder::new()
+    let h = std::thread::Builder::new()
         .name("llmslo-procwatch".into())
         .spawn(move || {
             if let Err(e) = run(&proc_root, &signatures, auto, select, &shared, &tx) {
                 let _ = tx.try_send(Err(e));
             }
         })?;
-    rx.recv().context("process watcher died during start-up")?
+    let progs = rx
+        .recv()
+        .context("process watcher died during start-up")??;
+    Ok((progs, h))
 }
 
 fn run(

@@ -133,12 +133,19 @@ impl Ledger {
     }
 }
 
-impl Drop for Ledger {
-    fn drop(&mut self) {
+impl Ledger {
+    /// Removes every filter (and qdisc of ours) the ledger holds; the ledger file goes too.
+    pub fn release_all(&mut self) {
         for dev in std::mem::take(&mut self.devices).into_values() {
             remove(&dev);
         }
         self.save();
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.release_all();
     }
 }
 
@@ -275,7 +282,7 @@ fn ifname(ifindex: i32) -> Option<String> {
 }
 
 /// Field 22 of /proc/<pid>/stat; None when there is no such process.
-fn start_time(pid: u32) -> Option<u64> {
+pub(super) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from its end.
     let rest = &stat[stat.rfind(')')? + 2..];
