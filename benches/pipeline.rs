@@ -201,7 +201,7 @@ fn check(records: &[Vec<u8>]) {
         assert!(r.streaming && !r.aborted && r.status == Some(200), "{r:?}");
         assert_eq!(r.output_events as usize, TOKENS);
         assert_eq!(r.output_tokens, Some(TOKENS as u32));
-        assert_eq!(r.itl_ms.len(), TOKENS - 1);
+        assert_eq!(r.token_ns.itl_ms().count(), TOKENS - 1);
         assert_eq!(r.path.as_deref(), Some("/v1/chat/completions"));
         assert_eq!(r.model.as_deref(), Some("meta-llama/Llama-3.1-8B-Instruct"));
         assert!(r.ttft_ms.is_some() && r.e2e_ms.is_some());

@@ -171,7 +171,7 @@ mod tests {
             e2e_ms: (!aborted).then_some(e2e),
             ttft_ms: Some(e2e / 10.0),
             aborted,
-            token_ns: vec![1, 2],
+            token_ns: vec![1, 2].into(),
             ..Default::default()
         })
     }

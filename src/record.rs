@@ -295,6 +295,9 @@ impl Serialize for Stages {
     }
 }
 
+mod tokens;
+pub use tokens::TokenTimes;
+
 pub fn ns_to_ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -336,7 +339,9 @@ pub struct RequestRecord {
     pub ttft_ms: Option<f64>,
     pub tpot_ms: Option<f64>,
     pub e2e_ms: Option<f64>,
-    pub itl_ms: Vec<f64>,
+    /// Write time of every content event; in the JSON record, the gaps between them (`itl_ms`).
+    #[serde(rename = "itl_ms", serialize_with = "tokens::serialize_itl_ms")]
+    pub token_ns: TokenTimes,
     pub timestamps: Timestamps,
     pub stages: Stages,
     /// Run-queue wait (ms) of the server thread that served the request, per server-side stage
@@ -349,9 +354,6 @@ pub struct RequestRecord {
     /// The sidecar proxy the request passed through (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarInfo>,
-    /// Write time of every content event, for traces; not part of the JSON record.
-    #[serde(skip)]
-    pub token_ns: Vec<u64>,
     /// Cgroup and connection identity, for labelling and joins; not in the JSON record.
     #[serde(skip)]
     pub cgroup_id: u64,
@@ -424,14 +426,10 @@ impl RequestRecord {
         } else {
             since_start(self.end_ns)
         };
-        self.itl_ms = self
-            .token_ns
-            .windows(2)
-            .map(|w| ns_to_ms(w[1].saturating_sub(w[0])))
-            .collect();
-        self.tpot_ms = match self.token_ns.as_slice() {
-            [first, .., last] => {
-                Some(ns_to_ms(last.saturating_sub(*first)) / (self.token_ns.len() - 1) as f64)
+        self.token_ns.shrink_to_fit();
+        self.tpot_ms = match (self.token_ns.first(), self.token_ns.last()) {
+            (Some(first), Some(last)) if self.token_ns.len() > 1 => {
+                Some(ns_to_ms(last.saturating_sub(first)) / (self.token_ns.len() - 1) as f64)
             }
             _ => None,
         };
@@ -456,7 +454,7 @@ mod tests {
     fn rec(pairs: &[(Ts, u64)], tokens: &[u64]) -> RequestRecord {
         let mut r = RequestRecord {
             streaming: !tokens.is_empty(),
-            token_ns: tokens.to_vec(),
+            token_ns: tokens.to_vec().into(),
             ..Default::default()
         };
         for &(t, v) in pairs {
@@ -490,7 +488,7 @@ mod tests {
         assert_eq!(r.ttft_ms, Some(9.0));
         assert_eq!(r.ttfb_ms, Some(2.0));
         assert_eq!(r.e2e_ms, Some(29.0));
-        assert_eq!(r.itl_ms, vec![10.0, 9.0]);
+        assert_eq!(r.token_ns.itl_ms().collect::<Vec<_>>(), vec![10.0, 9.0]);
         assert_eq!(r.tpot_ms, Some(9.5));
         assert_eq!(r.stages.get(Stage::SocketWait), Some(500_000));
         assert_eq!(r.stages.get(Stage::RequestRead), Some(500_000));

@@ -147,7 +147,7 @@ fn exported_by_the_agent() -> BTreeSet<String> {
         model: Some(MODEL.into()),
         status: Some(200),
         streaming: true,
-        token_ns: vec![40_000_000, 41_000_000],
+        token_ns: vec![40_000_000, 41_000_000].into(),
         ..Default::default()
     };
     for (t, v) in [

@@ -710,7 +710,7 @@ fn synthetic(id: u64) -> Arc<RequestRecord> {
         status: Some(200),
         streaming: true,
         output_tokens: Some(2),
-        token_ns: vec![5_000_000, 6_000_000],
+        token_ns: vec![5_000_000, 6_000_000].into(),
         dst: "10.0.0.1:8000".into(),
         ..Default::default()
     };

@@ -114,7 +114,7 @@ fn record(ttft_ms: u64, status: u16, namespace: &str) -> RequestRecord {
         status: Some(status),
         namespace: Some(namespace.into()),
         model: Some("llama".into()),
-        token_ns: vec![ttft_ms * MS, (ttft_ms + 20) * MS],
+        token_ns: vec![ttft_ms * MS, (ttft_ms + 20) * MS].into(),
         ..Default::default()
     };
     r.timestamps.set(Ts::ReadFirst, 0);

@@ -211,7 +211,7 @@ fn root_attributes(rec: &RequestRecord, why: KeptBecause) -> Vec<KeyValue> {
             a.push(kv(k, v));
         }
     }
-    if let Some(max) = rec.itl_ms.iter().copied().reduce(f64::max) {
+    if let Some(max) = rec.token_ns.itl_ms().reduce(f64::max) {
         a.push(kv("llmslo.itl_max_ms", max));
     }
     a.push(kv("llmslo.request_bytes", rec.request_bytes as i64));
@@ -260,7 +260,7 @@ pub fn record_spans(rec: &RequestRecord, why: KeptBecause, o: &TraceOpts) -> Opt
         .timestamps
         .iter()
         .map(|(_, v)| v)
-        .chain(rec.token_ns.iter().copied())
+        .chain(rec.token_ns.iter())
         .max()
         .unwrap_or(start);
     let end = rec.end_ns.unwrap_or(latest).max(start);
@@ -283,7 +283,7 @@ pub fn record_spans(rec: &RequestRecord, why: KeptBecause, o: &TraceOpts) -> Opt
         Status::Unset
     };
     let mut events = SpanEvents::default();
-    for (i, &t) in rec.token_ns.iter().take(o.token_events).enumerate() {
+    for (i, t) in rec.token_ns.iter().take(o.token_events).enumerate() {
         events.events.push(Event::new(
             "llmslo.token",
             o.clock.unix(t),

@@ -45,7 +45,7 @@ fn streamed() -> RequestRecord {
         output_tokens: Some(3),
         prompt_tokens: Some(120),
         pod: Some("vllm-0".into()),
-        token_ns: vec![10_000, 12_000, 15_000],
+        token_ns: vec![10_000, 12_000, 15_000].into(),
         ..Default::default()
     };
     for (t, v) in [
@@ -237,7 +237,7 @@ fn aborted_request_ends_at_its_last_timestamp_with_error_status() {
         streaming: true,
         method: Some("POST".into()),
         path: Some("/v1/completions".into()),
-        token_ns: vec![5_000],
+        token_ns: vec![5_000].into(),
         ..Default::default()
     };
     r.timestamps.set(Ts::ReadFirst, 1_000);

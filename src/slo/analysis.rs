@@ -299,9 +299,9 @@ mod tests {
         r.timestamps.set(Ts::SockQueued, 0);
         r.timestamps.set(Ts::ReadFirst, ms);
         r.timestamps.set(Ts::ReadDone, 2 * ms);
-        r.token_ns = vec![(2 + prefill_ms) * ms, (3 + prefill_ms) * ms];
-        r.timestamps.set(Ts::Token1, r.token_ns[0]);
-        r.timestamps.set(Ts::TokenN, r.token_ns[1]);
+        r.token_ns = vec![(2 + prefill_ms) * ms, (3 + prefill_ms) * ms].into();
+        r.timestamps.set(Ts::Token1, (2 + prefill_ms) * ms);
+        r.timestamps.set(Ts::TokenN, (3 + prefill_ms) * ms);
         r.timestamps.set(Ts::RespLast, (4 + prefill_ms) * ms);
         r.finish(false);
         r

@@ -42,7 +42,7 @@ impl Metric {
     fn value_ms(self, rec: &RequestRecord) -> Option<f64> {
         let v = match self {
             Metric::Ttft => rec.ttft_ms,
-            Metric::Itl => rec.itl_ms.iter().copied().reduce(f64::max),
+            Metric::Itl => rec.token_ns.itl_ms().reduce(f64::max),
             Metric::Tpot => rec.tpot_ms,
             Metric::E2e => rec.e2e_ms,
             Metric::Stage(s) => rec.stages.get(s).map(ns_to_ms),

@@ -25,7 +25,7 @@ fn streamed(ttft_ms: u64, gaps_ms: &[u64], complete: bool) -> RequestRecord {
         r.timestamps.set(Ts::RespLast, last + MS);
     }
     r.aborted = !complete;
-    r.token_ns = tokens;
+    r.token_ns = tokens.into();
     r.finish(false);
     r
 }
@@ -115,7 +115,7 @@ fn missing_metric_on_completed_request_is_not_counted() {
 fn single_token_stream_meets_itl_and_tpot() {
     let r = stream(100, &[]);
     assert_eq!(r.tpot_ms, None);
-    assert!(r.itl_ms.is_empty());
+    assert_eq!(r.token_ns.itl_ms().count(), 0);
     assert_eq!(lat("itl", 1.0, &r), (Good, Good));
     assert_eq!(lat("tpot", 1.0, &r), (Good, Good));
 }

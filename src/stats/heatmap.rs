@@ -65,7 +65,7 @@ impl Heatmap {
         if let Some(v) = rec.ttft_ms {
             self.add(0, slot, v / 1e3);
         }
-        for &g in &rec.itl_ms {
+        for g in rec.token_ns.itl_ms() {
             self.add(1, slot, g / 1e3);
         }
         if let Some(v) = rec.tpot_ms {
@@ -126,9 +126,16 @@ mod tests {
     use super::*;
 
     fn rec(ttft_ms: f64, itl: &[f64]) -> RequestRecord {
+        // Token times whose gaps are `itl` (ms).
+        let mut t = 1_000_000_000u64;
+        let mut times = vec![t];
+        for g in itl {
+            t += (g * 1e6).round() as u64;
+            times.push(t);
+        }
         RequestRecord {
             ttft_ms: Some(ttft_ms),
-            itl_ms: itl.to_vec(),
+            token_ns: times.into(),
             e2e_ms: Some(100.0),
             ..Default::default()
         }

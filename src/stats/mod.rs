@@ -265,7 +265,7 @@ impl Series {
                 self.hists[m].observe(spec(m), v);
             }
         }
-        for g in rec.itl_ms.iter().filter_map(|&g| ms_to_ns(g)) {
+        for g in rec.token_ns.gaps() {
             self.hists[ITL].observe(spec(ITL), g);
         }
         for (s, v) in rec.stages.iter() {
@@ -297,7 +297,7 @@ impl Series {
                     d.observe(m, v, sf);
                 }
             }
-            for g in rec.itl_ms.iter().filter_map(|&g| ms_to_ns(g)) {
+            for g in rec.token_ns.gaps() {
                 d.observe(ITL, g, sf);
             }
             for (s, v) in rec.stages.iter() {

@@ -15,7 +15,7 @@ const MS: u64 = 1_000_000;
 fn rec(pairs: &[(Ts, u64)], tokens: &[u64], status: u16) -> RequestRecord {
     let mut r = RequestRecord {
         streaming: !tokens.is_empty(),
-        token_ns: tokens.to_vec(),
+        token_ns: tokens.to_vec().into(),
         status: Some(status),
         request_bytes: 100,
         response_bytes: 1000,
