@@ -43,6 +43,16 @@ static __always_inline bool tgid_is_target(__u32 tgid)
 	return target_tgid_bits[byte] & (1 << (tgid & 7));
 }
 
+/* The calling process's tgid (the root namespace's pid, as bpf_get_current_pid_tgid() gives
+ * it) through the task pointer, which recent x86-64 JITs inline into a per-CPU load, where
+ * bpf_get_current_pid_tgid() stays a helper call. Measured here (scripts/syscall-cost.sh,
+ * bpf_stats): a target's enter_write 224 -> 210 ns, raw sys_enter 257 -> 239; an untargeted
+ * call's 66 ns unchanged (the run-time accounting's own clock reads dominate it). */
+static __always_inline __u32 current_tgid(void)
+{
+	return bpf_get_current_task_btf()->tgid;
+}
+
 /* Set by userspace before load: the run-queue programs are loaded, so events carry their
  * thread's run-queue wait (without them the verifier drops that read). */
 const volatile __u32 runq_on = 0;
@@ -102,7 +112,7 @@ static __always_inline bool active_put(const struct active_io *a)
  * enter (active_clear) before anything could take it. */
 static __always_inline bool active_take(struct active_io *out)
 {
-	if (!n_cgroup_targets && !tgid_is_target(bpf_get_current_pid_tgid() >> 32))
+	if (!n_cgroup_targets && !tgid_is_target(current_tgid()))
 		return false;
 	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
 	if (!slot || !slot->kind)
@@ -158,7 +168,7 @@ static __always_inline __u64 head_off(__u64 v)
 
 static __always_inline bool is_target(void)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = current_tgid();
 	if (tgid_is_target(tgid))
 		return true;
 	if (!n_cgroup_targets)
