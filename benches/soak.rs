@@ -13,6 +13,9 @@
 //! every 10 s: the report gives them after the first full cycle (everything warm) and at the end,
 //! the largest RSS, and the slope of a least-squares line through the samples after warm-up.
 //!
+//! `LLMSLO_SOAK_RINGBUF` (bytes, a power of two) and `LLMSLO_SOAK_RECENT` run the agent with
+//! another `ringbuf_bytes` and `recent_requests`.
+//!
 //! Needs root (skips loudly otherwise). Prints a markdown report; with LLMSLO_BENCH_WRITE=1
 //! rewrites the soak section of docs/BENCHMARKS.md. `make bench-soak` runs it (~12 minutes).
 
@@ -336,7 +339,18 @@ fn run() -> Result<String> {
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     // ~2,000 records a second per stream: a token each ms, each SSE event in two writes.
     let sp = server_pod("soak", &["--decode-ms", "1", "--write-mode", "split"])?;
-    let mut agent = Agent::start_with(sp.cg.cgroup_path(), Some(AGENT_CONFIG))?;
+    // `LLMSLO_SOAK_RINGBUF` (bytes): another ring buffer size than the agent's default;
+    // `LLMSLO_SOAK_RECENT`: another `recent_requests`.
+    let mut config = AGENT_CONFIG.to_string();
+    for (var, key) in [
+        ("LLMSLO_SOAK_RINGBUF", "ringbuf_bytes"),
+        ("LLMSLO_SOAK_RECENT", "recent_requests"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            writeln!(config, "{key}: {}", v.trim())?;
+        }
+    }
+    let mut agent = Agent::start_with(sp.cg.cgroup_path(), Some(&config))?;
     eprintln!("[soak] rate phase: {} s", s.rate_s);
     let rate = rate_phase(&s, &sp, &agent)?;
     eprintln!("[soak] soak phase: {} s", s.soak_s);

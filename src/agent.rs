@@ -293,6 +293,7 @@ fn bpf_thread(
         ..Default::default()
     };
     let mut last_conn_walk: Option<Instant> = None;
+    let mut last_trim = Instant::now();
     let mut progs = l7.progs.clone();
     let mut verifier = l7.verifier.clone();
     let mut netpath = if network {
@@ -407,6 +408,10 @@ fn bpf_thread(
             let (read, bad) = *counters.borrow();
             let counters = l7.stats.read();
             // Walking the connection map costs a syscall per entry: every 5 s.
+            if last_trim.elapsed() >= TRIM_EVERY {
+                last_trim = Instant::now();
+                release_free_heap();
+            }
             if last_conn_walk.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 last_conn_walk = Some(Instant::now());
                 let live = l7.conns.live();
@@ -434,6 +439,20 @@ fn bpf_thread(
     drop(gpu);
     tracing::info!("BPF thread stopped; detaching programs");
     Ok(())
+}
+
+/// How often freed heap pages go back to the kernel (see `release_free_heap`).
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Hands the heap's free pages back to the kernel. Records come and go in bursts (a record's
+/// token list grows while it streams, then is shrunk to size): glibc keeps what was freed in
+/// its arenas, and the RSS of a busy minute would otherwise stay. A few ms every 30 s.
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and releases glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// What the discovery loop needs besides the scan config.

@@ -83,23 +83,40 @@ impl Ts {
     }
 }
 
+/// Marks an absent value in the arrays below (`Option<u64>` would take twice the room, and
+/// the recent-request store keeps thousands of records). No CLOCK_MONOTONIC time and no stage
+/// reaches it.
+const ABSENT: u64 = u64::MAX;
+
+fn present(v: u64) -> Option<u64> {
+    (v != ABSENT).then_some(v)
+}
+
 /// The timestamps of one request that were seen (CLOCK_MONOTONIC ns).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Timestamps([Option<u64>; Ts::ALL.len()]);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timestamps([u64; Ts::ALL.len()]);
+
+impl Default for Timestamps {
+    fn default() -> Timestamps {
+        Timestamps([ABSENT; Ts::ALL.len()])
+    }
+}
 
 impl Timestamps {
     pub fn get(&self, t: Ts) -> Option<u64> {
-        self.0[t as usize]
+        present(self.0[t as usize])
     }
     pub fn set(&mut self, t: Ts, ns: u64) {
-        self.0[t as usize] = Some(ns);
+        self.0[t as usize] = ns;
     }
     pub fn clear(&mut self, t: Ts) {
-        self.0[t as usize] = None;
+        self.0[t as usize] = ABSENT;
     }
     /// Sets `t` only if it was not seen yet.
     pub fn set_first(&mut self, t: Ts, ns: u64) {
-        self.0[t as usize].get_or_insert(ns);
+        if self.0[t as usize] == ABSENT {
+            self.0[t as usize] = ns;
+        }
     }
     pub fn iter(&self) -> impl Iterator<Item = (Ts, u64)> + '_ {
         Ts::ALL.iter().filter_map(|&t| self.get(t).map(|v| (t, v)))
@@ -173,12 +190,18 @@ impl Stage {
 }
 
 /// Stage durations in ns, absent when either end was not seen.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stages([Option<u64>; 12]);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stages([u64; 12]);
+
+impl Default for Stages {
+    fn default() -> Stages {
+        Stages([ABSENT; 12])
+    }
+}
 
 impl Stages {
     pub fn get(&self, s: Stage) -> Option<u64> {
-        self.0[s as usize]
+        present(self.0[s as usize])
     }
     /// Sum of the stages inside E2E (equal to E2E when the request's ends were seen).
     pub fn in_e2e_sum(&self) -> u64 {
@@ -199,7 +222,7 @@ impl Stages {
     pub fn compute(ts: &Timestamps, first_on_conn: bool, streaming: bool) -> Stages {
         let mut st = Stages::default();
         for (s, a, b) in Stages::intervals(ts, first_on_conn, streaming) {
-            st.0[s as usize] = Some(b - a);
+            st.0[s as usize] = (b - a).min(ABSENT - 1);
         }
         st
     }
@@ -350,7 +373,7 @@ pub struct RequestRecord {
     pub cpu_runqueue_wait_ms: Option<crate::inside::RunqWait>,
     /// The server cgroup's GPU activity per server-side stage; null when it has no GPU
     /// counters (no libcuda probed).
-    pub gpu: Option<crate::inside::GpuStages>,
+    pub gpu: Option<Box<crate::inside::GpuStages>>,
     /// The sidecar proxy the request passed through (absent without one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarInfo>,
@@ -434,7 +457,8 @@ impl RequestRecord {
             _ => None,
         };
         self.stages = Stages::compute(&self.timestamps, first_on_conn, self.streaming);
-        (self.cpu_runqueue_wait_ms, self.gpu) = crate::inside::compute(&self.marks, &self.stages);
+        let (runq, gpu) = crate::inside::compute(&self.marks, &self.stages);
+        (self.cpu_runqueue_wait_ms, self.gpu) = (runq, gpu.map(Box::new));
         if let Some(sc) = self.sidecar.as_mut() {
             sc.outbound_first_token_ms = match (
                 self.timestamps.get(Ts::Token1),

@@ -318,7 +318,10 @@ fn coalesced_chunks_with_gap_regain_framing() {
     let end = s.write(SOCK, b"0\r\n\r\n").0;
     let r = &s.recs[0];
     assert!(!r.aborted);
-    assert_eq!((r.token_ns.first(), r.token_ns.last()), (Some(t0), Some(t1)));
+    assert_eq!(
+        (r.token_ns.first(), r.token_ns.last()),
+        (Some(t0), Some(t1))
+    );
     assert_eq!(
         (r.output_tokens, r.timestamps.get(Ts::RespLast)),
         (Some(42), Some(end))
