@@ -260,7 +260,10 @@ fn hot_path(c: &mut Criterion) {
     // `Store::push` (labels + Aggregator::record + the recent-requests ring).
     let mut asm = Assembler::new(AssemblerConfig::default());
     let mut store = Store::new(
-        RECENT,
+        (
+            RECENT,
+            llm_slo_agent::config::Config::default().recent_requests_bytes,
+        ),
         Aggregator::new(AggregatorConfig::default()),
         llm_slo_agent::slo::SloEngine::new(vec![]).expect("no SLOs"),
     );

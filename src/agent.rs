@@ -25,6 +25,10 @@ use crate::stats::{route_of, Aggregator, AggregatorConfig, Labels};
 pub struct Store {
     pub recent: VecDeque<Arc<RequestRecord>>,
     cap: usize,
+    /// Most bytes (`RequestRecord::heap_bytes`) the recent records may hold together.
+    byte_cap: usize,
+    /// What they hold now.
+    pub recent_bytes: usize,
     pub agg: Aggregator,
     pub slo: crate::slo::SloEngine,
     pub heatmap: crate::stats::heatmap::Heatmap,
@@ -34,10 +38,17 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(cap: usize, agg: Aggregator, slo: crate::slo::SloEngine) -> Store {
+    /// Keeps at most `cap` recent records holding at most `byte_cap` bytes together.
+    pub fn new(
+        (cap, byte_cap): (usize, usize),
+        agg: Aggregator,
+        slo: crate::slo::SloEngine,
+    ) -> Store {
         Store {
             recent: VecDeque::with_capacity(cap.min(4096)),
             cap,
+            byte_cap,
+            recent_bytes: 0,
             agg,
             slo,
             heatmap: Default::default(),
@@ -67,13 +78,22 @@ impl Store {
         };
         let violated = self.slo.observe(&rec, &labels.route, now_s);
         self.agg.record(&rec, labels, now_s);
-        if self.recent.len() == self.cap {
-            self.recent.pop_front();
+        // Oldest out until both the count and the bytes fit (a record of many tokens weighs
+        // more: memory stays bounded whatever the generations' length).
+        let bytes = rec.heap_bytes();
+        while self.recent.len() >= self.cap
+            || (!self.recent.is_empty() && self.recent_bytes + bytes > self.byte_cap)
+        {
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes = self.recent_bytes.saturating_sub(old.heap_bytes());
         }
         self.heatmap.record(&rec, now_s);
         let rec = Arc::new(rec);
         let why = self.abnormal.record(&rec, violated, now_s);
         self.recent.push_back(rec.clone());
+        self.recent_bytes += bytes;
         (rec, why)
     }
 }
@@ -164,7 +184,7 @@ impl Shared {
             pod_labels: cfg.kubernetes.labels.clone(),
             ..Default::default()
         });
-        let mut store = Store::new(cfg.recent_requests, agg, slo);
+        let mut store = Store::new((cfg.recent_requests, cfg.recent_requests_bytes), agg, slo);
         store.pod_label_keys.clone_from(&cfg.kubernetes.labels);
         Ok(Arc::new(Shared {
             store: Mutex::new(store),
@@ -704,5 +724,80 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    fn store(cap: usize, bytes: usize) -> Store {
+        Store::new(
+            (cap, bytes),
+            Aggregator::new(AggregatorConfig::default()),
+            crate::slo::SloEngine::new(vec![]).expect("no SLOs"),
+        )
+    }
+
+    fn rec(id: u64, tokens: u64) -> RequestRecord {
+        let mut r = RequestRecord {
+            id,
+            streaming: true,
+            token_ns: (0..tokens)
+                .map(|i| 1_000_000_000 + i * 20_000_000)
+                .collect::<Vec<_>>()
+                .into(),
+            ..Default::default()
+        };
+        r.finish(true);
+        r
+    }
+
+    #[test]
+    fn the_count_bounds_short_records() {
+        let mut s = store(100, 64 << 20);
+        for i in 0..1_000 {
+            s.push(rec(i, 2), 1);
+        }
+        assert_eq!(s.recent.len(), 100);
+        assert_eq!(s.recent.front().unwrap().id, 900, "the oldest went first");
+        let sum: usize = s.recent.iter().map(|r| r.heap_bytes()).sum();
+        assert_eq!(s.recent_bytes, sum);
+    }
+
+    #[test]
+    fn the_bytes_bound_long_records() {
+        let long = rec(0, 4_000).heap_bytes();
+        assert!(long > 16_000, "4,000 tokens weigh: {long}");
+        let cap = 100 * long;
+        let mut s = store(10_000, cap);
+        for i in 0..1_000 {
+            s.push(rec(i, 4_000), 1);
+        }
+        assert_eq!(s.recent.len(), 100, "the bytes bind before the count");
+        assert!(s.recent_bytes <= cap);
+        assert_eq!(s.recent.back().unwrap().id, 999);
+        // Short ones after long ones: the long ones leave until both bounds hold.
+        for i in 1_000..1_200 {
+            s.push(rec(i, 2), 1);
+        }
+        let sum: usize = s.recent.iter().map(|r| r.heap_bytes()).sum();
+        assert_eq!(s.recent_bytes, sum);
+        assert!(s.recent_bytes <= cap);
+        assert_eq!(s.recent.back().unwrap().id, 1_199);
+    }
+
+    #[test]
+    fn one_record_over_the_bound_is_still_kept() {
+        let mut s = store(10, 64 << 10);
+        s.push(rec(1, 100_000), 1);
+        assert_eq!(
+            s.recent.len(),
+            1,
+            "the newest stays even alone over the bound"
+        );
+        s.push(rec(2, 2), 1);
+        assert_eq!(s.recent.len(), 1);
+        assert_eq!(s.recent[0].id, 2);
     }
 }

@@ -373,12 +373,13 @@ fn render_health(s: &Shared, out: &mut String) {
         "Processes and cgroups traced now.",
         &[(&[], n_targets as f64)],
     );
-    let (series, overflowed, retained) = {
+    let (series, overflowed, retained, retained_bytes) = {
         let st = s.store.lock().expect("store lock");
         (
             st.agg.label_sets(),
             st.agg.overflow_records(),
             st.recent.len(),
+            st.recent_bytes,
         )
     };
     write_gauge(
@@ -399,6 +400,12 @@ fn render_health(s: &Shared, out: &mut String) {
         "llmslo_agent_records_retained",
         "Finished requests kept for /api/v1/requests.",
         &[(&[], retained as f64)],
+    );
+    write_gauge(
+        out,
+        "llmslo_agent_records_retained_bytes",
+        "Memory the kept finished requests hold (estimated; bounded by recent_requests_bytes).",
+        &[(&[], retained_bytes as f64)],
     );
     let k = &s.k8s;
     if k.enabled.load(Ordering::Relaxed) {

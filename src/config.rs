@@ -16,6 +16,9 @@ pub struct Config {
     pub ringbuf_bytes: u32,
     /// Finished requests kept for /api/v1/requests.
     pub recent_requests: usize,
+    /// The most memory (bytes, estimated per record) those requests may hold together: the
+    /// oldest go first when either bound is reached. A record of 200 tokens is ~2.6 KB.
+    pub recent_requests_bytes: usize,
     /// Distinct (namespace, pod, model, route) label sets before overflow goes to "other".
     pub max_label_sets: usize,
     /// Connections tracked by the assembler before the least recently used is evicted.
@@ -170,6 +173,7 @@ impl Default for Config {
             discovery: DiscoveryCfg::default(),
             ringbuf_bytes: 8 << 20,
             recent_requests: 10_000,
+            recent_requests_bytes: 16 << 20,
             max_label_sets: 200,
             max_connections: 65_536,
             max_kernel_connections: 65_536,
@@ -220,6 +224,11 @@ impl Config {
             self.ringbuf_bytes
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
+        anyhow::ensure!(
+            self.recent_requests_bytes >= 64 << 10,
+            "recent_requests_bytes must be >= 65536 (got {})",
+            self.recent_requests_bytes
+        );
         anyhow::ensure!(self.max_label_sets > 0, "max_label_sets must be > 0");
         anyhow::ensure!(
             self.max_kernel_connections >= 256,

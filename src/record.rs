@@ -411,6 +411,44 @@ pub struct SidecarInfo {
 }
 
 impl RequestRecord {
+    /// What the record holds in memory, itself and its heap parts (an estimate: allocator
+    /// overhead aside), for the recent-request store's byte bound.
+    pub fn heap_bytes(&self) -> usize {
+        let s = |v: &Option<String>| v.as_ref().map_or(0, String::capacity);
+        // A BTreeMap entry: key and value headers, their text, the node's share.
+        let labels: usize = self
+            .labels
+            .iter()
+            .map(|(k, v)| k.capacity() + v.capacity() + 64)
+            .sum();
+        std::mem::size_of::<RequestRecord>()
+            + self.token_ns.heap_bytes()
+            + [
+                &self.namespace,
+                &self.pod,
+                &self.container,
+                &self.node,
+                &self.method,
+                &self.path,
+                &self.model,
+            ]
+            .into_iter()
+            .map(s)
+            .sum::<usize>()
+            + self.comm.capacity()
+            + self.src.capacity()
+            + self.dst.capacity()
+            + labels
+            + self
+                .gpu
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<crate::inside::GpuStages>())
+            + self
+                .sidecar
+                .as_ref()
+                .map_or(0, |sc| sc.comm.capacity() + sc.upstream.capacity())
+    }
+
     /// Fills every derived field (origin, start/end, headline latencies, ITL, stages) from
     /// `timestamps` and `token_ns`. Call once the request is complete or aborted.
     pub fn finish(&mut self, first_on_conn: bool) {
