@@ -386,9 +386,14 @@ fn report(
         common::sh("uname", &["-r"])
     );
     let _ = writeln!(o, "- tree: {}", tree());
+    // The knobs this run was given, so the command reproduces it.
+    let knobs: String = std::env::vars()
+        .filter(|(k, _)| k.starts_with("LLMSLO_SOAK_"))
+        .map(|(k, v)| format!("{k}={v} "))
+        .collect();
     let _ = writeln!(
         o,
-        "- command (as root): `LLMSLO_BENCH_WRITE=1 cargo bench --bench soak` (`make bench-soak`)"
+        "- command (as root): `{knobs}LLMSLO_BENCH_WRITE=1 cargo bench --bench soak` (`make bench-soak` without knobs)"
     );
     let _ = writeln!(
         o,
