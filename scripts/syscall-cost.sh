@@ -2,7 +2,8 @@
 # What the agent's syscall hooks cost a process, without and with the agent, on both hook sets
 # (per-syscall tracepoints, the default, and LLMSLO_SYSCALL_HOOKS=raw), interleaved ROUNDS times:
 #   - a target writing 120-byte chunks to a TCP socket on loopback (every write traced and copied),
-#   - an untargeted process calling write(/dev/null) and getppid().
+#   - an untargeted process calling write(/dev/null) and getppid(),
+#     with the target named by pid, and (bpf_stats table only) by its cgroup.
 # Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored).
 # The processes under test run on CPU 1, the agent on CPU 0. Root; prints a markdown table.
 #
@@ -18,9 +19,15 @@ W=$(mktemp -d)
 PORT_API=$((20000 + RANDOM % 5000))
 STATS_WAS=$(sysctl -n kernel.bpf_stats_enabled)
 AP=""
+CG=""
 cleanup() {
   [ -n "$AP" ] && kill "$AP" 2>/dev/null && wait "$AP" 2>/dev/null || true
   sysctl -q kernel.bpf_stats_enabled="$STATS_WAS"
+  # A cgroup of ours left by an interruption: its sleep goes to the parent first.
+  if [ -n "$CG" ]; then
+    while read -r p; do echo "$p" >"$(dirname "$CG")/cgroup.procs"; done <"$CG/cgroup.procs" || true
+    rmdir "$CG" 2>/dev/null || true
+  fi
   rm -rf "$W"
 }
 trap cleanup EXIT
@@ -28,9 +35,10 @@ cc -O2 -o "$W/target_write" "$HERE/syscall-cost/target_write.c"
 cc -O2 -o "$W/syscalls" "$HERE/syscall-cost/syscalls.c"
 printf 'crosscheck:\n  enabled: false\n' >"$W/agent.yaml"
 
-start_agent() { # $1 hooks, $2 target pid
-  LLMSLO_SYSCALL_HOOKS=$1 taskset -c 0 "$AG" run --config "$W/agent.yaml" --no-auto --no-network \
-    --target-pid "$2" --listen 127.0.0.1:$PORT_API >"$W/agent.log" 2>&1 &
+start_agent() { # $1 hooks, then the target: --target-pid PID or --target-cgroup PATH
+  local hooks=$1; shift
+  LLMSLO_SYSCALL_HOOKS=$hooks taskset -c 0 "$AG" run --config "$W/agent.yaml" --no-auto --no-network \
+    "$@" --listen 127.0.0.1:$PORT_API >"$W/agent.log" 2>&1 &
   AP=$!
   for _ in $(seq 100); do curl -sf 127.0.0.1:$PORT_API/readyz >/dev/null && return; sleep 0.1; done
   echo "agent not ready:"; cat "$W/agent.log"; exit 1
@@ -42,7 +50,7 @@ target_write() { # $1: hooks or "none"; prints ns per write
   rm -f "$W/go"
   exec 3< <(TW_GO="$W/go" taskset -c 1 "$W/target_write" "$N" $((30000 + RANDOM % 5000)))
   read -r -u 3 pid
-  [ "$1" != none ] && start_agent "$1" "$pid"
+  [ "$1" != none ] && start_agent "$1" --target-pid "$pid"
   [ "$1" != none ] && bpftool -j prog show >"$W/before.json"
   touch "$W/go"
   local out; out=$(cat <&3)
@@ -52,7 +60,7 @@ target_write() { # $1: hooks or "none"; prints ns per write
 }
 
 untargeted() { # $1: hooks or "none"; prints "write getppid" ns
-  if [ "$1" != none ]; then sleep 600 & local s=$!; start_agent "$1" "$s"; fi
+  if [ "$1" != none ]; then sleep 600 & local s=$!; start_agent "$1" --target-pid "$s"; fi
   local w g
   w=$(taskset -c 1 "$W/syscalls" write)
   g=$(taskset -c 1 "$W/syscalls" getppid)
@@ -96,13 +104,23 @@ for p in json.load(open(f"{w}/after.json")):
         print(f"| {m} | {what} | {p['name']} | {n} | {t / n:.0f} |")
 PY
 }
-untargeted_stats() { # $1 hooks: write(/dev/null) by a process that is not a target
+untargeted_stats() { # $1 hooks, $2 "cgroup" to name the target by its cgroup (as on
+  # Kubernetes, where every node then has cgroup targets): write(/dev/null) by a process that
+  # is not a target
   sleep 600 & local s=$!
-  start_agent "$1" "$s"
+  if [ "${2:-}" = cgroup ]; then
+    CG="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/llmslo-syscost-$$"
+    mkdir -p "$CG"
+    echo "$s" >"$CG/cgroup.procs"
+    start_agent "$1" --target-cgroup "$CG"
+  else
+    start_agent "$1" --target-pid "$s"
+  fi
   bpftool -j prog show >"$W/before.json"
   taskset -c 1 "$W/syscalls" write >/dev/null
   bpftool -j prog show >"$W/after.json"
   stop_agent; kill "$s"
+  if [ -n "${CG:-}" ]; then wait "$s" 2>/dev/null || true; rmdir "$CG"; CG=""; fi
 }
 echo
 echo "| hooks | process | program | runs | ns per run |"
@@ -114,4 +132,7 @@ for m in tracepoint raw; do
   bpftool -j prog show >"$W/pre.json"
   untargeted_stats $m
   prog_stats $m "untargeted write"
+  bpftool -j prog show >"$W/pre.json"
+  untargeted_stats $m cgroup
+  prog_stats $m "untargeted write, target by cgroup"
 done

@@ -177,6 +177,8 @@ pub struct TargetMaps {
     n_cgroups: &'static mut u32,
     /// `target_tgid_bits` in the same .bss: the syscall programs' one-load target test.
     tgid_bits: &'static mut [u8],
+    /// `target_cgroup_bits`: the same by cgroup id (ids beyond it: `target_cgroups` only).
+    cgroup_bits: &'static mut [u8],
     /// `gpu_probed` in the same .bss: events carry GPU counters once it is set.
     gpu_probed: &'static mut u32,
     applied: TargetSet,
@@ -219,6 +221,7 @@ impl L7 {
             ports: MapHandle::try_from(&skel.maps.target_ports)?,
             n_cgroups: &mut bss.n_cgroup_targets,
             tgid_bits: &mut bss.target_tgid_bits[..],
+            cgroup_bits: &mut bss.target_cgroup_bits[..],
             gpu_probed: &mut bss.gpu_probed,
             applied: TargetSet::default(),
         };
@@ -337,24 +340,28 @@ impl TargetMaps {
     /// Makes the kernel's target maps equal to `want`.
     pub fn apply(&mut self, want: &TargetSet) -> Result<()> {
         for t in self.applied.tgids.difference(&want.tgids) {
-            set_tgid_bit(self.tgid_bits, *t, false);
+            set_bit(self.tgid_bits, u64::from(*t), false);
             let _ = self.tgids.delete(&t.to_ne_bytes());
         }
         for t in want.tgids.difference(&self.applied.tgids) {
             self.tgids
                 .update(&t.to_ne_bytes(), &[1], MapFlags::ANY)
                 .with_context(|| format!("adding target tgid {t}"))?;
-            if !set_tgid_bit(self.tgid_bits, *t, true) {
+            if !set_bit(self.tgid_bits, u64::from(*t), true) {
                 tracing::warn!(tgid = t, "tgid beyond the kernel's pid limit: not traced");
             }
         }
+        // The map first when adding and last when removing: a program that finds a bit also
+        // finds the entry (ids beyond the bitmap are only in the map).
         for c in self.applied.cgroups.difference(&want.cgroups) {
+            set_bit(self.cgroup_bits, *c, false);
             let _ = self.cgroups.delete(&c.to_ne_bytes());
         }
         for c in want.cgroups.difference(&self.applied.cgroups) {
             self.cgroups
                 .update(&c.to_ne_bytes(), &[1], MapFlags::ANY)
                 .with_context(|| format!("adding target cgroup {c}"))?;
+            set_bit(self.cgroup_bits, *c, true);
         }
         // Listening ports are only added: the kernel also learns them at accept(), and the LRU
         // map forgets stale ones by itself.
@@ -378,15 +385,17 @@ impl TargetMaps {
     }
 }
 
-/// Sets or clears `tgid`'s bit in the kernel's target bitmap (`target_tgid_bits`: byte
-/// `tgid / 8`, bit `tgid % 8`, as `tgid_is_target` in l7.bpf.c reads it). The agent's BPF
-/// thread is the only writer; each byte is stored whole, so a program never sees it torn.
-/// False when the tgid is beyond the bitmap (it cannot be: the kernel's pid limit is 4M).
-fn set_tgid_bit(bits: &mut [u8], tgid: u32, on: bool) -> bool {
-    let Some(byte) = bits.get_mut((tgid / 8) as usize) else {
+/// Sets or clears bit `idx` of one of the kernel's target bitmaps (`target_tgid_bits` by
+/// tgid, `target_cgroup_bits` by cgroup id: byte `idx / 8`, bit `idx % 8`, as
+/// `tgid_is_target` and `cgroup_is_target` in l7.bpf.c read them). The agent's BPF thread is
+/// the only writer; each byte is stored whole, so a program never sees it torn. False when
+/// `idx` is beyond the bitmap (a tgid cannot be: the kernel's pid limit is 4M; a cgroup id
+/// can, and is then found in the map).
+fn set_bit(bits: &mut [u8], idx: u64, on: bool) -> bool {
+    let Some(byte) = usize::try_from(idx / 8).ok().and_then(|i| bits.get_mut(i)) else {
         return false;
     };
-    let mask = 1u8 << (tgid % 8);
+    let mask = 1u8 << (idx % 8);
     let v = if on { *byte | mask } else { *byte & !mask };
     // SAFETY: a byte of the mmapped .bss that the programs read concurrently; volatile so the
     // store is made now and whole.
@@ -474,17 +483,21 @@ mod tests {
     fn tgid_bits_are_set_and_cleared_one_at_a_time() {
         let mut bits = vec![0u8; 4 * 1024 * 1024 / 8];
         // Byte tgid/8, bit tgid%8: what l7.bpf.c's tgid_is_target reads.
-        assert!(super::set_tgid_bit(&mut bits, 13, true));
+        assert!(super::set_bit(&mut bits, 13, true));
         assert_eq!(bits[1], 0b0010_0000);
-        assert!(super::set_tgid_bit(&mut bits, 8, true));
+        assert!(super::set_bit(&mut bits, 8, true));
         assert_eq!(bits[1], 0b0010_0001);
-        assert!(super::set_tgid_bit(&mut bits, 13, false));
+        assert!(super::set_bit(&mut bits, 13, false));
         assert_eq!(bits[1], 0b0000_0001, "the neighbour in the same byte stays");
-        assert!(super::set_tgid_bit(&mut bits, 4 * 1024 * 1024 - 1, true));
+        assert!(super::set_bit(&mut bits, 4 * 1024 * 1024 - 1, true));
         assert_eq!(bits[bits.len() - 1], 0x80);
         assert!(
-            !super::set_tgid_bit(&mut bits, 4 * 1024 * 1024, true),
+            !super::set_bit(&mut bits, 4 * 1024 * 1024, true),
             "beyond the pid limit"
+        );
+        assert!(
+            !super::set_bit(&mut bits, 5 << 32, true),
+            "a cgroup id past the bitmap (the map holds it)"
         );
         assert_eq!(bits.iter().map(|b| b.count_ones()).sum::<u32>(), 2);
     }

@@ -41,6 +41,8 @@ const CONFIG_FILE: &str = "/etc/llm-slo/agent.yaml";
 const CHART: &str = "deploy/helm/llm-slo-agent";
 /// The agent's state directory (its clsact ledger), on the host (see `LLMSLO_STATE_DIR`).
 const STATE_DIR: &str = "/run/llm-slo-agent";
+/// The kernel knob the agent turns while it detaches (`netpath::rcu`), mounted writable alone.
+const RCU_KNOB: &str = "/sys/kernel/rcu_expedited";
 
 /// (host path, mount path in the container); every one read-only.
 const HOST_MOUNTS: [(&str, &str); 9] = [
@@ -261,13 +263,24 @@ fn manifests_daemonset_mounts_env_probes_and_tolerations() {
             "{state}: no type check (absent on other CNIs' nodes)"
         );
     }
-    // Every hostPath volume is mounted read-only, but the agent's own state directory: the
-    // record of the clsact filters it attached, which must outlive a crashed container.
+    // Every hostPath volume is mounted read-only, but the agent's own state directory (the
+    // record of the clsact filters it attached, which must outlive a crashed container) and
+    // the one kernel knob it turns during its teardown, a file, not a directory.
     for (path, (vol, ro)) in &mounts {
-        if vol.get("hostPath").is_some() && *path != STATE_DIR {
+        if vol.get("hostPath").is_some() && *path != STATE_DIR && *path != RCU_KNOB {
             assert!(ro, "hostPath mount {path} must be read-only");
         }
     }
+    let (knob, ro) = mounts
+        .get(RCU_KNOB)
+        .unwrap_or_else(|| panic!("no mount at {RCU_KNOB}"));
+    assert!(!ro, "{RCU_KNOB} is written");
+    assert_eq!(s(knob, "hostPath.path"), RCU_KNOB);
+    assert_eq!(
+        s(knob, "hostPath.type"),
+        "File",
+        "a file: nothing else of /sys"
+    );
     let (state, ro) = mounts
         .get(STATE_DIR)
         .unwrap_or_else(|| panic!("no mount at {STATE_DIR}"));

@@ -73,6 +73,31 @@ struct {
 	__type(value, __u8);
 } target_cgroups SEC(".maps");
 
+/* Target cgroups again, one bit per cgroup id below CGROUP_BITS, in the .bss (written by
+ * userspace like target_tgid_bits). On Kubernetes a server is targeted by its container's
+ * cgroup too, so n_cgroup_targets is set on every node and every untargeted syscall asks:
+ * the answer is then a chain of loads and a mask, not a helper call and a hash lookup.
+ * Cgroup ids are kernfs ids, allocated in increasing order (the root is 1): ids beyond the
+ * bitmap, after millions of cgroups were made, are looked up in target_cgroups. 512 KiB. */
+#define CGROUP_BITS (4 * 1024 * 1024)
+__u8 target_cgroup_bits[CGROUP_BITS / 8] = {};
+
+static __always_inline bool cgroup_is_target(__u64 cg)
+{
+	if (cg >= CGROUP_BITS)
+		return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
+	__u64 byte = cg >> 3;
+	asm volatile("%0 &= 0x7ffff" : "+r"(byte)); /* CGROUP_BITS / 8 - 1 */
+	return target_cgroup_bits[byte] & (1 << (cg & 7));
+}
+
+/* The task's cgroup v2 id (what bpf_get_current_cgroup_id() returns for current), by plain
+ * loads through BTF pointers. */
+static __always_inline __u64 task_cgroup_id(struct task_struct *p)
+{
+	return p->cgroups->dfl_cgrp->kn->id;
+}
+
 enum io_kind { IO_FLAT = 0, IO_IOV = 1 };
 
 struct active_io {
@@ -95,6 +120,17 @@ struct {
 	__type(value, struct active_io);
 } active SEC(".maps");
 
+/* Is the calling process traced: its tgid's bit, else (with cgroup targets) its cgroup's. */
+static __always_inline bool is_target(void)
+{
+	__u32 tgid = current_tgid();
+	if (tgid_is_target(tgid))
+		return true;
+	if (!n_cgroup_targets)
+		return false;
+	return cgroup_is_target(task_cgroup_id(bpf_get_current_task_btf()));
+}
+
 /* Records the traced syscall now entering; false when the storage cannot be had. */
 static __always_inline bool active_put(const struct active_io *a)
 {
@@ -107,12 +143,11 @@ static __always_inline bool active_put(const struct active_io *a)
 }
 
 /* Takes the traced syscall now exiting, if this thread entered one. A process that is not a
- * target leaves before the storage lookup (the bit test; with cgroup targets the storage
- * answers). A slot left by a process untargeted mid-syscall is cleared by its next untraced
- * enter (active_clear) before anything could take it. */
+ * target leaves before the storage lookup (the bit tests). A slot left by a process untargeted
+ * mid-syscall stays until its next traced enter overwrites or clears it (active_clear). */
 static __always_inline bool active_take(struct active_io *out)
 {
-	if (!n_cgroup_targets && !tgid_is_target(current_tgid()))
+	if (!is_target())
 		return false;
 	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
 	if (!slot || !slot->kind)
@@ -164,17 +199,6 @@ static __always_inline __u64 head_off(__u64 v)
 {
 	asm volatile("%0 &= 4095" : "+r"(v)); /* LLMSLO_HEAD_CAP - 1 */
 	return v;
-}
-
-static __always_inline bool is_target(void)
-{
-	__u32 tgid = current_tgid();
-	if (tgid_is_target(tgid))
-		return true;
-	if (!n_cgroup_targets)
-		return false;
-	__u64 cg = bpf_get_current_cgroup_id();
-	return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
 }
 
 /* current->files->fdt->fd[fd] → struct sock, for TCP over IPv4/IPv6 only. Every target
@@ -926,7 +950,8 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 /* ---- CPU starvation: how long target threads wait on a run queue ----
  * A target thread becomes runnable (woken, or preempted while running) → its time is noted in
  * task storage; it gets the CPU (sched_switch's next) → the wait is added to its process's
- * per-CPU counters. Other tasks cost a task-storage lookup that finds nothing. */
+ * per-CPU counters. Other tasks cost the target bit tests (a few loads). A thread untargeted
+ * while it waits keeps its noted time until it is woken again as a target. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
 	__uint(max_entries, 4096);
@@ -936,19 +961,13 @@ struct {
 
 /* p is the scheduler tracepoint's own (BTF) pointer: plain loads, no helper calls, on a path
  * every context switch of the node takes. */
-static __always_inline __u64 task_cgroup_id(struct task_struct *p)
-{
-	return p->cgroups->dfl_cgrp->kn->id;
-}
-
 static __always_inline bool task_is_target(struct task_struct *p)
 {
 	if (tgid_is_target(p->tgid))
 		return true;
 	if (!n_cgroup_targets)
 		return false;
-	__u64 cg = task_cgroup_id(p);
-	return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
+	return cgroup_is_target(task_cgroup_id(p));
 }
 
 static __always_inline void runq_enter(struct task_struct *p)
@@ -981,6 +1000,9 @@ int BPF_PROG(runq_switch, bool preempt, struct task_struct *prev, struct task_st
 	/* Preempted while runnable: it waits again from now. */
 	if (prev_state == 0 /* TASK_RUNNING */)
 		runq_enter(prev);
+	/* Loads and bit tests instead of a helper call for the switches of other tasks. */
+	if (!task_is_target(next))
+		return 0;
 	struct runq_state *st = bpf_task_storage_get(&runq_since, next, 0, 0);
 	if (!st || !st->since)
 		return 0;
