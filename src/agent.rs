@@ -139,6 +139,9 @@ pub struct Shared {
     pub wake: Arc<Wake>,
     /// Exec/exit events that woke discovery (the `sched_process_exec` watcher).
     pub exec_wakes: std::sync::atomic::AtomicU64,
+    /// The kernel's count of TCP sockets that started or stopped listening, copied from the
+    /// L7 object every tick of the BPF thread ([`UNKNOWN`] until it is loaded).
+    pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
     pub health: Mutex<Health>,
     pub snapshot: RwLock<Snapshot>,
     pub probe: ProbeReport,
@@ -191,6 +194,7 @@ impl Shared {
             k8s: Arc::default(),
             wake: Arc::default(),
             exec_wakes: Default::default(),
+            listen_changes: Arc::new(std::sync::atomic::AtomicU64::new(UNKNOWN)),
             health: Mutex::new(Health::default()),
             snapshot: RwLock::new(Snapshot::default()),
             probe,
@@ -404,6 +408,9 @@ fn bpf_thread(
             tracing::warn!(error = %e, "ring buffer consume failed");
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+        shared
+            .listen_changes
+            .store(l7.targets.listen_changes(), Ordering::Release);
         while let Ok(snap) = targets.try_recv() {
             if let Err(e) = apply(snap, &mut l7, &mut netpath, &mut gpu) {
                 tracing::warn!(error = %e, "could not update target maps");
@@ -461,6 +468,9 @@ fn bpf_thread(
     Ok(())
 }
 
+/// `Shared::listen_changes` before the programs are loaded.
+const UNKNOWN: u64 = u64::MAX;
+
 /// How often freed heap pages go back to the kernel (see `release_free_heap`).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 
@@ -486,13 +496,20 @@ pub struct DiscoveryLoop {
     pub node: Option<String>,
     /// Which processes of targets' cgroups map libcuda, from one pass to the next.
     pub cuda: std::sync::Mutex<crate::gpu::CudaScan>,
+    /// The namespaces' listening sockets, kept from one pass to the next while no TCP socket
+    /// of the node started or stopped listening (`Shared::listen_changes`).
+    pub listeners: std::sync::Mutex<discovery::Listeners>,
+    pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DiscoveryLoop {
     /// One scan, labelled from the Kubernetes index.
     pub fn scan(&self, k8s: &K8sState) -> Snapshot {
         let mut cuda = self.cuda.lock().expect("cuda scan lock");
-        let mut snap = discovery::scan(&self.cfg, k8s, &mut cuda);
+        let mut listeners = self.listeners.lock().expect("listeners lock");
+        let changes = self.listen_changes.load(Ordering::Acquire);
+        listeners.begin_scan((changes != UNKNOWN).then_some(changes));
+        let mut snap = discovery::scan(&self.cfg, k8s, &mut cuda, &mut listeners);
         snap.enrich(k8s, &self.label_keys, self.node.as_deref());
         snap
     }
@@ -683,6 +700,8 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         label_keys: cfg.kubernetes.labels.clone(),
         node: node.filter(|_| k8s_on),
         cuda: Default::default(),
+        listeners: Default::default(),
+        listen_changes: shared.listen_changes.clone(),
     };
     // The first scan runs before the programs attach, so targets are in place from the start.
     tx.send(dl.scan(&shared.k8s)).ok();

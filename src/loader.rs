@@ -181,6 +181,8 @@ pub struct TargetMaps {
     cgroup_bits: &'static mut [u8],
     /// `gpu_probed` in the same .bss: events carry GPU counters once it is set.
     gpu_probed: &'static mut u32,
+    /// `listen_changes` in the same .bss: TCP sockets that started or stopped listening.
+    listen_changes: &'static u64,
     applied: TargetSet,
 }
 
@@ -223,6 +225,7 @@ impl L7 {
             tgid_bits: &mut bss.target_tgid_bits[..],
             cgroup_bits: &mut bss.target_cgroup_bits[..],
             gpu_probed: &mut bss.gpu_probed,
+            listen_changes: &bss.listen_changes,
             applied: TargetSet::default(),
         };
         let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
@@ -330,6 +333,13 @@ impl SyscallHooks {
 impl TargetMaps {
     /// From now on the syscall programs look up the GPU counters of each event's cgroup (set
     /// once a libcuda is probed; never cleared: counters outlive the probes).
+    /// How many TCP sockets of the node started or stopped listening since the programs
+    /// were attached.
+    pub fn listen_changes(&self) -> u64 {
+        // SAFETY: an aligned u64 of the mmapped .bss that the kernel updates atomically.
+        unsafe { std::ptr::read_volatile(self.listen_changes) }
+    }
+
     pub fn gpu_probed(&mut self) {
         if *self.gpu_probed == 0 {
             // SAFETY: an aligned u32 of the mmapped .bss, stored whole.

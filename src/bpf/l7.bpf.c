@@ -932,10 +932,21 @@ int sk_data_ready(struct trace_event_raw_sk_data_ready *ctx)
 /* A socket's stamps end with the socket: a server killed without close() must not leave them
  * to the next socket allocated at the same address. The entry itself stays until close() (a
  * reset socket is still closed by its server, and that close is reported) or LRU eviction. */
+/* TCP sockets that started or stopped listening, anywhere on the node: discovery re-reads the
+ * namespaces' listener tables (a walk of the kernel's whole established hash, ~6 ms each) only
+ * when this moved since its last scan. */
+__u64 listen_changes = 0;
+
 SEC("tracepoint/sock/inet_sock_set_state")
 int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || ctx->newstate != 7 /* TCP_CLOSE */)
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	if (ctx->newstate == 10 /* TCP_LISTEN */ || ctx->oldstate == 10) {
+		__sync_fetch_and_add(&listen_changes, 1);
+		return 0;
+	}
+	if (ctx->newstate != 7 /* TCP_CLOSE */)
 		return 0;
 	__u64 key = (__u64)ctx->skaddr;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);

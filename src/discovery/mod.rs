@@ -279,9 +279,30 @@ pub fn listen_ports(proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
 pub struct Listeners {
     /// netns inode -> (socket inode, port) of its listening sockets.
     by_netns: BTreeMap<u64, Vec<(u64, u16)>>,
+    /// The kernel's listen-change count when the tables above began to be read, and when.
+    read_at: Option<(u64, std::time::Instant)>,
 }
 
+/// Tables kept across scans are read again at least this often (a change the count missed:
+/// the programs reloaded, a namespace's inode reused).
+const LISTENERS_REREAD: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Listeners {
+    /// Starts a scan. `changes` is the kernel's count of TCP sockets that started or stopped
+    /// listening (`None` when unknown): the tables read so far are kept only while it has not
+    /// moved since they were read, for at most [`LISTENERS_REREAD`]; otherwise each namespace's
+    /// tables are read again (once) in this scan.
+    pub fn begin_scan(&mut self, changes: Option<u64>) {
+        let keep = match (changes, self.read_at) {
+            (Some(c), Some((was, at))) => c == was && at.elapsed() < LISTENERS_REREAD,
+            _ => false,
+        };
+        if !keep {
+            self.by_netns.clear();
+            self.read_at = changes.map(|c| (c, std::time::Instant::now()));
+        }
+    }
+
     /// [`listen_ports`], reading each namespace's tables at most once.
     pub fn ports(&mut self, proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
         use std::os::unix::fs::MetadataExt;
@@ -454,13 +475,13 @@ pub fn scan(
     cfg: &DiscoveryConfig,
     k8s: &k8s::K8sState,
     cuda: &mut crate::gpu::CudaScan,
+    listeners: &mut Listeners,
 ) -> Snapshot {
     let mut snap = Snapshot::default();
     // GPU: each target's own cgroup (id → directory, to list its processes) and the processes
     // of those cgroups (tgid → cgroup id), whose libcuda is probed and counted per cgroup.
     let mut gpu_dirs: BTreeMap<u64, PathBuf> = BTreeMap::new();
     let mut gpu_members: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut listeners = Listeners::default();
     let cg_mount = cgroup2_mount();
     let mut wanted_pids: BTreeMap<u32, String> =
         cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
@@ -481,7 +502,7 @@ pub fn scan(
                         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
                         match_signature(&refs, &cfg.signatures).map(|s| format!("signature:{s}"))
                     });
-                if let Some(why) = sig.or_else(|| selected(cfg, k8s, &mut listeners, pid)) {
+                if let Some(why) = sig.or_else(|| selected(cfg, k8s, listeners, pid)) {
                     wanted_pids.insert(pid, why);
                 }
             }
@@ -543,7 +564,7 @@ pub fn scan(
             .filter_map(|t| t.cgroup_path.clone())
             .collect();
         for rel in pods {
-            add_sidecars(&mut snap, cfg, &mut listeners, m, &rel);
+            add_sidecars(&mut snap, cfg, listeners, m, &rel);
         }
     }
     let mut cgroup_targets = Vec::new();
@@ -902,6 +923,36 @@ mod tests {
     }
 
     #[test]
+    fn listeners_are_kept_across_scans_until_the_kernel_counts_a_change() {
+        let me = std::process::id();
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pa = a.local_addr().unwrap().port();
+        let has = |l: &mut Listeners, p: u16| {
+            l.ports(Path::new("/proc"), me).iter().any(|&(_, q)| q == p)
+        };
+        let mut l = Listeners::default();
+        l.begin_scan(Some(5));
+        assert!(has(&mut l, pa));
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pb = b.local_addr().unwrap().port();
+        // The count did not move: the next scan keeps the tables (and misses b).
+        l.begin_scan(Some(5));
+        assert!(!has(&mut l, pb), "kept from the scan before");
+        // It moved (b started listening): read again.
+        l.begin_scan(Some(6));
+        assert!(has(&mut l, pb));
+        // Unknown count (programs not loaded): every scan reads.
+        l.begin_scan(None);
+        assert!(l.by_netns.is_empty());
+        // A stale read is refreshed after LISTENERS_REREAD whatever the count says.
+        l.begin_scan(Some(6));
+        assert!(has(&mut l, pb));
+        l.read_at = Some((6, std::time::Instant::now() - LISTENERS_REREAD));
+        l.begin_scan(Some(6));
+        assert!(l.by_netns.is_empty(), "re-read after {LISTENERS_REREAD:?}");
+    }
+
+    #[test]
     fn finds_this_process_by_pid() {
         let cfg = DiscoveryConfig {
             proc_root: "/proc".into(),
@@ -912,6 +963,7 @@ mod tests {
             &cfg,
             &k8s::K8sState::default(),
             &mut crate::gpu::CudaScan::default(),
+            &mut Listeners::default(),
         );
         assert!(snap.set.tgids.contains(&std::process::id()));
         assert_eq!(snap.targets[0].reason, "pid");
