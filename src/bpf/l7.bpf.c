@@ -33,14 +33,18 @@ __u32 gpu_probed = 0;
 #define TGID_BITS (4 * 1024 * 1024)
 __u8 target_tgid_bits[TGID_BITS / 8] = {};
 
+/* Bit `idx` (< TGID_BITS, checked by the caller) of a TGID_BITS-bit array of the .bss. */
+static __always_inline bool bit_is_set(const __u8 *bits, __u64 idx)
+{
+	/* The mask, on the very register used, is what the verifier bounds the load by. */
+	__u64 byte = idx >> 3;
+	asm volatile("%0 &= 0x7ffff" : "+r"(byte)); /* TGID_BITS / 8 - 1 */
+	return bits[byte] & (1 << (idx & 7));
+}
+
 static __always_inline bool tgid_is_target(__u32 tgid)
 {
-	if (tgid >= TGID_BITS)
-		return false;
-	/* The mask, on the very register used, is what the verifier bounds the load by. */
-	__u64 byte = tgid >> 3;
-	asm volatile("%0 &= 0x7ffff" : "+r"(byte)); /* TGID_BITS / 8 - 1 */
-	return target_tgid_bits[byte] & (1 << (tgid & 7));
+	return tgid < TGID_BITS && bit_is_set(target_tgid_bits, tgid);
 }
 
 /* The calling process's tgid (the root namespace's pid, as bpf_get_current_pid_tgid() gives
@@ -79,16 +83,14 @@ struct {
  * the answer is then a chain of loads and a mask, not a helper call and a hash lookup.
  * Cgroup ids are kernfs ids, allocated in increasing order (the root is 1): ids beyond the
  * bitmap, after millions of cgroups were made, are looked up in target_cgroups. 512 KiB. */
-#define CGROUP_BITS (4 * 1024 * 1024)
+#define CGROUP_BITS TGID_BITS
 __u8 target_cgroup_bits[CGROUP_BITS / 8] = {};
 
 static __always_inline bool cgroup_is_target(__u64 cg)
 {
 	if (cg >= CGROUP_BITS)
 		return bpf_map_lookup_elem(&target_cgroups, &cg) != NULL;
-	__u64 byte = cg >> 3;
-	asm volatile("%0 &= 0x7ffff" : "+r"(byte)); /* CGROUP_BITS / 8 - 1 */
-	return target_cgroup_bits[byte] & (1 << (cg & 7));
+	return bit_is_set(target_cgroup_bits, cg);
 }
 
 /* The task's cgroup v2 id (what bpf_get_current_cgroup_id() returns for current), by plain
