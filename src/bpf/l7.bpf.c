@@ -144,12 +144,14 @@ static __always_inline bool active_put(const struct active_io *a)
 	return true;
 }
 
-/* Takes the traced syscall now exiting, if this thread entered one. A process that is not a
- * target leaves before the storage lookup (the bit tests). A slot left by a process untargeted
+/* Takes the traced syscall now exiting, if this thread entered one. Without cgroup targets a
+ * process that is not a target leaves before the storage lookup (the tgid bit); with them the
+ * storage answers, so a syscall whose process stops being a target while it blocks (a read
+ * waiting for a request) still completes its event. A slot left by a process untargeted
  * mid-syscall stays until its next traced enter overwrites or clears it (active_clear). */
 static __always_inline bool active_take(struct active_io *out)
 {
-	if (!is_target())
+	if (!n_cgroup_targets && !tgid_is_target(current_tgid()))
 		return false;
 	struct active_io *slot = bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, 0);
 	if (!slot || !slot->kind)
