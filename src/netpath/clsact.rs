@@ -165,7 +165,6 @@ pub fn sweep_stale(dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let me = std::process::id();
     let mut cleaned = 0;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -183,8 +182,7 @@ pub fn sweep_stale(dir: &Path) -> usize {
             }
         };
         // Our own pid in a ledger we did not write yet: a previous container's agent.
-        let alive = file.pid != me && start_time(file.pid).is_some_and(|t| t == file.start_time);
-        if alive {
+        if another_live_agent(file.pid, file.start_time) {
             continue;
         }
         for dev in &file.devices {
@@ -282,6 +280,13 @@ fn ifname(ifindex: i32) -> Option<String> {
 }
 
 /// Field 22 of /proc/<pid>/stat; None when there is no such process.
+/// True when `pid` is another process than this one and still the process that started at
+/// `start`: the holder of a ledger or note is alive (a reused pid is not). Our own pid in a
+/// file we did not write is a previous container's agent.
+pub(super) fn another_live_agent(pid: u32, start: u64) -> bool {
+    pid != std::process::id() && start_time(pid).is_some_and(|t| t == start)
+}
+
 pub(super) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from its end.

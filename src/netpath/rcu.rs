@@ -120,8 +120,7 @@ fn read_note(p: &Path) -> Option<Note> {
 }
 
 fn alive(n: &Note) -> bool {
-    n.pid != std::process::id()
-        && super::clsact::start_time(n.pid).is_some_and(|t| t == n.start_time)
+    super::clsact::another_live_agent(n.pid, n.start_time)
 }
 
 #[cfg(test)]
