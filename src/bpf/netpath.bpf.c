@@ -317,6 +317,14 @@ int nf_post_dnat(struct bpf_nf_ctx *ctx)
 	const struct net_device *in = ctx->state->in;
 	if (in && (in->flags & IFF_LOOPBACK))
 		return NF_ACCEPT;
+	/* Only a connection that DNAT rewrote is of interest, and its conntrack entry says so:
+	 * a plain load through the hook's own (BTF) skb pointer and one read of the entry's
+	 * status, before any parse of the packet. Pod-to-pod and node-to-pod traffic (no
+	 * Service in the way) and untracked packets leave here. (bpf_core_cast cannot name
+	 * nf_conn: this kernel's BTF has two types of that name.) */
+	const struct nf_conn *ct = (const struct nf_conn *)(skb->_nfct & ~7UL);
+	if (!ct || !(BPF_CORE_READ(ct, status) & IPS_DST_NAT))
+		return NF_ACCEPT;
 	struct pkt p;
 	if (parse_nf(skb, &p))
 		return NF_ACCEPT;

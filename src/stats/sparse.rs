@@ -21,17 +21,28 @@ struct Layout {
     leading_zero_count_base: u8,
 }
 
+/// The layouts for 1 to 5 significant digits: a histogram names its own by its digits, one
+/// byte instead of a copy of the layout in each of the windows' tens of thousands of them.
+static LAYOUTS: [Layout; 5] = [
+    Layout::new(1),
+    Layout::new(2),
+    Layout::new(3),
+    Layout::new(4),
+    Layout::new(5),
+];
+
 impl Layout {
-    fn new(sig_figs: u8) -> Layout {
-        let largest = 2 * 10u64.pow(u32::from(sig_figs.clamp(1, 5)));
-        let magnitude = (largest as f64).log2().ceil() as u8;
+    const fn new(sig_figs: u8) -> Layout {
+        let largest = 2 * 10u64.pow(sig_figs as u32);
+        // ceil(log2(largest)), largest > 1.
+        let magnitude = (u64::BITS - (largest - 1).leading_zeros()) as u8;
         let half_magnitude = magnitude - 1;
         let count = 1u32 << magnitude;
         Layout {
             sub_bucket_count: count,
             sub_bucket_half_count: count / 2,
             sub_bucket_half_count_magnitude: half_magnitude,
-            sub_bucket_mask: u64::from(count) - 1,
+            sub_bucket_mask: count as u64 - 1,
             leading_zero_count_base: 64 - half_magnitude - 1,
         }
     }
@@ -80,34 +91,45 @@ impl Layout {
     }
 }
 
+/// 32 bytes: every metric of every 10 s slot of every label set has one (16 × 33 × 200 at the
+/// default label-set cap), so its size is a measurable part of the agent's memory.
 #[derive(Clone, Debug)]
 pub(crate) struct SparseHist {
-    layout: Layout,
     /// (bucket index, count), sorted by index, no zero counts.
     counts: Vec<(u32, Count)>,
-    total: u64,
+    /// Sum of the counts, saturating like them: a slot, or a 5-minute aggregate of one label
+    /// set, would need 14 million values a second to reach it.
+    total: Count,
+    /// 1..=5: which of `LAYOUTS`.
+    sig_figs: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<SparseHist>() == 32);
 
 impl SparseHist {
     pub fn new(sig_figs: u8) -> SparseHist {
         SparseHist {
-            layout: Layout::new(sig_figs),
             counts: Vec::new(),
             total: 0,
+            sig_figs: sig_figs.clamp(1, 5),
         }
     }
 
+    fn layout(&self) -> &'static Layout {
+        &LAYOUTS[usize::from(self.sig_figs - 1) % LAYOUTS.len()]
+    }
+
     pub fn record(&mut self, v: u64) {
-        let i = self.layout.index_for(v);
+        let i = self.layout().index_for(v);
         match self.counts.binary_search_by_key(&i, |&(k, _)| k) {
             Ok(p) => self.counts[p].1 = self.counts[p].1.saturating_add(1),
             Err(p) => self.counts.insert(p, (i, 1)),
         }
-        self.total += 1;
+        self.total = self.total.saturating_add(1);
     }
 
     pub fn len(&self) -> u64 {
-        self.total
+        u64::from(self.total)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -119,14 +141,14 @@ impl SparseHist {
     pub fn min(&self) -> u64 {
         self.counts
             .first()
-            .map_or(0, |&(i, _)| self.layout.value_for(i))
+            .map_or(0, |&(i, _)| self.layout().value_for(i))
     }
 
     /// Highest value equivalent to the largest recorded one (0 when empty).
     #[cfg(test)]
     pub fn max(&self) -> u64 {
         self.counts.last().map_or(0, |&(i, _)| {
-            self.layout.highest_equivalent(self.layout.value_for(i))
+            self.layout().highest_equivalent(self.layout().value_for(i))
         })
     }
 
@@ -138,7 +160,7 @@ impl SparseHist {
 
     /// Adds `o`'s counts (same layout).
     pub fn add(&mut self, o: &SparseHist) {
-        debug_assert_eq!(self.layout, o.layout);
+        debug_assert_eq!(self.sig_figs, o.sig_figs);
         if o.counts.is_empty() {
             return;
         }
@@ -178,7 +200,7 @@ impl SparseHist {
     /// Removes `o`'s counts; false when `o` was not part of it (a count it lacks), in which
     /// case it is left in an unspecified state for the caller to rebuild.
     pub fn subtract(&mut self, o: &SparseHist) -> bool {
-        debug_assert_eq!(self.layout, o.layout);
+        debug_assert_eq!(self.sig_figs, o.sig_figs);
         let mut ok = self.total >= o.total;
         let mut p = 0;
         for &(j, y) in &o.counts {
@@ -207,7 +229,7 @@ impl SparseHist {
         let (mut seen, mut cur) = (0u64, None::<u32>);
         for (slot, &q) in out.iter_mut().zip(&quantiles) {
             let q = q.min(1.0);
-            let want = ((q * self.total as f64).ceil() as u64).max(1);
+            let want = ((q * f64::from(self.total)).ceil() as u64).max(1);
             while seen < want {
                 match it.next() {
                     Some(&(i, c)) => {
@@ -218,11 +240,12 @@ impl SparseHist {
                 }
             }
             if let Some(i) = cur {
-                let v = self.layout.value_for(i);
+                let layout = self.layout();
+                let v = layout.value_for(i);
                 *slot = if q == 0.0 {
-                    self.layout.lowest_equivalent(v)
+                    layout.lowest_equivalent(v)
                 } else {
-                    self.layout.highest_equivalent(v)
+                    layout.highest_equivalent(v)
                 };
             }
         }
@@ -286,8 +309,8 @@ mod tests {
                 assert_eq!(s.min(), h.lowest_equivalent(h.min()));
                 assert_eq!(s.counts.len(), h.iter_recorded().count());
                 for &v in vs.iter().take(200) {
-                    assert_eq!(s.layout.highest_equivalent(v), h.highest_equivalent(v));
-                    assert_eq!(s.layout.lowest_equivalent(v), h.lowest_equivalent(v));
+                    assert_eq!(s.layout().highest_equivalent(v), h.highest_equivalent(v));
+                    assert_eq!(s.layout().lowest_equivalent(v), h.lowest_equivalent(v));
                 }
             }
         }
