@@ -4,7 +4,8 @@
 #   - a target writing 120-byte chunks to a TCP socket on loopback (every write traced and copied),
 #   - an untargeted process calling write(/dev/null) and getppid(),
 #     with the target named by pid, and (bpf_stats table only) by its cgroup.
-# Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored).
+# Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored),
+# and (with perf installed) the untargeted write's BPF time from perf samples, bpf_stats off.
 # The processes under test run on CPU 1, the agent on CPU 0. Root; prints a markdown table.
 #
 #   scripts/syscall-cost.sh [AGENT_BIN] [ROUNDS]
@@ -136,3 +137,47 @@ for m in tracepoint raw; do
   untargeted_stats $m cgroup
   prog_stats $m "untargeted write, target by cgroup"
 done
+
+# The same filter cost without bpf_stats (whose two clock reads per run are most of what it
+# reports for a program that returns at once): perf samples of CPU 1 while the untargeted
+# process writes to /dev/null, bpf_stats off; each program's share of the samples × the wall
+# time per write is its time per syscall. Needs perf (linux-perf); skipped without it.
+if command -v perf >/dev/null; then
+  sysctl -q kernel.bpf_stats_enabled=0
+  echo
+  echo "| hooks | target named by | ns per write (wall) | samples | BPF share | BPF ns per untargeted write (all its programs) | per program |"
+  echo "|---|---|---:|---:|---:|---:|---|"
+  for m in tracepoint raw; do
+    for by in pid cgroup; do
+      sleep 600 & s=$!
+      if [ "$by" = cgroup ]; then
+        CG="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/llmslo-syscost-$$"
+        mkdir -p "$CG"
+        echo "$s" >"$CG/cgroup.procs"
+        start_agent "$m" --target-cgroup "$CG"
+      else
+        start_agent "$m" --target-pid "$s"
+      fi
+      perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
+        taskset -c 1 "$W/syscalls" write 1000000 >"$W/ns" 2>/dev/null
+      stop_agent; kill "$s"
+      if [ -n "${CG:-}" ]; then wait "$s" 2>/dev/null || true; rmdir "$CG"; CG=""; fi
+      perf report -i "$W/perf.data" --comm syscalls --sort sym --stdio 2>/dev/null >"$W/perf.txt" || true
+      python3 - "$m" "$by" "$(cat "$W/ns")" "$W/perf.txt" <<'PY'
+import re, sys
+m, by, ns, path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+samples, progs = 0, {}
+for line in open(path):
+    if line.startswith("# Samples:"):
+        v = line.split()[2]
+        samples = float(v[:-1]) * 1000 if v.endswith("K") else float(v)
+    hit = re.match(r"\s*([\d.]+)%\s+\[k\]\s+bpf_prog_[0-9a-f]+_(\w+)", line)
+    if hit:
+        progs[hit.group(2)] = progs.get(hit.group(2), 0.0) + float(hit.group(1))
+share = sum(progs.values())
+detail = ", ".join(f"{k} {v / 100 * ns:.1f}" for k, v in sorted(progs.items()))
+print(f"| {m} | {by} | {ns:.0f} | {samples:.0f} | {share:.1f} % | **{share / 100 * ns:.1f}** | {detail} |")
+PY
+    done
+  done
+fi
