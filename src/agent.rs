@@ -281,7 +281,20 @@ pub fn start_bpf(
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
     let conn_entries = cfg.max_kernel_connections;
-    let runq = cfg.cpu_runqueue;
+    // The run-queue figures read the scheduler's own per-thread account, where it keeps one.
+    let runq = cfg
+        .cpu_runqueue
+        .then(|| cfg.discovery.proc_root.clone())
+        .filter(|root| {
+            let ok = crate::runq::kernel_keeps_waits(root);
+            if !ok {
+                tracing::warn!(
+                "cpu_runqueue: this kernel keeps no per-thread run-queue waits \
+                 (no /proc/self/schedstat: CONFIG_SCHED_INFO off); the run-queue figures are absent"
+            );
+            }
+            ok
+        });
     let gpu_uprobes = cfg.gpu_uprobes;
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
@@ -305,13 +318,13 @@ pub fn start_bpf(
 
 fn bpf_thread(
     (network, gpu_uprobes): (bool, bool),
-    (ringbuf_bytes, conn_entries, runq): (u32, u32, bool),
+    (ringbuf_bytes, conn_entries, runq): (u32, u32, Option<std::path::PathBuf>),
     asm_cfg: AssemblerConfig,
     shared: &Shared,
     targets: mpsc::Receiver<Snapshot>,
     ready: &mpsc::SyncSender<Result<()>>,
 ) -> Result<()> {
-    let mut l7 = L7::load(ringbuf_bytes, conn_entries, runq)?;
+    let mut l7 = L7::load(ringbuf_bytes, conn_entries, runq.is_some())?;
     let mut conn_map = crate::loader::ConnMapHealth {
         capacity: l7.conns.capacity,
         ..Default::default()
@@ -346,9 +359,7 @@ fn bpf_thread(
         tracing::info!("gpu_uprobes: false: the CUDA driver is not probed");
         None
     };
-    let mut runq = crate::runq::RunQueue::new(&l7.skel, shared.forget_after)
-        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "run-queue counters not readable"))
-        .ok();
+    let mut runq = runq.map(|root| crate::runq::RunQueue::new(&root, shared.forget_after));
     *shared.programs.write().expect("programs lock") = progs;
     *shared.verifier.write().expect("verifier lock") = verifier;
     let asm = RefCell::new(Assembler::new(asm_cfg));

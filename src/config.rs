@@ -25,8 +25,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Entries of the kernel's connection map (an LRU; its evictions are counted).
     pub max_kernel_connections: u32,
-    /// Count the targets' run-queue waits (sched_wakeup/sched_switch programs: every context
-    /// switch on the node pays a task-storage lookup).
+    /// Count the targets' run-queue waits (the scheduler's per-thread `run_delay`: read at
+    /// the targets' syscalls and from their threads' `schedstat` every second).
     pub cpu_runqueue: bool,
     /// Uprobe the CUDA driver of the targets' cgroups (GPU activity per pod and per request).
     /// Each probed call traps into the kernel (~1–20 µs): false where a server launches many

@@ -53,7 +53,7 @@ pub struct SockEvent<'a> {
 pub struct Inside {
     /// The thread that made the syscall.
     pub tid: u32,
-    /// That thread's run-queue wait so far (ns); `None` without the run-queue programs.
+    /// That thread's run-queue wait so far (ns); `None` with `cpu_runqueue: false`.
     pub runq_ns: Option<u64>,
     /// Its cgroup's CUDA activity so far; `None` when it has no GPU counters (no libcuda).
     pub gpu: Option<GpuTotals>,

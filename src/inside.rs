@@ -151,7 +151,7 @@ fn gpu_between(a: &Inside, b: &Inside, dur_ns: u64) -> Option<GpuStage> {
 }
 
 /// The run-queue and GPU figures of a request whose `stages` are computed. Each is `None` when
-/// no bounding event carried the counters at all (run-queue programs off; a process without
+/// no bounding event carried the counters at all (`cpu_runqueue: false`; a process without
 /// GPU counters), so the record says null rather than zero.
 pub fn compute(marks: &Marks, stages: &Stages) -> (Option<RunqWait>, Option<GpuStages>) {
     let all = [&marks.read_done, &marks.token1, &marks.last];

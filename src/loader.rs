@@ -193,7 +193,7 @@ impl L7 {
     /// Opens, loads and attaches every program. A program whose hook is missing on this kernel
     /// is reported and skipped unless it is essential (the syscall tracepoints are).
     /// `conn_entries`: size of the kernel's connection map (`max_kernel_connections`);
-    /// `runq`: load the run-queue programs (`cpu_runqueue`).
+    /// `runq`: events carry their threads' run-queue wait (`cpu_runqueue`).
     pub fn load(ringbuf_bytes: u32, conn_entries: u32, runq: bool) -> Result<L7> {
         tracing::info!("loading the L7 BPF programs");
         crate::probe::ensure_mounts();
@@ -265,16 +265,13 @@ impl L7 {
             .set_max_entries(conn_entries)
             .context("sizing the connection map")?;
         if runq {
-            // Events then carry their thread's run-queue wait (`runq_total_ns`).
+            // Events then carry their thread's run-queue wait (`runq_total_ns`, the
+            // scheduler's own sched_info.run_delay).
             open.maps
                 .rodata_data
                 .as_deref_mut()
                 .context("BPF object has no .rodata")?
                 .runq_on = 1;
-        } else {
-            open.progs.runq_wakeup.set_autoload(false);
-            open.progs.runq_wakeup_new.set_autoload(false);
-            open.progs.runq_switch.set_autoload(false);
         }
         let raw = hooks == SyscallHooks::Raw;
         for mut prog in open.open_object_mut().progs_mut() {
@@ -441,7 +438,7 @@ pub fn attach_all(
     let mut links = Vec::new();
     let mut progs = Vec::new();
     for prog in obj.progs_mut() {
-        // Programs left out at load (the other syscall hook set, run-queue programs turned off).
+        // Programs left out at load (the other syscall hook set).
         if !prog.autoload() {
             continue;
         }

@@ -159,11 +159,6 @@ pub fn run() -> ProbeReport {
             "retransmit counts",
         ),
         (
-            "tp_sched_switch",
-            "sched/sched_switch",
-            "CPU starvation of target threads",
-        ),
-        (
             "tp_netif_receive_skb",
             "net/netif_receive_skb",
             "passive packet timing where tc is not attached",
@@ -195,7 +190,7 @@ pub fn run() -> ProbeReport {
         (
             "tp_btf",
             "probe_tp_btf",
-            "typed scheduler tracepoints; raw/classic tracepoints are used instead",
+            "typed tracepoints: the raw syscall hooks (LLMSLO_SYSCALL_HOOKS=raw)",
         ),
         ("raw_tracepoint", "probe_raw_tp", "fallback for tp_btf"),
         (

@@ -369,7 +369,7 @@ pub struct RequestRecord {
     pub stages: Stages,
     /// Run-queue wait (ms) of the server thread that served the request, per server-side stage
     /// (`queue_prefill`, `decode` or `inference`) and `total`; a stage whose two ends were
-    /// different threads has none (see `inside`). Null without the run-queue programs.
+    /// different threads has none (see `inside`). Null with `cpu_runqueue: false`.
     pub cpu_runqueue_wait_ms: Option<crate::inside::RunqWait>,
     /// The server cgroup's GPU activity per server-side stage; null when it has no GPU
     /// counters (no libcuda probed).

@@ -1,17 +1,27 @@
 //! CPU starvation of target processes: how long their threads waited on a run queue between
-//! becoming runnable (woken, or preempted) and getting a CPU, from the `sched_wakeup`,
-//! `sched_wakeup_new` and `sched_switch` programs in `l7.bpf.c`. Counted per process in the
-//! kernel, summed per pod here. A server whose event loop waits for a CPU adds that wait to
-//! every request it is serving, in whatever stage they are.
+//! becoming runnable (woken, or preempted) and getting a CPU. The scheduler already keeps this
+//! per thread (`sched_info.run_delay` and `pcount`, what `/proc/<pid>/task/<tid>/schedstat`
+//! shows), so the agent runs no program on the scheduler's paths, which every context switch
+//! of the node would pay: requests read it at their syscalls (`l7.bpf.c`, `fill_inside`), and
+//! the per-pod counters here read the targets' threads' `schedstat` every [`EVERY`]. A server
+//! whose event loop waits for a CPU adds that wait to every request it is serving, in whatever
+//! stage they are.
+//!
+//! Per process, only what its threads waited since the agent first saw it counts; a thread
+//! born later counts from its start. Differences are summed per process, so a thread that ends
+//! keeps what it added (less its last interval's part, which its exit takes with it).
 
-use std::collections::BTreeMap;
-
-use anyhow::Result;
-use libbpf_rs::{MapCore, MapHandle};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::discovery::Snapshot;
 use crate::podtotals::{PodLabels, PodTotals};
-use crate::skel::l7::{types, L7Skel};
+
+/// How often the targets' threads are read: counters lag by at most this.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// Threads read per process at most: a process with more has its first ones counted.
+const MAX_THREADS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunqCounts {
@@ -26,49 +36,145 @@ impl std::ops::AddAssign for RunqCounts {
     }
 }
 
+/// One thread's `schedstat`: (run-queue wait ns, times it got a CPU).
+fn parse_schedstat(text: &str) -> Option<RunqCounts> {
+    let mut f = text.split_ascii_whitespace().skip(1);
+    let wait_ns = f.next()?.parse().ok()?;
+    let waits = f.next()?.parse().ok()?;
+    Some(RunqCounts { wait_ns, waits })
+}
+
+#[derive(Default)]
+struct Proc {
+    cgroup: Option<u64>,
+    /// Each live thread's counters when last read.
+    threads: HashMap<u32, RunqCounts>,
+    /// What the process's threads waited since it was first seen.
+    total: RunqCounts,
+    /// The process is gone (its /proc entry): its total stays until it is no longer targeted.
+    gone: bool,
+}
+
+impl Proc {
+    /// Folds a reading of its threads in. `first`: the process was just found, so what its
+    /// threads waited before is not counted.
+    fn update(&mut self, now: impl IntoIterator<Item = (u32, RunqCounts)>, first: bool) {
+        let mut seen = HashMap::with_capacity(self.threads.len());
+        for (tid, c) in now {
+            if !first {
+                let was = self.threads.get(&tid).copied().unwrap_or_default();
+                // A tid reused by a new thread reads lower: it counts from its own start.
+                let base = if c.wait_ns < was.wait_ns || c.waits < was.waits {
+                    RunqCounts::default()
+                } else {
+                    was
+                };
+                self.total += RunqCounts {
+                    wait_ns: c.wait_ns - base.wait_ns,
+                    waits: c.waits - base.waits,
+                };
+            }
+            seen.insert(tid, c);
+        }
+        self.threads = seen;
+    }
+}
+
 pub struct RunQueue {
-    counts: MapHandle,
+    proc_root: PathBuf,
+    procs: BTreeMap<u32, Proc>,
     totals: PodTotals<u32, RunqCounts>,
+    last: Option<Instant>,
+    view: BTreeMap<PodLabels, RunqCounts>,
 }
 
 impl RunQueue {
     /// A pod's totals go once no target has carried its labels for `forget_after`.
-    pub fn new(l7: &L7Skel<'static>, forget_after: std::time::Duration) -> Result<RunQueue> {
-        Ok(RunQueue {
-            counts: MapHandle::try_from(&l7.maps.runq_by_tgid)?,
+    pub fn new(proc_root: &Path, forget_after: Duration) -> RunQueue {
+        RunQueue {
+            proc_root: proc_root.to_path_buf(),
+            procs: BTreeMap::new(),
             totals: PodTotals::new(forget_after),
-        })
+            last: None,
+            view: BTreeMap::new(),
+        }
     }
 
-    /// Per-pod totals; forgets the kernel entries of processes that are no longer targets.
+    /// Per-pod totals, re-read at most every [`EVERY`].
     pub fn refresh(&mut self, snap: &Snapshot) -> BTreeMap<PodLabels, RunqCounts> {
+        if self.last.is_some_and(|t| t.elapsed() < EVERY) {
+            return self.view.clone();
+        }
+        self.last = Some(Instant::now());
+        let targets: BTreeMap<u32, Option<u64>> = snap
+            .set
+            .tgids
+            .iter()
+            .map(|&t| (t, None))
+            .chain(snap.cgroup_members.iter().map(|(&t, &cg)| (t, Some(cg))))
+            .collect();
+        // Processes no longer listed (ended, or out of the targets): their totals retire.
+        for (tgid, p) in self.procs.iter_mut() {
+            p.gone |= !targets.contains_key(tgid);
+        }
+        for (tgid, cgroup) in targets {
+            let now = self.threads(tgid);
+            let first = !self.procs.contains_key(&tgid);
+            let p = self.procs.entry(tgid).or_default();
+            p.cgroup = cgroup.or(p.cgroup);
+            match now {
+                Some(now) if !p.gone => p.update(now, first),
+                _ => p.gone = true,
+            }
+        }
         let entries: Vec<(u32, Option<u64>, RunqCounts)> = self
-            .counts
-            .keys()
-            .filter_map(|key| {
-                let tgid = u32::from_ne_bytes(key.get(..4)?.try_into().ok()?);
-                let (cgroup, c) = self.read(&key);
-                Some((tgid, cgroup, c))
+            .procs
+            .iter()
+            .map(|(&tgid, p)| {
+                // A process that is gone is not a target, whatever its cgroup still is.
+                let cgroup = if p.gone { None } else { p.cgroup };
+                (tgid, cgroup, p.total)
             })
             .collect();
         let (by_pod, gone) = self.totals.fold(entries, snap);
         for tgid in gone {
-            let _ = self.counts.delete(&tgid.to_ne_bytes());
+            self.procs.remove(&tgid);
         }
-        by_pod
+        self.view = by_pod;
+        self.view.clone()
     }
 
-    /// The per-CPU values summed, and the process's cgroup id.
-    fn read(&self, key: &[u8]) -> (Option<u64>, RunqCounts) {
-        const N: usize = std::mem::size_of::<types::llmslo_runq_counts>() / 8;
-        let mut sum = RunqCounts::default();
-        let mut cgroup = None;
-        for [wait_ns, waits, cg] in crate::podtotals::per_cpu_fields::<N>(&self.counts, key) {
-            sum += RunqCounts { wait_ns, waits };
-            cgroup = cgroup.or((cg != 0).then_some(cg));
+    /// The process's threads' counters; None when the process is gone.
+    fn threads(&self, tgid: u32) -> Option<Vec<(u32, RunqCounts)>> {
+        let dir = self.proc_root.join(tgid.to_string()).join("task");
+        let tids = std::fs::read_dir(&dir).ok()?;
+        let mut out = Vec::new();
+        let mut buf = String::with_capacity(64);
+        for e in tids.flatten().take(MAX_THREADS) {
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            buf.clear();
+            let Ok(mut f) = std::fs::File::open(e.path().join("schedstat")) else {
+                continue; // the thread just ended
+            };
+            if std::io::Read::read_to_string(&mut f, &mut buf).is_err() {
+                continue;
+            }
+            if let Some(c) = parse_schedstat(&buf) {
+                out.push((tid, c));
+            }
         }
-        (cgroup, sum)
+        Some(out)
     }
+}
+
+/// Whether this kernel keeps per-thread run-queue waits (CONFIG_SCHED_INFO).
+pub fn kernel_keeps_waits(proc_root: &Path) -> bool {
+    std::fs::read_to_string(proc_root.join("self/schedstat"))
+        .ok()
+        .and_then(|t| parse_schedstat(&t))
+        .is_some()
 }
 
 /// `llmslo_cpu_runqueue_*`, one sample per (namespace, pod).
@@ -95,8 +201,61 @@ pub fn render(by_pod: &BTreeMap<PodLabels, RunqCounts>, out: &mut String) {
 mod tests {
     use super::*;
 
+    fn c(wait_ns: u64, waits: u64) -> RunqCounts {
+        RunqCounts { wait_ns, waits }
+    }
+
     #[test]
-    fn counts_layout_is_pinned() {
-        assert_eq!(std::mem::size_of::<types::llmslo_runq_counts>(), 24);
+    fn schedstat_is_run_time_wait_time_and_timeslices() {
+        assert_eq!(
+            parse_schedstat("241090000 34459607 1398\n"),
+            Some(c(34_459_607, 1398))
+        );
+        assert_eq!(parse_schedstat("241090000 x 1398"), None);
+        assert_eq!(parse_schedstat("1 2"), None);
+        assert_eq!(parse_schedstat(""), None);
+    }
+
+    #[test]
+    fn a_process_counts_from_when_it_was_first_seen() {
+        let mut p = Proc::default();
+        p.update([(10, c(5_000, 50)), (11, c(7_000, 70))], true);
+        assert_eq!(
+            p.total,
+            c(0, 0),
+            "history before the first reading is not counted"
+        );
+        p.update([(10, c(6_000, 52)), (11, c(7_500, 71))], false);
+        assert_eq!(p.total, c(1_500, 3));
+    }
+
+    #[test]
+    fn threads_born_later_count_from_their_start_and_ended_ones_keep_their_part() {
+        let mut p = Proc::default();
+        p.update([(10, c(1_000, 1))], true);
+        // 12 is new: all of its wait is since the last reading.
+        p.update([(10, c(1_200, 2)), (12, c(300, 4))], false);
+        assert_eq!(p.total, c(500, 5));
+        // 12 ended: what it added stays; 10 goes on.
+        p.update([(10, c(1_300, 3))], false);
+        assert_eq!(p.total, c(600, 6));
+        // A reused tid reads lower than the old thread did: a new thread, from zero.
+        p.update([(10, c(1_300, 3)), (12, c(100, 1))], false);
+        assert_eq!(p.total, c(700, 7));
+    }
+
+    #[test]
+    fn this_kernel_keeps_waits_and_they_are_read_per_thread() {
+        let root = Path::new("/proc");
+        if !kernel_keeps_waits(root) {
+            eprintln!("no /proc/self/schedstat (CONFIG_SCHED_INFO off): nothing to read");
+            return;
+        }
+        let rq = RunQueue::new(root, Duration::from_secs(30));
+        let me = std::process::id();
+        let threads = rq.threads(me).expect("this process's threads");
+        assert!(threads.iter().any(|(tid, _)| *tid == me), "{threads:?}");
+        assert!(threads.iter().all(|(_, c)| c.waits > 0), "{threads:?}");
+        assert_eq!(rq.threads(u32::MAX), None, "a process that does not exist");
     }
 }

@@ -1,5 +1,5 @@
 //! CPU starvation (issue: inside the server): the run-queue waits of a traced server's threads,
-//! from the sched tracepoints. The same load, first with the server's CPU to itself, then with
+//! from the scheduler's own per-thread account (`sched_info.run_delay`). The same load, first with the server's CPU to itself, then with
 //! two busy loops pinned to that CPU: the waits must grow by far, and be there in the metrics
 //! of its pod only, and in the requests' own figures (`cpu_runqueue_wait_ms`), which must add
 //! up to no more than the pod's counter.
@@ -235,8 +235,10 @@ fn per_request_run_queue_waits_grow_and_stay_within_the_pods() {
         assert!((t - parts).abs() < 1e-9, "total {t} vs stages {parts}");
     }
     // The requests' windows do not overlap and lie inside the phase the pod's counter covers,
-    // and both count the same waits of the same thread (runq_switch adds each wait to both at
-    // once): the sum over requests is at most the pod's, which also holds the waits between
+    // and both count the same waits of the same thread (both are differences of the
+    // scheduler's per-thread run_delay, which the pod's counter reads every second and the
+    // requests at their syscalls; the reads 1.2 s after the load come after its last
+    // refresh): the sum over requests is at most the pod's, which also holds the waits between
     // requests and those of the runtime's other threads (the blocking pool that sleeps between
     // tokens). The slack only absorbs the float rounding of the exposition and the JSON (1 µs).
     assert!(rq <= wq + 1e-6, "requests {rq} s > pod {wq} s (alone)");

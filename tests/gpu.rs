@@ -363,7 +363,7 @@ fn per_request_gpu_activity_is_exact() {
     let g = wait_counts(&agent, launches, syncs);
     assert_eq!((g.launches, g.syncs), (launches, syncs), "{g:?}");
     for r in &recs {
-        // The run-queue programs are on: the one thread that served it has figures.
+        // Run-queue figures are on: the one thread that served it has figures.
         let w = &r["cpu_runqueue_wait_ms"];
         assert!(
             w["queue_prefill"].as_f64().is_some() && w["total"].as_f64().is_some(),

@@ -395,7 +395,7 @@ fn counters_at_the_bounding_events_give_each_stage_its_share() {
         assert_eq!(v["gpu"]["queue_prefill"]["launches"], 7);
         assert!(v["cpu_runqueue_wait_ms"].is_object());
     }
-    // Without the counters (run-queue programs off, no libcuda): null, not zero.
+    // Without the counters (`cpu_runqueue: false`, no libcuda): null, not zero.
     let mut s = Sim::new();
     s.accept(SOCK);
     s.read(SOCK, &chat_request(""));

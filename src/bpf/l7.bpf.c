@@ -57,8 +57,9 @@ static __always_inline __u32 current_tgid(void)
 	return bpf_get_current_task_btf()->tgid;
 }
 
-/* Set by userspace before load: the run-queue programs are loaded, so events carry their
- * thread's run-queue wait (without them the verifier drops that read). */
+/* Set by userspace before load (`cpu_runqueue`): reads and writes carry their thread's
+ * run-queue wait, the scheduler's sched_info.run_delay (without it the verifier drops that
+ * read). */
 const volatile __u32 runq_on = 0;
 
 /* Keep the shared types in BTF so the skeleton's `types` module exports them to Rust. */
@@ -259,32 +260,23 @@ static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci,
 		ci->tuple = *t;
 }
 
-/* Run-queue state of a target thread (the CPU-starvation programs at the end of this file). */
-struct runq_state {
-	__u64 since;    /* became runnable at, 0 while running or asleep */
-	__u64 total_ns; /* waits so far: events carry it, userspace takes differences */
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct runq_state);
-} runq_since SEC(".maps");
-
 /* A read or write carries the cumulative counters of what happened inside the server: its
  * thread's run-queue wait and its cgroup's GPU activity (every process of the server's
- * container: vLLM's engine core launches the kernels, not the process that serves HTTP). One
- * task-storage load and one hash lookup, for target processes' reads and writes only. fill_hdr
- * has zeroed them and set the cgroup id. */
+ * container: vLLM's engine core launches the kernels, not the process that serves HTTP).
+ * The run-queue wait is the scheduler's own account (sched_info.run_delay: every wait from
+ * becoming runnable, woken or preempted, to getting a CPU, summed per thread; what
+ * /proc/<pid>/task/<tid>/schedstat shows), read with a load: no program on the scheduler's
+ * paths, which every context switch of the node would pay. One hash lookup for the GPU
+ * counters, for target processes' reads and writes only. fill_hdr has zeroed them and set the
+ * cgroup id. */
 static __always_inline void fill_inside(struct llmslo_event_hdr *h)
 {
 	if (runq_on) {
-		struct runq_state *st = bpf_task_storage_get(&runq_since, bpf_get_current_task_btf(), 0, 0);
-		/* No storage yet: the thread has not waited since it became a target. */
-		if (st)
-			h->runq_total_ns = st->total_ns;
-		h->inside |= LLMSLO_INSIDE_RUNQ;
+		struct task_struct *task = bpf_get_current_task_btf();
+		if (bpf_core_field_exists(task->sched_info)) {
+			h->runq_total_ns = task->sched_info.run_delay;
+			h->inside |= LLMSLO_INSIDE_RUNQ;
+		}
 	}
 	if (!gpu_probed)
 		return;
@@ -962,81 +954,5 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci->queued_last_ts = 0;
 		ci->tuple.stale = 1;
 	}
-	return 0;
-}
-
-/* ---- CPU starvation: how long target threads wait on a run queue ----
- * A target thread becomes runnable (woken, or preempted while running) → its time is noted in
- * task storage; it gets the CPU (sched_switch's next) → the wait is added to its process's
- * per-CPU counters. Other tasks cost the target bit tests (a few loads). A thread untargeted
- * while it waits keeps its noted time until it is woken again as a target. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, struct llmslo_runq_counts);
-} runq_by_tgid SEC(".maps");
-
-/* p is the scheduler tracepoint's own (BTF) pointer: plain loads, no helper calls, on a path
- * every context switch of the node takes. */
-static __always_inline bool task_is_target(struct task_struct *p)
-{
-	if (tgid_is_target(p->tgid))
-		return true;
-	if (!n_cgroup_targets)
-		return false;
-	return cgroup_is_target(task_cgroup_id(p));
-}
-
-static __always_inline void runq_enter(struct task_struct *p)
-{
-	if (!task_is_target(p))
-		return;
-	struct runq_state *st = bpf_task_storage_get(&runq_since, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (st)
-		st->since = bpf_ktime_get_ns();
-}
-
-SEC("tp_btf/sched_wakeup")
-int BPF_PROG(runq_wakeup, struct task_struct *p)
-{
-	runq_enter(p);
-	return 0;
-}
-
-SEC("tp_btf/sched_wakeup_new")
-int BPF_PROG(runq_wakeup_new, struct task_struct *p)
-{
-	runq_enter(p);
-	return 0;
-}
-
-SEC("tp_btf/sched_switch")
-int BPF_PROG(runq_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
-	     unsigned int prev_state)
-{
-	/* Preempted while runnable: it waits again from now. */
-	if (prev_state == 0 /* TASK_RUNNING */)
-		runq_enter(prev);
-	/* Loads and bit tests instead of a helper call for the switches of other tasks. */
-	if (!task_is_target(next))
-		return 0;
-	struct runq_state *st = bpf_task_storage_get(&runq_since, next, 0, 0);
-	if (!st || !st->since)
-		return 0;
-	__u64 wait = bpf_ktime_get_ns() - st->since;
-	st->since = 0;
-	st->total_ns += wait;
-	__u32 tgid = next->tgid;
-	struct llmslo_runq_counts *c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
-	if (!c) {
-		struct llmslo_runq_counts fresh = { .cgroup_id = task_cgroup_id(next) };
-		bpf_map_update_elem(&runq_by_tgid, &tgid, &fresh, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&runq_by_tgid, &tgid);
-		if (!c)
-			return 0;
-	}
-	c->wait_ns += wait;
-	c->waits += 1;
 	return 0;
 }

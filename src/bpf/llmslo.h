@@ -126,14 +126,6 @@ struct llmslo_gpu_counts {
 	__u64 sync_wait_ns;   /* their return - entry */
 };
 
-/* CPU starvation of one target process (l7.bpf.c, sched tracepoints), per CPU: how long its
- * threads waited on a run queue between becoming runnable and running. */
-struct llmslo_runq_counts {
-	__u64 wait_ns;   /* sum of the waits */
-	__u64 waits;     /* waits ended (the thread got the CPU) */
-	__u64 cgroup_id; /* the process's cgroup v2 id when first counted, to name its pod */
-};
-
 struct llmslo_event {
 	struct llmslo_event_hdr hdr;
 	__u8 data[LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP];

@@ -217,6 +217,9 @@ pub struct Snapshot {
     pub set: TargetSet,
     pub by_tgid: BTreeMap<u32, Meta>,
     pub by_cgroup: BTreeMap<u64, Meta>,
+    /// The processes of the target cgroups when the snapshot was taken, with their cgroup id
+    /// (the CPU run-queue counters read their threads).
+    pub cgroup_members: BTreeMap<u32, u64>,
 }
 
 impl Snapshot {
@@ -596,6 +599,7 @@ pub fn scan(
         for (i, pid) in cgroup_pids(&full).into_iter().enumerate() {
             snap.set.listen.extend(listeners.ports(&cfg.proc_root, pid));
             cgroup_targets.push(pid);
+            snap.cgroup_members.insert(pid, id);
             if i < crate::gpu::MAX_CGROUP_PROCS {
                 gpu_members.entry(pid).or_insert(id);
             }
@@ -612,11 +616,16 @@ pub fn scan(
     }
     for (id, dir) in gpu_dirs {
         snap.set.gpu_cgroups.insert(id);
+        let traced = snap.set.cgroups.contains(&id);
         for pid in cgroup_pids(&dir)
             .into_iter()
             .take(crate::gpu::MAX_CGROUP_PROCS)
         {
             gpu_members.entry(pid).or_insert(id);
+            // A pod server's container: its other processes are targets by the cgroup.
+            if traced {
+                snap.cgroup_members.entry(pid).or_insert(id);
+            }
         }
     }
     snap.set.cuda = cuda.scan(&cfg.proc_root, &gpu_members, std::time::Instant::now());
