@@ -171,7 +171,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:9464".parse().expect("literal"),
             discovery: DiscoveryCfg::default(),
-            ringbuf_bytes: 8 << 20,
+            ringbuf_bytes: 4 << 20,
             recent_requests: 10_000,
             recent_requests_bytes: 16 << 20,
             max_label_sets: 200,
