@@ -26,7 +26,7 @@ pub struct Config {
     /// Entries of the kernel's connection map (an LRU; its evictions are counted).
     pub max_kernel_connections: u32,
     /// Count the targets' run-queue waits (the scheduler's per-thread `run_delay`: read at
-    /// the targets' syscalls and from their threads' `schedstat` every second).
+    /// the targets' syscalls and from their threads' `schedstat` every 2 s).
     pub cpu_runqueue: bool,
     /// Uprobe the CUDA driver of the targets' cgroups (GPU activity per pod and per request).
     /// Each probed call traps into the kernel (~1–20 µs): false where a server launches many
