@@ -105,23 +105,30 @@ for p in json.load(open(f"{w}/after.json")):
         print(f"| {m} | {what} | {p['name']} | {n} | {t / n:.0f} |")
 PY
 }
-untargeted_stats() { # $1 hooks, $2 "cgroup" to name the target by its cgroup (as on
-  # Kubernetes, where every node then has cgroup targets): write(/dev/null) by a process that
-  # is not a target
+with_untargeted() { # $1 hooks, $2 "pid" or "cgroup" (how the agent names its target, a sleep;
+  # by cgroup as on Kubernetes, where every node then has cgroup targets), then a command to
+  # run meanwhile: what it measures is a process that is not a target
+  local hooks=$1 by=$2; shift 2
   sleep 600 & local s=$!
-  if [ "${2:-}" = cgroup ]; then
+  if [ "$by" = cgroup ]; then
     CG="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/llmslo-syscost-$$"
     mkdir -p "$CG"
     echo "$s" >"$CG/cgroup.procs"
-    start_agent "$1" --target-cgroup "$CG"
+    start_agent "$hooks" --target-cgroup "$CG"
   else
-    start_agent "$1" --target-pid "$s"
+    start_agent "$hooks" --target-pid "$s"
   fi
+  "$@"
+  stop_agent; kill "$s"
+  if [ -n "${CG:-}" ]; then wait "$s" 2>/dev/null || true; rmdir "$CG"; CG=""; fi
+}
+stats_around_write() { # write(/dev/null) between two snapshots of the programs' bpf_stats
   bpftool -j prog show >"$W/before.json"
   taskset -c 1 "$W/syscalls" write >/dev/null
   bpftool -j prog show >"$W/after.json"
-  stop_agent; kill "$s"
-  if [ -n "${CG:-}" ]; then wait "$s" 2>/dev/null || true; rmdir "$CG"; CG=""; fi
+}
+untargeted_stats() { # $1 hooks, $2 pid|cgroup
+  with_untargeted "$1" "$2" stats_around_write
 }
 echo
 echo "| hooks | process | program | runs | ns per run |"
@@ -131,7 +138,7 @@ for m in tracepoint raw; do
   target_write $m >/dev/null
   prog_stats $m "target, traced write"
   bpftool -j prog show >"$W/pre.json"
-  untargeted_stats $m
+  untargeted_stats $m pid
   prog_stats $m "untargeted write"
   bpftool -j prog show >"$W/pre.json"
   untargeted_stats $m cgroup
@@ -149,19 +156,8 @@ if command -v perf >/dev/null; then
   echo "|---|---|---:|---:|---:|---:|---|"
   for m in tracepoint raw; do
     for by in pid cgroup; do
-      sleep 600 & s=$!
-      if [ "$by" = cgroup ]; then
-        CG="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)/llmslo-syscost-$$"
-        mkdir -p "$CG"
-        echo "$s" >"$CG/cgroup.procs"
-        start_agent "$m" --target-cgroup "$CG"
-      else
-        start_agent "$m" --target-pid "$s"
-      fi
-      perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
+      with_untargeted "$m" "$by" perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
         taskset -c 1 "$W/syscalls" write 1000000 >"$W/ns" 2>/dev/null
-      stop_agent; kill "$s"
-      if [ -n "${CG:-}" ]; then wait "$s" 2>/dev/null || true; rmdir "$CG"; CG=""; fi
       perf report -i "$W/perf.data" --comm syscalls --sort sym --stdio 2>/dev/null >"$W/perf.txt" || true
       python3 - "$m" "$by" "$(cat "$W/ns")" "$W/perf.txt" <<'PY'
 import re, sys
