@@ -272,6 +272,23 @@ pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
     }
 }
 
+/// Where the run-queue counters read the targets' threads (`discovery.proc_root`), when
+/// `cpu_runqueue` is on and the kernel keeps per-thread run-queue waits (asked of the agent's
+/// own /proc: a kernel build question, whatever PID namespace proc_root answers in).
+fn runq_root(cfg: &Config) -> Option<std::path::PathBuf> {
+    if !cfg.cpu_runqueue {
+        return None;
+    }
+    if !crate::runq::kernel_keeps_waits(std::path::Path::new("/proc")) {
+        tracing::warn!(
+            "cpu_runqueue: this kernel keeps no per-thread run-queue waits (no \
+             /proc/self/schedstat: CONFIG_SCHED_INFO off); the run-queue figures are absent"
+        );
+        return None;
+    }
+    Some(cfg.discovery.proc_root.clone())
+}
+
 /// Starts the BPF thread and waits until its programs are attached (or failed).
 pub fn start_bpf(
     cfg: &Config,
@@ -281,20 +298,7 @@ pub fn start_bpf(
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
     let ringbuf_bytes = cfg.ringbuf_bytes;
     let conn_entries = cfg.max_kernel_connections;
-    // The run-queue figures read the scheduler's own per-thread account, where it keeps one.
-    let runq = cfg
-        .cpu_runqueue
-        .then(|| cfg.discovery.proc_root.clone())
-        .filter(|root| {
-            let ok = crate::runq::kernel_keeps_waits(root);
-            if !ok {
-                tracing::warn!(
-                "cpu_runqueue: this kernel keeps no per-thread run-queue waits \
-                 (no /proc/self/schedstat: CONFIG_SCHED_INFO off); the run-queue figures are absent"
-            );
-            }
-            ok
-        });
+    let runq = runq_root(cfg);
     let gpu_uprobes = cfg.gpu_uprobes;
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
