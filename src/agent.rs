@@ -273,13 +273,12 @@ pub fn discovery_config(cfg: &Config, probe: &ProbeReport) -> DiscoveryConfig {
 }
 
 /// Where the run-queue counters read the targets' threads (`discovery.proc_root`), when
-/// `cpu_runqueue` is on and the kernel keeps per-thread run-queue waits (asked of the agent's
-/// own /proc: a kernel build question, whatever PID namespace proc_root answers in).
+/// `cpu_runqueue` is on and the kernel keeps per-thread run-queue waits.
 fn runq_root(cfg: &Config) -> Option<std::path::PathBuf> {
     if !cfg.cpu_runqueue {
         return None;
     }
-    if !crate::runq::kernel_keeps_waits(std::path::Path::new("/proc")) {
+    if !crate::runq::kernel_keeps_waits() {
         tracing::warn!(
             "cpu_runqueue: this kernel keeps no per-thread run-queue waits (no \
              /proc/self/schedstat: CONFIG_SCHED_INFO off); the run-queue figures are absent"
@@ -440,8 +439,10 @@ fn bpf_thread(
                 let view = g.refresh(&shared.snapshot.read().expect("snapshot lock"));
                 *shared.gpu.write().expect("gpu lock") = view;
             }
-            if let Some(r) = runq.as_mut() {
-                let view = r.refresh(&shared.snapshot.read().expect("snapshot lock"));
+            if let Some(view) = runq
+                .as_mut()
+                .and_then(|r| r.refresh(&shared.snapshot.read().expect("snapshot lock")))
+            {
                 *shared.runq.write().expect("runq lock") = view;
             }
             asm.borrow_mut()

@@ -87,7 +87,6 @@ pub struct RunQueue {
     procs: BTreeMap<u32, Proc>,
     totals: PodTotals<u32, RunqCounts>,
     last: Option<Instant>,
-    view: BTreeMap<PodLabels, RunqCounts>,
 }
 
 impl RunQueue {
@@ -98,14 +97,13 @@ impl RunQueue {
             procs: BTreeMap::new(),
             totals: PodTotals::new(forget_after),
             last: None,
-            view: BTreeMap::new(),
         }
     }
 
-    /// Per-pod totals, re-read at most every [`EVERY`].
-    pub fn refresh(&mut self, snap: &Snapshot) -> BTreeMap<PodLabels, RunqCounts> {
+    /// Per-pod totals when [`EVERY`] has passed since the last reading; None before.
+    pub fn refresh(&mut self, snap: &Snapshot) -> Option<BTreeMap<PodLabels, RunqCounts>> {
         if self.last.is_some_and(|t| t.elapsed() < EVERY) {
-            return self.view.clone();
+            return None;
         }
         self.last = Some(Instant::now());
         let targets: BTreeMap<u32, Option<u64>> = snap
@@ -120,13 +118,17 @@ impl RunQueue {
             p.gone |= !targets.contains_key(tgid);
         }
         for (tgid, cgroup) in targets {
+            // A process found gone stays so: its threads are not read again.
+            if self.procs.get(&tgid).is_some_and(|p| p.gone) {
+                continue;
+            }
             let now = self.threads(tgid);
             let first = !self.procs.contains_key(&tgid);
             let p = self.procs.entry(tgid).or_default();
             p.cgroup = cgroup.or(p.cgroup);
             match now {
-                Some(now) if !p.gone => p.update(now, first),
-                _ => p.gone = true,
+                Some(now) => p.update(now, first),
+                None => p.gone = true,
             }
         }
         let entries: Vec<(u32, Option<u64>, RunqCounts)> = self
@@ -142,8 +144,7 @@ impl RunQueue {
         for tgid in gone {
             self.procs.remove(&tgid);
         }
-        self.view = by_pod;
-        self.view.clone()
+        Some(by_pod)
     }
 
     /// The process's threads' counters; None when the process is gone.
@@ -172,8 +173,10 @@ impl RunQueue {
 }
 
 /// Whether this kernel keeps per-thread run-queue waits (CONFIG_SCHED_INFO).
-pub fn kernel_keeps_waits(proc_root: &Path) -> bool {
-    std::fs::read_to_string(proc_root.join("self/schedstat"))
+/// Asked of the agent's own /proc: a question of the kernel's build, whatever PID namespace
+/// `discovery.proc_root` answers in.
+pub fn kernel_keeps_waits() -> bool {
+    std::fs::read_to_string("/proc/self/schedstat")
         .ok()
         .and_then(|t| parse_schedstat(&t))
         .is_some()
@@ -249,7 +252,7 @@ mod tests {
     #[test]
     fn this_kernel_keeps_waits_and_they_are_read_per_thread() {
         let root = Path::new("/proc");
-        if !kernel_keeps_waits(root) {
+        if !kernel_keeps_waits() {
             eprintln!("no /proc/self/schedstat (CONFIG_SCHED_INFO off): nothing to read");
             return;
         }
