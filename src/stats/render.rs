@@ -124,13 +124,9 @@ impl Aggregator {
         for s in self.all_series() {
             for (m, metric, ..) in HEADLINE {
                 for (w, (window, _)) in WINDOWS.iter().enumerate() {
-                    let Some(h) = s.window.agg(w).hists[m].as_ref() else {
+                    let Some(values) = s.window.quantiles(w, m, QUANTILES.map(|q| q.1)) else {
                         continue;
                     };
-                    if h.is_empty() {
-                        continue;
-                    }
-                    let values = h.value_at_quantiles(QUANTILES.map(|q| q.1));
                     for ((q, _), us) in QUANTILES.iter().zip(values) {
                         open(out, name, &s.exposition);
                         for (k, v) in [

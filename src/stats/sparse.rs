@@ -158,42 +158,47 @@ impl SparseHist {
         self.total = 0;
     }
 
-    /// Adds `o`'s counts (same layout).
+    /// Adds `o`'s counts (same layout), in place: buckets new to it are merged in from the
+    /// back, so an aggregate that already has them (a warm window) does not allocate.
     pub fn add(&mut self, o: &SparseHist) {
         debug_assert_eq!(self.sig_figs, o.sig_figs);
         if o.counts.is_empty() {
             return;
         }
-        let mut out = Vec::with_capacity(self.counts.len() + o.counts.len());
-        let (mut a, mut b) = (self.counts.iter().peekable(), o.counts.iter().peekable());
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(&&(i, x)), Some(&&(j, y))) => {
-                    if i == j {
-                        out.push((i, x.saturating_add(y)));
-                        a.next();
-                        b.next();
-                    } else if i < j {
-                        out.push((i, x));
-                        a.next();
-                    } else {
-                        out.push((j, y));
-                        b.next();
-                    }
-                }
-                (Some(&&e), None) => {
-                    out.push(e);
-                    a.next();
-                }
-                (None, Some(&&e)) => {
-                    out.push(e);
-                    b.next();
-                }
-                (None, None) => break,
+        // How many of o's buckets self lacks (both lists sorted, no duplicates).
+        let (mut p, mut new) = (0, 0);
+        for &(j, _) in &o.counts {
+            while p < self.counts.len() && self.counts[p].0 < j {
+                p += 1;
+            }
+            if self.counts.get(p).is_none_or(|&(i, _)| i != j) {
+                new += 1;
             }
         }
-        out.shrink_to_fit();
-        self.counts = out;
+        let (mut i, mut j) = (self.counts.len(), o.counts.len());
+        self.counts.resize(i + new, (0, 0));
+        let mut k = self.counts.len();
+        // From the back: the slots written are never ones still to be read.
+        while j > 0 {
+            let theirs = o.counts[j - 1];
+            let mine = (i > 0).then(|| self.counts[i - 1]);
+            self.counts[k - 1] = match mine {
+                Some(m) if m.0 > theirs.0 => {
+                    i -= 1;
+                    m
+                }
+                Some(m) if m.0 == theirs.0 => {
+                    i -= 1;
+                    j -= 1;
+                    (m.0, m.1.saturating_add(theirs.1))
+                }
+                _ => {
+                    j -= 1;
+                    theirs
+                }
+            };
+            k -= 1;
+        }
         self.total = self.total.saturating_add(o.total);
     }
 
@@ -221,35 +226,39 @@ impl SparseHist {
     /// answers them: the highest value equivalent to the bucket where the count reaches
     /// ceil(q × total) (at least 1); the lowest for q = 0. Empty: zeros.
     pub fn value_at_quantiles<const N: usize>(&self, quantiles: [f64; N]) -> [u64; N] {
-        let mut out = [0u64; N];
-        if self.total == 0 {
-            return out;
-        }
-        let mut it = self.counts.iter();
-        let (mut seen, mut cur) = (0u64, None::<u32>);
-        for (slot, &q) in out.iter_mut().zip(&quantiles) {
-            let q = q.min(1.0);
-            let want = ((q * f64::from(self.total)).ceil() as u64).max(1);
-            while seen < want {
-                match it.next() {
-                    Some(&(i, c)) => {
-                        seen += u64::from(c);
-                        cur = Some(i);
-                    }
-                    None => break,
+        quantiles_in(
+            self.layout(),
+            u64::from(self.total),
+            self.counts.iter().copied(),
+            quantiles,
+        )
+    }
+
+    /// The same over the sum of `a` and `b` (same layout), without building the sum: a
+    /// window's running aggregate and its current slot, at query time.
+    pub fn value_at_quantiles_of_sum<const N: usize>(
+        a: &SparseHist,
+        b: &SparseHist,
+        quantiles: [f64; N],
+    ) -> [u64; N] {
+        debug_assert_eq!(a.sig_figs, b.sig_figs);
+        let (mut x, mut y) = (a.counts.iter().peekable(), b.counts.iter().peekable());
+        // Both sorted by bucket: yield the lower head first (equal buckets one after the
+        // other, which cumulative counts do not tell apart from one merged entry).
+        let merged = std::iter::from_fn(move || match (x.peek(), y.peek()) {
+            (Some(&&p), Some(&&q)) => {
+                if p.0 <= q.0 {
+                    x.next()
+                } else {
+                    y.next()
                 }
             }
-            if let Some(i) = cur {
-                let layout = self.layout();
-                let v = layout.value_for(i);
-                *slot = if q == 0.0 {
-                    layout.lowest_equivalent(v)
-                } else {
-                    layout.highest_equivalent(v)
-                };
-            }
-        }
-        out
+            (Some(_), None) => x.next(),
+            (None, _) => y.next(),
+        })
+        .copied();
+        let total = u64::from(a.total) + u64::from(b.total);
+        quantiles_in(a.layout(), total, merged, quantiles)
     }
 
     #[cfg(test)]
@@ -261,6 +270,45 @@ impl SparseHist {
     pub fn heap_bytes(&self) -> usize {
         self.counts.capacity() * std::mem::size_of::<(u32, Count)>()
     }
+}
+
+/// Quantiles of `total` counts listed by `counts` in ascending bucket order (see
+/// `SparseHist::value_at_quantiles`). A total above what the list holds (saturated counts)
+/// answers the last bucket for the quantiles it cannot reach.
+fn quantiles_in<const N: usize>(
+    layout: &Layout,
+    total: u64,
+    counts: impl Iterator<Item = (u32, Count)>,
+    quantiles: [f64; N],
+) -> [u64; N] {
+    let mut out = [0u64; N];
+    if total == 0 {
+        return out;
+    }
+    let mut it = counts;
+    let (mut seen, mut cur) = (0u64, None::<u32>);
+    for (slot, &q) in out.iter_mut().zip(&quantiles) {
+        let q = q.min(1.0);
+        let want = ((q * total as f64).ceil() as u64).max(1);
+        while seen < want {
+            match it.next() {
+                Some((i, c)) => {
+                    seen += u64::from(c);
+                    cur = Some(i);
+                }
+                None => break,
+            }
+        }
+        if let Some(i) = cur {
+            let v = layout.value_for(i);
+            *slot = if q == 0.0 {
+                layout.lowest_equivalent(v)
+            } else {
+                layout.highest_equivalent(v)
+            };
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -336,6 +384,11 @@ mod tests {
         sa.add(&sb);
         ha.add(&hb).unwrap();
         assert_eq!(sa.len(), 1_200);
+        assert!(
+            sa.counts.windows(2).all(|w| w[0].0 < w[1].0),
+            "sorted, no duplicates"
+        );
+        assert_eq!(sa.counts.iter().map(|c| u64::from(c.1)).sum::<u64>(), 1_200);
         assert_eq!(sa.value_at_quantiles(QS).to_vec(), hdr_quantiles(&ha));
         assert!(sa.subtract(&sb));
         assert_eq!(sa.counts, before.counts);
@@ -347,6 +400,31 @@ mod tests {
         let mut too_many = sa.clone();
         too_many.add(&sa);
         assert!(!sa.subtract(&too_many));
+    }
+
+    #[test]
+    fn quantiles_of_a_sum_without_building_it() {
+        for (sa, sb) in [(7u64, 8u64), (9, 10)] {
+            let (mut a, mut b) = (SparseHist::new(2), SparseHist::new(2));
+            values(sa, 300).into_iter().for_each(|v| a.record(v));
+            values(sb, 900).into_iter().for_each(|v| b.record(v));
+            let mut sum = a.clone();
+            sum.add(&b);
+            let want = sum.value_at_quantiles(QS);
+            assert_eq!(SparseHist::value_at_quantiles_of_sum(&a, &b, QS), want);
+            assert_eq!(SparseHist::value_at_quantiles_of_sum(&b, &a, QS), want);
+        }
+        // One side empty: the other's own answer; both empty: zeros.
+        let mut a = SparseHist::new(2);
+        [5u64, 500, 50_000].into_iter().for_each(|v| a.record(v));
+        let empty = SparseHist::new(2);
+        let want = a.value_at_quantiles(QS);
+        assert_eq!(SparseHist::value_at_quantiles_of_sum(&a, &empty, QS), want);
+        assert_eq!(SparseHist::value_at_quantiles_of_sum(&empty, &a, QS), want);
+        assert_eq!(
+            SparseHist::value_at_quantiles_of_sum(&empty, &empty, [0.5]),
+            [0]
+        );
     }
 
     #[test]

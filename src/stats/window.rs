@@ -1,6 +1,7 @@
 //! Sliding-window latency data of one label set: a ring of time slots, each holding HDR
-//! histograms (µs) and exact sums per metric, plus running 1m/5m aggregates so that a query
-//! reads one histogram instead of merging up to 31 slots.
+//! histograms (µs) and exact sums per metric, plus running 1m/5m aggregates of the full slots
+//! behind the current one, so that a query reads two histograms (aggregate + current slot)
+//! instead of merging up to 31, and a record touches only the current slot's.
 
 use super::sparse::SparseHist;
 use crate::record::Stage;
@@ -128,7 +129,9 @@ struct Slot {
     data: SlotData,
 }
 
-/// A running sum of the slots `cur - n_back ..= cur`.
+/// A running sum of the full slots `cur - n_back ..= cur - 1`; with the current slot, the
+/// window `cur - n_back ..= cur`. A slot joins when the window moves past it: records (~80
+/// histogram updates per streamed request) then update one histogram, not three.
 struct Agg {
     n_back: u64,
     data: SlotData,
@@ -184,8 +187,16 @@ impl Window {
         }
         let mut ok = true;
         for i in cur + 1..=idx {
+            // Slot i - 1 is full now: it joins every aggregate, and slot i - 1 - n_back leaves.
+            let full = i - 1;
+            let slot = self.ring.get(full as usize % self.slots.max(1));
+            if let Some(slot) = slot.filter(|s| s.index == full) {
+                for a in &mut self.aggs {
+                    a.data.add(&slot.data);
+                }
+            }
             for a in &mut self.aggs {
-                let Some(gone) = i.checked_sub(a.n_back + 1) else {
+                let Some(gone) = full.checked_sub(a.n_back) else {
                     continue;
                 };
                 if let Some(slot) = self.ring.get(gone as usize % self.slots.max(1)) {
@@ -201,19 +212,26 @@ impl Window {
         }
     }
 
+    /// The ring's slot holding index `idx`, if it still does.
+    fn slot_at(&self, idx: u64) -> Option<&Slot> {
+        self.ring
+            .get(idx as usize % self.slots.max(1))
+            .filter(|s| s.index == idx)
+    }
+
     fn rebuild_aggs(&mut self) {
         let cur = self.cur.unwrap_or(0);
         for a in &mut self.aggs {
             a.data = SlotData::default();
             for s in &self.ring {
-                if s.index <= cur && cur - s.index <= a.n_back {
+                if s.index < cur && cur - s.index <= a.n_back {
                     a.data.add(&s.data);
                 }
             }
         }
     }
 
-    /// Applies `f` to the current slot and to both aggregates (call `advance` first).
+    /// Applies `f` to the current slot (call `advance` first).
     pub fn record(&mut self, f: impl Fn(&mut SlotData, u8)) {
         let cur = self.cur.expect("advance before record");
         if self.ring.is_empty() {
@@ -231,20 +249,47 @@ impl Window {
             slot.index = cur;
         }
         f(&mut slot.data, self.sig_figs);
-        for a in &mut self.aggs {
-            f(&mut a.data, self.sig_figs);
-        }
     }
 
-    /// The aggregate `w` (0: 1m, 1: 5m).
-    pub fn agg(&self, w: usize) -> &SlotData {
-        &self.aggs[w].data
+    /// The current slot, when it has had a record.
+    fn current(&self) -> Option<&SlotData> {
+        self.slot_at(self.cur?).map(|s| &s.data)
+    }
+
+    /// Quantiles of metric `m` over window `w` (0: 1m, 1: 5m): its aggregate and the current
+    /// slot together. None when neither has a value.
+    pub fn quantiles<const N: usize>(&self, w: usize, m: usize, qs: [f64; N]) -> Option<[u64; N]> {
+        let agg = self.aggs[w].data.hists[m]
+            .as_ref()
+            .filter(|h| !h.is_empty());
+        let now = self
+            .current()
+            .and_then(|d| d.hists[m].as_ref())
+            .filter(|h| !h.is_empty());
+        Some(match (agg, now) {
+            (Some(a), Some(b)) => SparseHist::value_at_quantiles_of_sum(a, b, qs),
+            (Some(h), None) | (None, Some(h)) => h.value_at_quantiles(qs),
+            (None, None) => return None,
+        })
+    }
+
+    /// The window `w` (0: 1m, 1: 5m) merged: its aggregate plus the current slot.
+    #[cfg(test)]
+    pub fn agg(&self, w: usize) -> SlotData {
+        let mut d = self.aggs[w].data.clone();
+        if let Some(c) = self.current() {
+            d.add(c);
+        }
+        d
     }
 
     /// Adds the slots `cur - n_back ..= cur` to `acc`, from an aggregate when one matches.
     pub fn add_into(&self, n_back: u64, acc: &mut SlotData) {
         if let Some(a) = self.aggs.iter().find(|a| a.n_back == n_back) {
             acc.add(&a.data);
+            if let Some(c) = self.current() {
+                acc.add(c);
+            }
             return;
         }
         let Some(cur) = self.cur else { return };
@@ -287,13 +332,21 @@ mod tests {
                         acc.add(&s.data);
                     }
                 }
-                assert_eq!(acc.requests, w.agg(i).requests);
+                let agg = w.agg(i);
+                assert_eq!(acc.requests, agg.requests);
                 assert_eq!(acc.requests, (n + 1).min(idx - 99));
-                assert_eq!(acc.sum_ns[TTFT], w.agg(i).sum_ns[TTFT]);
-                let (x, y) = (&acc.hists[TTFT], &w.agg(i).hists[TTFT]);
+                assert_eq!(acc.sum_ns[TTFT], agg.sum_ns[TTFT]);
+                let (x, y) = (&acc.hists[TTFT], &agg.hists[TTFT]);
                 let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
                 assert_eq!((x.len(), x.min(), x.max()), (y.len(), y.min(), y.max()));
                 assert_eq!(x.value_at_quantile(0.9), y.value_at_quantile(0.9));
+                // What /metrics reads: the aggregate and the current slot, unmerged.
+                let qs = [0.0, 0.5, 0.9, 0.99, 1.0];
+                assert_eq!(w.quantiles(i, TTFT, qs), Some(x.value_at_quantiles(qs)));
+                let mut by_add = SlotData::default();
+                w.add_into(n, &mut by_add);
+                assert_eq!(by_add.requests, acc.requests);
+                assert_eq!(by_add.sum_ns[TTFT], acc.sum_ns[TTFT]);
             }
         }
     }
