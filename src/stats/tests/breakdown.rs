@@ -84,8 +84,10 @@ fn breakdown_shares_and_grouping() {
     assert_eq!(b["groups"][0]["name"], "ns/r");
 }
 
+/// 50 label sets of full records render to an exposition promtool accepts. How long the
+/// render takes is `benches/pipeline.rs`'s `render` group (docs/BENCHMARKS.md), not a test's.
 #[test]
-fn render_is_fast_enough() {
+fn fifty_label_sets_render_a_valid_exposition() {
     let mut a = Aggregator::new(AggregatorConfig::default());
     let net = {
         let p = [
@@ -109,7 +111,6 @@ fn render_is_fast_enough() {
             );
         }
     }
-    let t = std::time::Instant::now();
     for t in 0..1000 {
         a.record(
             &net,
@@ -117,28 +118,20 @@ fn render_is_fast_enough() {
             1200 + t % 10,
         );
     }
-    eprintln!(
-        "record: {:?} per request with 199 ITL gaps",
-        t.elapsed() / 1000
-    );
     let mut out = String::with_capacity(1 << 20);
     a.render(1200, &mut out);
-    let series = out.lines().filter(|l| !l.starts_with('#')).count();
-    let t = std::time::Instant::now();
-    let n = 20;
-    for _ in 0..n {
-        out.clear();
-        a.render(1200, &mut out);
-    }
-    let per = t.elapsed() / n;
-    eprintln!(
-        "render: {series} samples, {} bytes, {per:?} each; window memory {} KB",
-        out.len(),
-        a.window_bytes() / 1024
-    );
-    if !cfg!(debug_assertions) {
-        assert!(per < std::time::Duration::from_millis(5), "{per:?}");
-    }
+    // Every label set has its series: the 50 pods' request counters.
+    let pods = out
+        .lines()
+        .filter(|l| l.starts_with("llmslo_requests_total{"))
+        .map(|l| {
+            l.split("pod=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+        })
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(pods.len(), 50, "{pods:?}");
     promtool_check(&out);
 }
 
