@@ -321,8 +321,15 @@ mod tests {
 
     #[test]
     fn aggregates_follow_the_ring() {
+        for step in [1, 3, 7] {
+            aggregates_follow_the_ring_by(step);
+        }
+    }
+
+    /// Records every `step` slots (so the window moves past several at once when step > 1).
+    fn aggregates_follow_the_ring_by(step: usize) {
         let mut w = Window::new(31, 2, [6, 30]);
-        for idx in 100..200 {
+        for idx in (100..200).step_by(step) {
             rec(&mut w, idx, idx);
             // Invariant: each aggregate equals the merge of its slots.
             for (i, n) in [6u64, 30].into_iter().enumerate() {
@@ -334,7 +341,8 @@ mod tests {
                 }
                 let agg = w.agg(i);
                 assert_eq!(acc.requests, agg.requests);
-                assert_eq!(acc.requests, (n + 1).min(idx - 99));
+                let in_window = (100..=idx).step_by(step).filter(|&x| idx - x <= n).count();
+                assert_eq!(acc.requests, in_window as u64);
                 assert_eq!(acc.sum_ns[TTFT], agg.sum_ns[TTFT]);
                 let (x, y) = (&acc.hists[TTFT], &agg.hists[TTFT]);
                 let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
