@@ -137,6 +137,13 @@ struct Agg {
     data: SlotData,
 }
 
+/// The slot of `ring` holding index `idx`, if it still does (empty ring: none). The ring is
+/// `slots` long once it exists, so its length is the modulus.
+fn slot_in(ring: &[Slot], idx: u64) -> Option<&Slot> {
+    let len = ring.len().max(1) as u64;
+    ring.get((idx % len) as usize).filter(|s| s.index == idx)
+}
+
 pub(crate) struct Window {
     /// Empty until the first record and again after the label set sat idle for a whole
     /// ring, so idle label sets hold no histogram memory.
@@ -189,20 +196,15 @@ impl Window {
         for i in cur + 1..=idx {
             // Slot i - 1 is full now: it joins every aggregate, and slot i - 1 - n_back leaves.
             let full = i - 1;
-            let slot = self.ring.get(full as usize % self.slots.max(1));
-            if let Some(slot) = slot.filter(|s| s.index == full) {
+            if let Some(slot) = slot_in(&self.ring, full) {
                 for a in &mut self.aggs {
                     a.data.add(&slot.data);
                 }
             }
             for a in &mut self.aggs {
-                let Some(gone) = full.checked_sub(a.n_back) else {
-                    continue;
-                };
-                if let Some(slot) = self.ring.get(gone as usize % self.slots.max(1)) {
-                    if slot.index == gone {
-                        ok &= a.data.subtract(&slot.data);
-                    }
+                let gone = full.checked_sub(a.n_back);
+                if let Some(slot) = gone.and_then(|g| slot_in(&self.ring, g)) {
+                    ok &= a.data.subtract(&slot.data);
                 }
             }
         }
@@ -210,13 +212,6 @@ impl Window {
         if !ok {
             self.rebuild_aggs();
         }
-    }
-
-    /// The ring's slot holding index `idx`, if it still does.
-    fn slot_at(&self, idx: u64) -> Option<&Slot> {
-        self.ring
-            .get(idx as usize % self.slots.max(1))
-            .filter(|s| s.index == idx)
     }
 
     fn rebuild_aggs(&mut self) {
@@ -253,7 +248,7 @@ impl Window {
 
     /// The current slot, when it has had a record.
     fn current(&self) -> Option<&SlotData> {
-        self.slot_at(self.cur?).map(|s| &s.data)
+        slot_in(&self.ring, self.cur?).map(|s| &s.data)
     }
 
     /// Quantiles of metric `m` over window `w` (0: 1m, 1: 5m): its aggregate and the current
