@@ -176,6 +176,9 @@ impl SparseHist {
             }
         }
         let (mut i, mut j) = (self.counts.len(), o.counts.len());
+        // Exactly what is needed, as the merge into a new list had it: there are thousands of
+        // aggregates (2 per metric per label set), and doubling would let them hold twice that.
+        self.counts.reserve_exact(new);
         self.counts.resize(i + new, (0, 0));
         let mut k = self.counts.len();
         // From the back: the slots written are never ones still to be read.
