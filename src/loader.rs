@@ -282,12 +282,23 @@ impl L7 {
                 prog.set_autoload(raw);
             }
         }
-        open.load().map_err(|e| {
+        let skel = open.load().map_err(|e| {
             crate::caps::explain_load_error("the L7 BPF programs", &e).context(
                 "the agent needs root or CAP_BPF and CAP_PERFMON, and a kernel with BTF \
                  (/sys/kernel/btf/vmlinux)",
             )
-        })
+        })?;
+        if !raw {
+            // exit_readv, exit_recvmsg and exit_sendmsg jump to exit_writev's program (one
+            // verified copy of the iovec body); before anything is attached.
+            use std::os::fd::{AsFd, AsRawFd};
+            let fd = skel.progs.exit_writev.as_fd().as_raw_fd();
+            skel.maps
+                .iov_exit
+                .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+                .context("filling the iovec exits' jump table")?;
+        }
+        Ok(skel)
     }
 }
 

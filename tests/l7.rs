@@ -504,3 +504,58 @@ fn sse_events_split_across_and_merged_within_writes() {
         }
     }
 }
+
+/// A response larger than the head the programs copy (4 KiB), written with writev as hyper and
+/// libuv write a header and a body, and with sendmsg (whose exit jumps to writev's program):
+/// the head keeps the status line and the tail (where the usage is) comes after it, not over it.
+#[test]
+fn large_vectored_responses_keep_their_head_and_tail() {
+    if !kernel_tests_enabled("large_vectored_responses_keep_their_head_and_tail") {
+        return;
+    }
+    for syscall in ["writev", "sendmsg"] {
+        let sp = server_pod(
+            &format!("{syscall}-big"),
+            CgroupDriver::Systemd,
+            "llmslo-synth-server",
+            &["--decode-ms", "0.05", "--syscall", syscall],
+        );
+        let agent = agent_for(&sp);
+        let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+        cfg.connections = 2;
+        cfg.requests = 12;
+        cfg.streaming_ratio = 0.0;
+        cfg.max_tokens = Some(1500);
+        let client = testbed::loadgen::run(&cfg).unwrap();
+        assert!(
+            client
+                .iter()
+                .all(|c| c.status == 200 && c.response_bytes > 4096 + 512),
+            "{syscall}: every response is 200 and longer than the head and tail copies"
+        );
+        let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= client.len());
+        let by_port = records_by_port(&recs, &sp);
+        for (c, r) in pair(&client, &by_port) {
+            let r = r.unwrap_or_else(|| panic!("{syscall}: request {} not recorded", c.request_id));
+            assert_eq!(r["status"], 200, "{syscall}: {r}");
+            assert_eq!(r["streaming"], false, "{syscall}: {r}");
+            assert_eq!(
+                r["output_tokens"].as_u64(),
+                c.completion_tokens,
+                "{syscall}: the usage, in the tail: {r}"
+            );
+            assert_eq!(
+                r["response_bytes"].as_u64(),
+                Some(c.response_bytes),
+                "{syscall}: {r}"
+            );
+        }
+        let m = agent.get("/metrics");
+        let unparsed: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("llmslo_agent_requests_unparsed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(unparsed, 0.0, "{syscall}: nothing unparsed");
+    }
+}

@@ -45,6 +45,7 @@ pub enum Syscall {
     Write,
     Send,
     Writev,
+    Sendmsg,
 }
 
 /// Command-line flags of `llmslo-synth-server`.
@@ -78,8 +79,8 @@ pub struct SynthArgs {
     /// How SSE events are cut into write syscalls.
     #[arg(long, value_enum, default_value_t = WriteMode::One)]
     pub write_mode: WriteMode,
-    /// Syscall for response writes: write(2) like uvloop, send(2) like asyncio, or
-    /// writev(2) with two iovecs.
+    /// Syscall for response writes: write(2) like uvloop, send(2) like asyncio,
+    /// writev(2) with two iovecs, or sendmsg(2) with the same two.
     #[arg(long, value_enum, default_value_t = Syscall::Write)]
     pub syscall: Syscall,
     /// Model name reported when the request names none.

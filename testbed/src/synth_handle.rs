@@ -201,7 +201,7 @@ async fn timed_write_after(
 }
 
 /// One write syscall of the chosen kind. tokio itself would use sendto(); real
-/// servers differ (uvloop: write/writev, asyncio: send), and the agent must see all.
+/// servers differ (uvloop: write/writev, asyncio: send, others sendmsg), and the agent must see all.
 fn raw_write(fd: RawFd, buf: &[u8], how: Syscall) -> std::io::Result<usize> {
     // SAFETY: fd is the live socket of `stream`; every pointer/length pair below
     // describes a sub-slice of `buf`, which outlives the call.
@@ -209,13 +209,13 @@ fn raw_write(fd: RawFd, buf: &[u8], how: Syscall) -> std::io::Result<usize> {
         match how {
             Syscall::Write => libc::write(fd, buf.as_ptr().cast(), buf.len()),
             Syscall::Send => libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL),
-            Syscall::Writev => {
+            Syscall::Writev | Syscall::Sendmsg => {
                 // Two iovecs (chunk size line, rest) like libuv's header/body writes.
                 let cut = buf
                     .iter()
                     .position(|&b| b == b'\n')
                     .map_or(buf.len() / 2, |i| i + 1);
-                let iov = [
+                let mut iov = [
                     libc::iovec {
                         iov_base: buf.as_ptr() as *mut _,
                         iov_len: cut,
@@ -225,7 +225,14 @@ fn raw_write(fd: RawFd, buf: &[u8], how: Syscall) -> std::io::Result<usize> {
                         iov_len: buf.len() - cut,
                     },
                 ];
-                libc::writev(fd, iov.as_ptr(), 2)
+                if how == Syscall::Writev {
+                    libc::writev(fd, iov.as_ptr(), 2)
+                } else {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = iov.as_mut_ptr();
+                    msg.msg_iovlen = 2;
+                    libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+                }
             }
         }
     };
