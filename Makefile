@@ -4,8 +4,9 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-# System packages: BPF toolchain, netns testbed, real peers (promtool, nginx).
-APT_PKGS := clang llvm libelf-dev zlib1g-dev libbpf-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl
+# System packages: BPF toolchain, netns testbed, real peers (promtool, nginx), bpftool (the
+# benchmarks read the programs' run time with it).
+APT_PKGS := clang llvm libelf-dev zlib1g-dev libbpf-dev pkg-config make iproute2 iptables procps prometheus nginx-light haproxy curl bpftool
 
 .PHONY: all deps mounts build test test-unit test-kernel lint fuzz demo bench bench-soak clean
 
