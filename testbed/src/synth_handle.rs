@@ -200,8 +200,8 @@ async fn timed_write_after(
     Some((first.unwrap_or(last), last, after))
 }
 
-/// One write syscall of the chosen kind. tokio itself would use sendto(); real
-/// servers differ (uvloop: write/writev, asyncio: send, others sendmsg), and the agent must see all.
+/// One write syscall of the chosen kind. tokio itself would use sendto(); real servers
+/// differ (uvloop: write/writev, asyncio: send, others sendmsg), and the agent must see all.
 fn raw_write(fd: RawFd, buf: &[u8], how: Syscall) -> std::io::Result<usize> {
     // SAFETY: fd is the live socket of `stream`; every pointer/length pair below
     // describes a sub-slice of `buf`, which outlives the call.
