@@ -13,17 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::node::{server_pod, ServerPod, PORT};
-use common::{kernel_tests_enabled, Agent};
+use common::{family_sum, kernel_tests_enabled, Agent};
 use testbed::{CgroupDriver, LoadConfig};
-
-/// The sum over pods of a counter family.
-fn family_sum(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// (wait seconds, waits) of the traced pods, after the agent's next refresh: one reading
 /// interval plus the housekeeping tick (0.5 s) that may delay it, plus slack.
@@ -151,22 +142,29 @@ fn run_queue_waits_grow_when_the_servers_cpu_is_shared() {
         assert!(n > 0.0, "{name}: waits counted");
         w
     };
-    let mut wq = phase("alone on CPU 0", 0);
+    let wq = phase("alone on CPU 0", 0);
     let wb = phase("sharing CPU 0 with two busy loops", 2);
     // Alone, the server's own threads (all on CPU 0) still wait for each other: 48–50 ms here;
-    // with the busy loops 215–254 ms. The machine's other tenants only ever add waits: when
-    // the alone phase was disturbed, it is measured again (at most twice), the quietest kept.
+    // with the busy loops 215–254 ms.
     let grew = |wq: f64| wb - wq > 0.05 && wb > 2.5 * wq;
-    for _ in 0..2 {
-        if grew(wq) {
-            break;
-        }
-        wq = wq.min(phase("alone on CPU 0, again", 0));
-    }
+    let wq = quietest(wq, grew, || phase("alone on CPU 0, again", 0));
     assert!(
         grew(wq),
         "waits with the CPU shared ({wb} s) vs alone ({wq} s)"
     );
+}
+
+/// The waits of an "alone" phase, measured again (at most twice) while `grew` says the shared
+/// phase did not outgrow them: the machine's other tenants only ever add waits to a phase, so
+/// the quietest measurement is kept.
+fn quietest(mut alone: f64, grew: impl Fn(f64) -> bool, mut again: impl FnMut() -> f64) -> f64 {
+    for _ in 0..2 {
+        if grew(alone) {
+            break;
+        }
+        alone = alone.min(again());
+    }
+    alone
 }
 
 /// The per-request run-queue waits (s) of the records not in `seen` (which it then holds):
@@ -266,19 +264,13 @@ fn per_request_run_queue_waits_grow_and_stay_within_the_pods() {
         assert!(sum <= pod + 1e-6, "{name}: requests {sum} s > pod {pod} s");
         sum
     };
-    let mut alone = phase("alone", 0);
+    let alone = phase("alone", 0);
     // Four busy loops: the machine is shared, so the "alone" phase is rarely quite alone.
     let shared = phase("with four busy loops on the server's CPU", 4);
-    // The other tenants of this machine only ever add waits to a phase: when the one alone
-    // phase was disturbed, measure it again (at most twice) and keep the quietest.
-    for _ in 0..2 {
-        if shared > 2.0 * alone && shared - alone > 0.005 {
-            break;
-        }
-        alone = alone.min(phase("alone, again", 0));
-    }
+    let grew = |alone: f64| shared > 2.0 * alone && shared - alone > 0.005;
+    let alone = quietest(alone, grew, || phase("alone, again", 0));
     assert!(
-        shared > 2.0 * alone && shared - alone > 0.005,
+        grew(alone),
         "per-request waits with the CPU shared ({shared} s) vs alone ({alone} s)"
     );
 }

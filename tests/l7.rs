@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::node::{server_pod, ServerPod, PORT};
-use common::{kernel_tests_enabled, promtool_check, Agent};
+use common::{family_sum, kernel_tests_enabled, promtool_check, Agent};
 use serde_json::Value;
 use testbed::{CgroupDriver, ClientRecord, LoadConfig};
 
@@ -550,12 +550,10 @@ fn large_vectored_responses_keep_their_head_and_tail() {
                 "{syscall}: {r}"
             );
         }
-        let m = agent.get("/metrics");
-        let unparsed: f64 = m
-            .lines()
-            .filter(|l| l.starts_with("llmslo_agent_requests_unparsed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let unparsed = family_sum(
+            &agent.get("/metrics"),
+            "llmslo_agent_requests_unparsed_total",
+        );
         assert_eq!(unparsed, 0.0, "{syscall}: nothing unparsed");
     }
 }

@@ -206,6 +206,15 @@ impl Drop for Agent {
 /// GET over a fresh connection; returns (status, body), a chunked body decoded.
 pub use testbed::http::get as http_get;
 
+/// The sum over its label sets of a labelled metric family in an exposition.
+pub fn family_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Runs `promtool check metrics` on an exposition; panics with its complaints.
 pub fn promtool_check(exposition: &str) {
     let mut child = Command::new("promtool")
