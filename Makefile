@@ -45,6 +45,8 @@ test: deps mounts
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# The parsers alone, as fuzz/ builds them (the `agent` feature off).
+	$(CARGO) clippy --lib --no-default-features -- -D warnings
 
 # cargo fuzz on the parsers (src/assemble/fuzz.rs), each target for FUZZ_SECONDS from the
 # checked-in corpus (fuzz/corpus/<target>; new finds go to fuzz/scratch/, not committed).
