@@ -47,6 +47,19 @@ static __always_inline bool tgid_is_target(__u32 tgid)
 	return tgid < TGID_BITS && bit_is_set(target_tgid_bits, tgid);
 }
 
+/* The calling task, for field loads. The pointer bpf_get_current_task_btf() returns is trusted,
+ * and for every pointer loaded from a trusted pointer the verifier asks whether the field's type
+ * is marked RCU- or trusted-safe by looking names like "task_struct__safe_trusted" up in the
+ * kernel's BTF: linear scans of its ~100k types, repeated for each such load on each path it
+ * walks. That was most of the L7 object's load time (perf: btf_find_by_name_kind under
+ * check_ptr_to_btf_access). A copy cast with bpf_core_cast (the verifier turns bpf_rdonly_cast into
+ * a register move) is an untrusted BTF pointer, walked like any other: the loads are the same
+ * guarded loads. The task-storage calls, which need the trusted pointer, keep it. */
+static __always_inline struct task_struct *current_task(void)
+{
+	return bpf_core_cast(bpf_get_current_task_btf(), struct task_struct);
+}
+
 /* The calling process's tgid (the root namespace's pid, as bpf_get_current_pid_tgid() gives
  * it) through the task pointer, which recent x86-64 JITs inline into a per-CPU load, where
  * bpf_get_current_pid_tgid() stays a helper call. Measured here (scripts/syscall-cost.sh,
@@ -54,7 +67,7 @@ static __always_inline bool tgid_is_target(__u32 tgid)
  * call's 66 ns unchanged (the run-time accounting's own clock reads dominate it). */
 static __always_inline __u32 current_tgid(void)
 {
-	return bpf_get_current_task_btf()->tgid;
+	return current_task()->tgid;
 }
 
 /* Set by userspace before load (`cpu_runqueue`): reads and writes carry their thread's
@@ -131,7 +144,7 @@ static __always_inline bool is_target(void)
 		return true;
 	if (!n_cgroup_targets)
 		return false;
-	return cgroup_is_target(task_cgroup_id(bpf_get_current_task_btf()));
+	return cgroup_is_target(task_cgroup_id(current_task()));
 }
 
 /* Records the traced syscall now entering; false when the storage cannot be had. */
@@ -225,7 +238,7 @@ __u64 sock_fops = 0;
  * for the fd array slot, whose variable index a BTF pointer cannot take. */
 static __always_inline struct sock *fd_to_sock(__u32 fd)
 {
-	struct fdtable *fdt = bpf_get_current_task_btf()->files->fdt;
+	struct fdtable *fdt = current_task()->files->fdt;
 	if (!fdt || fd >= fdt->max_fds)
 		return NULL;
 	/* A pointer to pointers reads as a plain number: the slot is copied. */
@@ -289,7 +302,7 @@ static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci,
 static __always_inline void fill_inside(struct llmslo_event_hdr *h)
 {
 	if (runq_on) {
-		struct task_struct *task = bpf_get_current_task_btf();
+		struct task_struct *task = current_task();
 		if (bpf_core_field_exists(task->sched_info)) {
 			h->runq_total_ns = task->sched_info.run_delay;
 			h->inside |= LLMSLO_INSIDE_RUNQ;
@@ -312,7 +325,7 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 {
 	/* Ids and name by plain loads through the task pointer rather than three helper calls
 	 * (each a call and a return thunk on this path, which every traced syscall takes). */
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = current_task();
 	h->ts_enter = a->ts_enter;
 	h->ts_exit = ts_exit;
 	h->sock_id = (__u64)sk;
@@ -844,7 +857,7 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 /* A 32-bit task's syscall numbers are another table's (ia32 read is 3, our close). */
 static __always_inline bool compat_syscall(struct pt_regs *regs)
 {
-	return bpf_get_current_task_btf()->thread_info.status & 0x0002 /* TS_COMPAT */;
+	return current_task()->thread_info.status & 0x0002 /* TS_COMPAT */;
 }
 #elif defined(bpf_target_arm64)
 #define NR_close 57
