@@ -484,6 +484,33 @@ fn bpf_thread(
     Ok(())
 }
 
+/// Lowers the calling thread's priority to nice `target` (threads it starts afterwards inherit
+/// it): never raises it, so an agent started at a lower priority keeps that. Answers the nice
+/// value in effect. At nice 10 a CPU-bound server thread outweighs the agent ~9 to 1 where they
+/// share a CPU: measured in docs/BENCHMARKS.md (overhead bench, p99 and TTFT ratios).
+pub fn lower_priority(target: i32) -> std::io::Result<i32> {
+    // SAFETY: getpriority/setpriority on the calling thread (who = 0) touch no memory of ours;
+    // errno is cleared first because -1 is a valid nice value.
+    let now = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    if now == -1 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error().unwrap_or(0) != 0 {
+            return Err(e);
+        }
+    }
+    if target <= now {
+        return Ok(now);
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, target) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(target)
+}
+
 /// `Shared::listen_changes` before the programs are loaded.
 const UNKNOWN: u64 = u64::MAX;
 

@@ -14,6 +14,10 @@ pub struct Config {
     pub discovery: DiscoveryCfg,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ringbuf_bytes: u32,
+    /// The agent's nice value (0–19; it only ever lowers its priority): where the node's CPUs
+    /// are contended, the servers' threads go first and the agent catches up from the ring
+    /// buffer. 0 keeps the priority it was started with.
+    pub nice: i32,
     /// Finished requests kept for /api/v1/requests.
     pub recent_requests: usize,
     /// The most memory (bytes, estimated per record) those requests may hold together: the
@@ -172,6 +176,7 @@ impl Default for Config {
             listen: "127.0.0.1:9464".parse().expect("literal"),
             discovery: DiscoveryCfg::default(),
             ringbuf_bytes: 4 << 20,
+            nice: 10,
             recent_requests: 10_000,
             recent_requests_bytes: 16 << 20,
             max_label_sets: 200,
@@ -222,6 +227,11 @@ impl Config {
             self.ringbuf_bytes.is_power_of_two() && self.ringbuf_bytes >= 4096,
             "ringbuf_bytes must be a power of two >= 4096 (got {})",
             self.ringbuf_bytes
+        );
+        anyhow::ensure!(
+            (0..=19).contains(&self.nice),
+            "nice must be 0..=19 (got {}): the agent only lowers its own priority",
+            self.nice
         );
         anyhow::ensure!(self.recent_requests > 0, "recent_requests must be > 0");
         anyhow::ensure!(

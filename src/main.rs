@@ -131,6 +131,11 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn serve(cfg: Config) -> Result<()> {
+    // Before any thread is started: each inherits it.
+    match llm_slo_agent::agent::lower_priority(cfg.nice) {
+        Ok(n) => tracing::info!(nice = n, "agent priority"),
+        Err(e) => tracing::warn!(error = %e, "could not lower the agent's priority"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -184,7 +184,17 @@ fn requests_through_an_nginx_sidecar_are_joined_exactly() {
         ttft_off.len(),
         ttft_off.join("\n")
     );
-    let metrics = agent.get("/metrics");
+    // Every record is in; the joiner's counters reach /metrics at the reader's next housekeeping
+    // (every 500 ms): wait for them (bounded) before the exposition is checked.
+    let joins = |m: &str| {
+        common::metric(m, "llmslo_agent_sidecar_joins_total{result=\"joined\"}").unwrap_or(0.0)
+    };
+    let mut metrics = agent.get("/metrics");
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while joins(&metrics) < n as f64 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        metrics = agent.get("/metrics");
+    }
     let sc_ms = |s: &str| {
         median(
             recs.iter()
@@ -216,11 +226,7 @@ fn requests_through_an_nginx_sidecar_are_joined_exactly() {
     // exactly: `own` also counts scrapes of other traced servers, and the join counter is
     // refreshed every 500 ms.)
     let own = common::metric(&metrics, "llmslo_crosscheck_own_requests_total").unwrap_or(0.0);
-    let joined = common::metric(
-        &metrics,
-        "llmslo_agent_sidecar_joins_total{result=\"joined\"}",
-    )
-    .unwrap_or(0.0);
+    let joined = joins(&metrics);
     assert!(
         joined >= n as f64 && joined <= n as f64 + own,
         "every request joined, each once: {joined} joins for {n} requests and {own} own scrapes"
