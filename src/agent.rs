@@ -487,7 +487,7 @@ fn bpf_thread(
 /// Lowers the calling thread's priority to nice `target` (threads it starts afterwards inherit
 /// it): never raises it, so an agent started at a lower priority keeps that. Answers the nice
 /// value in effect. At nice 10 a CPU-bound server thread outweighs the agent ~9 to 1 where they
-/// share a CPU: measured in docs/BENCHMARKS.md (overhead bench, p99 and TTFT ratios).
+/// share a CPU: measured in docs/BENCHMARKS.md (overhead bench: the p50 and TTFT ratios).
 pub fn lower_priority(target: i32) -> std::io::Result<i32> {
     // SAFETY: getpriority/setpriority on the calling thread (who = 0) touch no memory of ours;
     // errno is cleared first because -1 is a valid nice value.
@@ -798,6 +798,29 @@ pub async fn wait_for_signal() {
 #[cfg(test)]
 mod store_tests {
     use super::*;
+
+    #[test]
+    fn priority_is_only_ever_lowered() {
+        // Nice values are per thread on Linux: a thread of its own leaves the test harness's.
+        std::thread::spawn(|| {
+            // SAFETY: reads the calling thread's nice value.
+            let start = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            let lower = (start + 5).min(19);
+            assert_eq!(lower_priority(start).unwrap(), start, "nothing to lower");
+            assert_eq!(lower_priority(lower).unwrap(), lower);
+            assert_eq!(lower_priority(start).unwrap(), lower, "never raised again");
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, lower);
+            // Threads started now inherit it.
+            let child = std::thread::spawn(|| {
+                // SAFETY: as above.
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+            });
+            assert_eq!(child.join().unwrap(), lower);
+        })
+        .join()
+        .unwrap();
+    }
 
     fn store(cap: usize, bytes: usize) -> Store {
         Store::new(

@@ -341,5 +341,10 @@ mod tests {
         assert!(!off.kubernetes.active());
         let bad: Config = serde_yaml::from_str("kubernetes: {enabled: maybe}").unwrap();
         assert!(bad.validate().is_err());
+        assert_eq!(Config::default().nice, 10);
+        for (nice, ok) in [(0, true), (19, true), (-1, false), (20, false)] {
+            let c: Config = serde_yaml::from_str(&format!("nice: {nice}")).unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "nice: {nice}");
+        }
     }
 }
