@@ -5,51 +5,38 @@
 //! `assemble` and the `event`, `record` and `inside` types it reads and writes. That is what
 //! `fuzz/` builds.
 
-#[cfg(feature = "agent")]
-pub mod abnormal;
-#[cfg(feature = "agent")]
-pub mod agent;
-#[cfg(feature = "agent")]
-pub mod api;
+// The parsers and the types they read and write: always built.
 pub mod assemble;
-#[cfg(feature = "agent")]
-pub mod caps;
-#[cfg(feature = "agent")]
-pub mod config;
-#[cfg(feature = "agent")]
-pub mod crosscheck;
-#[cfg(feature = "agent")]
-pub mod demo;
-#[cfg(feature = "agent")]
-pub mod discovery;
 pub mod event;
-#[cfg(feature = "agent")]
-pub mod gpu;
 pub mod inside;
-#[cfg(feature = "agent")]
-pub mod loader;
-#[cfg(feature = "agent")]
-pub mod netpath;
-#[cfg(feature = "agent")]
-pub mod otlp;
-#[cfg(feature = "agent")]
-pub mod podtotals;
-#[cfg(feature = "agent")]
-pub mod probe;
-#[cfg(feature = "agent")]
-pub mod procwatch;
 pub mod record;
-#[cfg(feature = "agent")]
-pub mod ringbuf;
-#[cfg(feature = "agent")]
-pub mod rtnl;
-#[cfg(feature = "agent")]
-pub mod runq;
-#[cfg(feature = "agent")]
-pub mod serve;
-#[cfg(feature = "agent")]
-pub mod skel;
-#[cfg(feature = "agent")]
-pub mod slo;
-#[cfg(feature = "agent")]
-pub mod stats;
+
+/// Items that exist only with the `agent` feature (on by default).
+macro_rules! agent_only {
+    ($($item:item)*) => { $( #[cfg(feature = "agent")] $item )* };
+}
+
+agent_only! {
+    pub mod abnormal;
+    pub mod agent;
+    pub mod api;
+    pub mod caps;
+    pub mod config;
+    pub mod crosscheck;
+    pub mod demo;
+    pub mod discovery;
+    pub mod gpu;
+    pub mod loader;
+    pub mod netpath;
+    pub mod otlp;
+    pub mod podtotals;
+    pub mod probe;
+    pub mod procwatch;
+    pub mod ringbuf;
+    pub mod rtnl;
+    pub mod runq;
+    pub mod serve;
+    pub mod skel;
+    pub mod slo;
+    pub mod stats;
+}
