@@ -14,9 +14,11 @@ pub struct Config {
     pub discovery: DiscoveryCfg,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ringbuf_bytes: u32,
-    /// The agent's nice value (0–19; it only ever lowers its priority): where the node's CPUs
-    /// are contended, the servers' threads go first and the agent catches up from the ring
-    /// buffer. 0 keeps the priority it was started with.
+    /// The agent's nice value (0–19; it only ever lowers its priority): where a CPU is
+    /// contended, the servers' threads go first and the agent catches up from the ring buffer.
+    /// 0 keeps the priority it was started with. Nice orders threads of one cgroup: on
+    /// Kubernetes the agent's pod competes with a server's pod by their cgroups' CPU weights
+    /// (the CPU requests), and this setting matters where they share one (a host install).
     pub nice: i32,
     /// Finished requests kept for /api/v1/requests.
     pub recent_requests: usize,
