@@ -184,17 +184,12 @@ fn requests_through_an_nginx_sidecar_are_joined_exactly() {
         ttft_off.len(),
         ttft_off.join("\n")
     );
-    // Every record is in; the joiner's counters reach /metrics at the reader's next housekeeping
-    // (every 500 ms): wait for them (bounded) before the exposition is checked.
+    // Every record is in; the joiner's counters reach /metrics at the reader's next housekeeping:
+    // wait for them (bounded) before the exposition is checked.
     let joins = |m: &str| {
         common::metric(m, "llmslo_agent_sidecar_joins_total{result=\"joined\"}").unwrap_or(0.0)
     };
-    let mut metrics = agent.get("/metrics");
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    while joins(&metrics) < n as f64 && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-        metrics = agent.get("/metrics");
-    }
+    let metrics = agent.wait_metrics(Duration::from_secs(3), |m| joins(m) >= n as f64);
     let sc_ms = |s: &str| {
         median(
             recs.iter()

@@ -160,6 +160,19 @@ impl Agent {
         }
     }
 
+    /// Polls /metrics until `pred` holds for the exposition or the time is up (counters the
+    /// reader refreshes at its housekeeping, every 500 ms, lag the records).
+    pub fn wait_metrics(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let t0 = Instant::now();
+        loop {
+            let m = self.get("/metrics");
+            if pred(&m) || t0.elapsed() > within {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then how long the agent took to exit, and whether it exited cleanly (`None`:
     /// not within 10 s, then killed).
     pub fn stop_timed(&mut self) -> Option<(Duration, bool)> {
