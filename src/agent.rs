@@ -799,29 +799,6 @@ pub async fn wait_for_signal() {
 mod store_tests {
     use super::*;
 
-    #[test]
-    fn priority_is_only_ever_lowered() {
-        // Nice values are per thread on Linux: a thread of its own leaves the test harness's.
-        std::thread::spawn(|| {
-            // SAFETY: reads the calling thread's nice value.
-            let start = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            let lower = (start + 5).min(19);
-            assert_eq!(lower_priority(start).unwrap(), start, "nothing to lower");
-            assert_eq!(lower_priority(lower).unwrap(), lower);
-            assert_eq!(lower_priority(start).unwrap(), lower, "never raised again");
-            // SAFETY: as above.
-            assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, lower);
-            // Threads started now inherit it.
-            let child = std::thread::spawn(|| {
-                // SAFETY: as above.
-                unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-            });
-            assert_eq!(child.join().unwrap(), lower);
-        })
-        .join()
-        .unwrap();
-    }
-
     fn store(cap: usize, bytes: usize) -> Store {
         Store::new(
             (cap, bytes),
@@ -890,5 +867,33 @@ mod store_tests {
         s.push(rec(2, 2), 1);
         assert_eq!(s.recent.len(), 1);
         assert_eq!(s.recent[0].id, 2);
+    }
+}
+
+#[cfg(test)]
+mod priority_tests {
+    use super::lower_priority;
+
+    #[test]
+    fn priority_is_only_ever_lowered() {
+        // Nice values are per thread on Linux: a thread of its own leaves the test harness's.
+        std::thread::spawn(|| {
+            // SAFETY: reads the calling thread's nice value.
+            let start = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            let lower = (start + 5).min(19);
+            assert_eq!(lower_priority(start).unwrap(), start, "nothing to lower");
+            assert_eq!(lower_priority(lower).unwrap(), lower);
+            assert_eq!(lower_priority(start).unwrap(), lower, "never raised again");
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, lower);
+            // Threads started now inherit it.
+            let child = std::thread::spawn(|| {
+                // SAFETY: as above.
+                unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+            });
+            assert_eq!(child.join().unwrap(), lower);
+        })
+        .join()
+        .unwrap();
     }
 }

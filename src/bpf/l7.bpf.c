@@ -702,10 +702,10 @@ EXIT(writev, IO_IOV)
 
 /* The iovec exits share one body: exit_readv, exit_recvmsg and exit_sendmsg jump to
  * exit_writev's program, verified once (~11k instructions processed; the four verified apart
- * made the L7 load ~0.15 s longer on this kind of machine). Their contexts are the same (a sys_exit tracepoint's: only `ret` is
- * read; what the syscall was is in the thread's active slot). A tail call is charged to the
- * program that made it in bpf_stats, so each keeps its own run time. Userspace fills slot 0
- * before any program is attached and never clears it. */
+ * made the L7 load ~0.15 s longer on this kind of machine). Their contexts are the same (a
+ * sys_exit tracepoint's: only `ret` is read; what the syscall was is in the thread's active
+ * slot). A tail call is charged to the program that made it in bpf_stats, so each keeps its own
+ * run time. Userspace fills slot 0 before any program is attached and never clears it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(max_entries, 1);
