@@ -37,7 +37,9 @@ build: deps
 test: deps mounts
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test --workspace --test '*' -- --test-threads=1
-	@# The L7 suite again on the other syscall hook set (raw sys_enter/sys_exit).
+	@# The L7 suite again on the other syscall hook sets: one tracepoint per syscall (the
+	@# default on kernels without the socket layer's tracepoints) and raw sys_enter/sys_exit.
+	LLMSLO_SYSCALL_HOOKS=tracepoint $(CARGO) test --test l7 -- --test-threads=1
 	LLMSLO_SYSCALL_HOOKS=raw $(CARGO) test --test l7 -- --test-threads=1
 	@# What the verifier did with each BPF program (tests/verifier.rs), for the log.
 	@cat target/verifier-stats.txt 2>/dev/null || true

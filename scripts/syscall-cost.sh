@@ -1,7 +1,10 @@
 #!/bin/bash
-# What the agent's syscall hooks cost a process, without and with the agent, on both hook sets
-# (per-syscall tracepoints, the default, and LLMSLO_SYSCALL_HOOKS=raw), interleaved ROUNDS times:
+# What the agent's syscall hooks cost a process, without and with the agent, on each hook set
+# (the socket layer's tracepoints, the default where the kernel has them; one tracepoint per
+# syscall, LLMSLO_SYSCALL_HOOKS=tracepoint; the raw sys_enter/sys_exit, =raw), interleaved ROUNDS
+# times:
 #   - a target writing 120-byte chunks to a TCP socket on loopback (every write traced and copied),
+#   - the same writer when it is not a target,
 #   - an untargeted process calling write(/dev/null) and getppid(),
 #     with the target named by pid, and (bpf_stats table only) by its cgroup.
 # Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored),
@@ -47,16 +50,19 @@ start_agent() { # $1 hooks, then the target: --target-pid PID or --target-cgroup
 stop_agent() { kill "$AP"; wait "$AP" 2>/dev/null || true; AP=""; }
 
 # The target writer waits for a go file, so the agent can be started on its pid first.
-target_write() { # $1: hooks or "none"; prints ns per write
+target_write() { # $1: hooks or "none", $2: "untargeted" to target a sleep instead; ns per write
   rm -f "$W/go"
   exec 3< <(TW_GO="$W/go" taskset -c 1 "$W/target_write" "$N" $((30000 + RANDOM % 5000)))
   read -r -u 3 pid
-  [ "$1" != none ] && start_agent "$1" --target-pid "$pid"
+  local s=""
+  if [ "${2:-}" = untargeted ]; then sleep 600 & s=$!; fi
+  [ "$1" != none ] && start_agent "$1" --target-pid "${s:-$pid}"
   [ "$1" != none ] && bpftool -j prog show >"$W/before.json"
   touch "$W/go"
   local out; out=$(cat <&3)
   [ "$1" != none ] && bpftool -j prog show >"$W/after.json"
   [ "$1" != none ] && stop_agent
+  [ -n "$s" ] && kill "$s"
   echo "${out#write_ns }"
 }
 
@@ -69,20 +75,27 @@ untargeted() { # $1: hooks or "none"; prints "write getppid" ns
   echo "$w $g"
 }
 
-declare -A tw uw ug
+SETS="sock tracepoint raw"
+declare -A tw tu uw ug
 for r in $(seq "$ROUNDS"); do
-  for m in none tracepoint raw; do
+  for m in none $SETS; do
     tw[$m]+="$(target_write $m) "
+    tu[$m]+="$(target_write $m untargeted) "
     read -r a b <<<"$(untargeted $m)"
     uw[$m]+="$a "; ug[$m]+="$b "
   done
 done
 range() { tr ' ' '\n' <<<"$1" | grep . | sort -n | sed -n '1p;$p' | paste -sd' ' | awk '{print ($1==$2)?$1:$1"–"$2}'; }
-echo "| ns per call (min–max over $ROUNDS rounds) | no agent | tracepoint (default) | raw |"
-echo "|---|---:|---:|---:|"
-echo "| target: write() of 120 B to a TCP socket, traced | $(range "${tw[none]}") | $(range "${tw[tracepoint]}") | $(range "${tw[raw]}") |"
-echo "| untargeted: write() to /dev/null | $(range "${uw[none]}") | $(range "${uw[tracepoint]}") | $(range "${uw[raw]}") |"
-echo "| untargeted: getppid() | $(range "${ug[none]}") | $(range "${ug[tracepoint]}") | $(range "${ug[raw]}") |"
+row() { # $1 label, $2 name of the array
+  local -n a=$2
+  echo "| $1 | $(range "${a[none]}") | $(range "${a[sock]}") | $(range "${a[tracepoint]}") | $(range "${a[raw]}") |"
+}
+echo "| ns per call (min–max over $ROUNDS rounds) | no agent | sock (default) | tracepoint | raw |"
+echo "|---|---:|---:|---:|---:|"
+row "target: write() of 120 B to a TCP socket, traced" tw
+row "untargeted: the same write() of 120 B to a TCP socket" tu
+row "untargeted: write() to /dev/null" uw
+row "untargeted: getppid()" ug
 
 # BPF run time per program, each hook set once more with bpf_stats on: for the target's traced
 # writes, and for an untargeted process's write(/dev/null) (every run of the write programs is
@@ -133,10 +146,13 @@ untargeted_stats() { # $1 hooks, $2 pid|cgroup
 echo
 echo "| hooks | process | program | runs | ns per run |"
 echo "|---|---|---|---:|---:|"
-for m in tracepoint raw; do
+for m in $SETS; do
   bpftool -j prog show >"$W/pre.json"
   target_write $m >/dev/null
   prog_stats $m "target, traced write"
+  bpftool -j prog show >"$W/pre.json"
+  target_write $m untargeted >/dev/null
+  prog_stats $m "untargeted socket write"
   bpftool -j prog show >"$W/pre.json"
   untargeted_stats $m pid
   prog_stats $m "untargeted write"
@@ -154,7 +170,7 @@ if command -v perf >/dev/null; then
   echo
   echo "| hooks | target named by | ns per write (wall) | samples | BPF share | BPF ns per untargeted write (all its programs) | per program |"
   echo "|---|---|---:|---:|---:|---:|---|"
-  for m in tracepoint raw; do
+  for m in $SETS; do
     for by in pid cgroup; do
       with_untargeted "$m" "$by" perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
         taskset -c 1 "$W/syscalls" write 1000000 >"$W/ns" 2>/dev/null

@@ -203,8 +203,9 @@ impl L7 {
         tracing::info!(syscall_hooks = hooks.name(), "L7 programs loaded");
         let loaded = std::time::Instant::now();
         let verifier = verifier_stats(skel.object(), "l7");
+        // Every read/write/accept/close hook of the chosen set (its tp_btf programs included).
         let (links, progs) = attach_all(skel.object(), "L7", |section| {
-            section.contains("syscalls/") || section.starts_with("tp_btf/sys_")
+            section.contains("syscalls/") || section.starts_with("tp_btf/")
         })?;
         tracing::info!(
             attach_ms = loaded.elapsed().as_millis() as u64,
@@ -273,13 +274,10 @@ impl L7 {
                 .context("BPF object has no .rodata")?
                 .runq_on = 1;
         }
-        let raw = hooks == SyscallHooks::Raw;
         for mut prog in open.open_object_mut().progs_mut() {
             let section = prog.section().to_string_lossy().into_owned();
-            if section.starts_with("tracepoint/syscalls/") {
-                prog.set_autoload(!raw);
-            } else if section == "tp_btf/sys_enter" || section == "tp_btf/sys_exit" {
-                prog.set_autoload(raw);
+            if let Some(load) = hooks.loads(&section) {
+                prog.set_autoload(load);
             }
         }
         let skel = open.load().map_err(|e| {
@@ -288,7 +286,7 @@ impl L7 {
                  (/sys/kernel/btf/vmlinux)",
             )
         })?;
-        if !raw {
+        if hooks == SyscallHooks::Tracepoints {
             // exit_readv, exit_recvmsg and exit_sendmsg jump to exit_writev's program (one
             // verified copy of the iovec body); before anything is attached.
             use std::os::fd::{AsFd, AsRawFd};
@@ -302,10 +300,26 @@ impl L7 {
     }
 }
 
-/// `LLMSLO_SYSCALL_HOOKS=raw` makes the agent hook the raw `sys_enter`/`sys_exit` tracepoints
-/// instead of one tracepoint per syscall (`syscalls/sys_enter_write`, …). Measured here: a
-/// traced or untraced write() costs less (no perf record per call), every other syscall on
-/// the node more (two programs run for each); see docs/BENCHMARKS.md.
+/// Whether the kernel's BTF (whose string table names every tracepoint a tp_btf program can
+/// attach to, as `btf_trace_<name>`) has the three tracepoints the `sock` set attaches to.
+fn sock_layer_tracepoints() -> bool {
+    let Ok(btf) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+        return false;
+    };
+    SOCK_LAYER_TRACEPOINTS.iter().all(|tp| {
+        let name = format!("\0btf_trace_{tp}\0");
+        memchr::memmem::find(&btf, name.as_bytes()).is_some()
+    })
+}
+
+/// The tracepoints of the `sock` set's read and write programs (sections `tp_btf/<name>`).
+const SOCK_LAYER_TRACEPOINTS: [&str; 3] =
+    ["tcp_sendmsg_locked", "sock_send_length", "sock_recv_length"];
+
+/// Which hook set reads and writes are taken from: `sock` (the default where the kernel has
+/// its tracepoints), `tracepoint` (one tracepoint per syscall and direction, the default
+/// elsewhere) or `raw` (the raw `sys_enter`/`sys_exit` tracepoints). Measured in
+/// docs/BENCHMARKS.md (`scripts/syscall-cost.sh`, the overhead bench).
 pub const ENV_SYSCALL_HOOKS: &str = "LLMSLO_SYSCALL_HOOKS";
 
 /// How the read/write/accept/close syscalls are hooked.
@@ -315,17 +329,36 @@ pub enum SyscallHooks {
     /// they trace by number: no perf record per call, but they run for every syscall.
     Raw,
     /// One tracepoint program per syscall and direction (`syscalls/sys_enter_write`, …): the
-    /// default.
+    /// default on kernels without the socket layer's tracepoints.
     Tracepoints,
+    /// Reads and writes from the socket layer: one tp_btf program per completed send or
+    /// receive (`sock/sock_send_length`, `sock/sock_recv_length`) and one where TCP starts
+    /// queueing a send (`tcp/tcp_sendmsg_locked`, its start stamp); accept and close from
+    /// their syscall tracepoints. No fd walk and no entry program per read or write.
+    Sock,
 }
 
 impl SyscallHooks {
+    /// The set `LLMSLO_SYSCALL_HOOKS` names; unset, the socket layer's where this kernel has
+    /// its tracepoints, else one tracepoint per syscall.
     fn from_env() -> Result<SyscallHooks> {
         match std::env::var(ENV_SYSCALL_HOOKS).ok().as_deref() {
-            None | Some("") | Some("tracepoint") => Ok(SyscallHooks::Tracepoints),
+            None | Some("") => Ok(if sock_layer_tracepoints() {
+                SyscallHooks::Sock
+            } else {
+                tracing::info!(
+                    "this kernel lacks sock/sock_send_length, sock/sock_recv_length (Linux \
+                     6.3) or tcp/tcp_sendmsg_locked (2025 kernels): reads and writes are \
+                     hooked at their syscall tracepoints"
+                );
+                SyscallHooks::Tracepoints
+            }),
+            Some("tracepoint") => Ok(SyscallHooks::Tracepoints),
             Some("raw") => Ok(SyscallHooks::Raw),
+            Some("sock") => Ok(SyscallHooks::Sock),
             Some(other) => anyhow::bail!(
-                "{ENV_SYSCALL_HOOKS}={other}: expected `tracepoint` (default) or `raw`"
+                "{ENV_SYSCALL_HOOKS}={other}: expected `sock`, `tracepoint` or `raw` \
+                 (unset: `sock` where the kernel has its tracepoints, else `tracepoint`)"
             ),
         }
     }
@@ -334,7 +367,32 @@ impl SyscallHooks {
         match self {
             SyscallHooks::Raw => "raw",
             SyscallHooks::Tracepoints => "tracepoint",
+            SyscallHooks::Sock => "sock",
         }
+    }
+
+    /// Whether the L7 program in `section` is loaded with this set; `None` for programs that
+    /// every set loads.
+    fn loads(self, section: &str) -> Option<bool> {
+        if let Some(call) = section.strip_prefix("tracepoint/syscalls/") {
+            let accept_or_close = call.ends_with("_accept")
+                || call.ends_with("_accept4")
+                || call == "sys_enter_close";
+            return Some(match self {
+                SyscallHooks::Tracepoints => true,
+                SyscallHooks::Raw => false,
+                SyscallHooks::Sock => accept_or_close,
+            });
+        }
+        if section == "tp_btf/sys_enter" || section == "tp_btf/sys_exit" {
+            return Some(self == SyscallHooks::Raw);
+        }
+        if let Some(tp) = section.strip_prefix("tp_btf/") {
+            if SOCK_LAYER_TRACEPOINTS.contains(&tp) {
+                return Some(self == SyscallHooks::Sock);
+            }
+        }
+        None
     }
 }
 
@@ -497,6 +555,32 @@ fn bump_memlock_rlimit() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_hook_set_loads_its_own_read_write_programs() {
+        use super::SyscallHooks::{Raw, Sock, Tracepoints};
+        let sets = [Sock, Tracepoints, Raw];
+        let loads = |s: &str| sets.map(|h| h.loads(s));
+        // (section, loaded with sock / tracepoint / raw)
+        for (section, want) in [
+            ("tp_btf/sock_send_length", [true, false, false]),
+            ("tp_btf/sock_recv_length", [true, false, false]),
+            ("tp_btf/tcp_sendmsg_locked", [true, false, false]),
+            ("tracepoint/syscalls/sys_enter_write", [false, true, false]),
+            ("tracepoint/syscalls/sys_exit_recvmsg", [false, true, false]),
+            ("tracepoint/syscalls/sys_enter_accept4", [true, true, false]),
+            ("tracepoint/syscalls/sys_exit_accept", [true, true, false]),
+            ("tracepoint/syscalls/sys_enter_close", [true, true, false]),
+            ("tp_btf/sys_enter", [false, false, true]),
+            ("tp_btf/sys_exit", [false, false, true]),
+        ] {
+            assert_eq!(loads(section), want.map(Some), "{section}");
+        }
+        // Everything else loads with every set.
+        for section in ["tracepoint/sock/sk_data_ready", "tracepoint/sock/inet_sock_set_state"] {
+            assert_eq!(loads(section), [None; 3], "{section}");
+        }
+    }
+
     #[test]
     fn tgid_bits_are_set_and_cleared_one_at_a_time() {
         let mut bits = vec![0u8; 4 * 1024 * 1024 / 8];

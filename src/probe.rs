@@ -190,7 +190,9 @@ pub fn run() -> ProbeReport {
         (
             "tp_btf",
             "probe_tp_btf",
-            "typed tracepoints: the raw syscall hooks (LLMSLO_SYSCALL_HOOKS=raw)",
+            "typed tracepoints: reads and writes from the socket layer (the default where \
+             sock/sock_send_length, sock/sock_recv_length and tcp/tcp_sendmsg_locked exist), \
+             the raw syscall hooks (LLMSLO_SYSCALL_HOOKS=raw)",
         ),
         ("raw_tracepoint", "probe_raw_tp", "fallback for tp_btf"),
         (

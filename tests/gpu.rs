@@ -126,7 +126,11 @@ fn gpu_metrics(agent: &Agent) -> Gpu {
 }
 
 fn gpu_metrics_of(agent: &Agent, pod: &str) -> Gpu {
-    let m = agent.get("/metrics");
+    gpu_counts_in(&agent.get("/metrics"), pod)
+}
+
+/// The GPU counters of `pod` ("" for a host process) in a /metrics exposition.
+fn gpu_counts_in(m: &str, pod: &str) -> Gpu {
     let v = |name: &str| -> f64 {
         let prefix = format!("{name}{{namespace=\"\",pod=\"{pod}\"}} ");
         m.lines()
@@ -149,14 +153,11 @@ fn wait_counts(agent: &Agent, launches: u64, syncs: u64) -> Gpu {
 }
 
 fn wait_counts_of(agent: &Agent, pod: &str, launches: u64, syncs: u64) -> Gpu {
-    let t0 = Instant::now();
-    loop {
-        let g = gpu_metrics_of(agent, pod);
-        if (g.launches >= launches && g.syncs >= syncs) || t0.elapsed() > Duration::from_secs(15) {
-            return g;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = agent.wait_metrics(Duration::from_secs(15), |m| {
+        let g = gpu_counts_in(m, pod);
+        g.launches >= launches && g.syncs >= syncs
+    });
+    gpu_counts_in(&m, pod)
 }
 
 fn gpu_libraries(agent: &Agent) -> Vec<serde_json::Value> {

@@ -508,6 +508,57 @@ fn sse_events_split_across_and_merged_within_writes() {
 /// A response larger than the head the programs copy (4 KiB), written with writev as hyper and
 /// libuv write a header and a body, and with sendmsg (whose exit jumps to writev's program):
 /// the head keeps the status line and the tail (where the usage is) comes after it, not over it.
+/// A server that peeks at each request before reading it (recv with MSG_PEEK, as servers that
+/// sniff the protocol do): the peeked bytes are the read's too and count once, so every request
+/// is recorded once, with its own size, and nothing is left unparsed.
+#[test]
+fn peeked_bytes_count_once() {
+    if !kernel_tests_enabled("peeked_bytes_count_once") {
+        return;
+    }
+    let sp = server_pod(
+        "peek",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "0.2", "--peek"],
+    );
+    let agent = agent_for(&sp);
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.connections = 2;
+    cfg.requests = 12;
+    let client = testbed::loadgen::run(&cfg).unwrap();
+    assert!(
+        client.iter().all(|c| c.status == 200),
+        "every request is answered"
+    );
+    agent.wait_requests(Duration::from_secs(10), |r| r.len() >= client.len());
+    // Then a moment more, for a duplicate that would follow.
+    let recs = agent.wait_requests(Duration::from_millis(500), |_| false);
+    let by_port = records_by_port(&recs, &sp);
+    let n: usize = by_port.values().map(Vec::len).sum();
+    let aborted = recs.iter().filter(|r| r["aborted"] == true).count();
+    assert_eq!(
+        n,
+        client.len(),
+        "one record per request, none from the peeks ({aborted} aborted)"
+    );
+    for (c, r) in pair(&client, &by_port) {
+        let r = r.unwrap_or_else(|| panic!("request {} not recorded", c.request_id));
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(
+            r["request_bytes"].as_u64(),
+            Some(c.request_bytes as u64),
+            "{r}"
+        );
+        assert_eq!(r["response_bytes"].as_u64(), Some(c.response_bytes), "{r}");
+    }
+    let unparsed = family_sum(
+        &agent.get("/metrics"),
+        "llmslo_agent_requests_unparsed_total",
+    );
+    assert_eq!(unparsed, 0.0, "nothing unparsed");
+}
+
 #[test]
 fn large_vectored_responses_keep_their_head_and_tail() {
     if !kernel_tests_enabled("large_vectored_responses_keep_their_head_and_tail") {

@@ -36,29 +36,52 @@ fn verifier_statistics_stay_near_the_baseline() {
     let agent = Agent::start(&["--no-auto"]);
     let t = agent.get_json("/api/v1/targets");
     let mut now = verified(&t);
-    // The other syscall hook set (raw sys_enter/sys_exit), loaded by a second agent.
-    {
-        let raw = Agent::start_env(
+    // The default set here is the socket layer's (this kernel has its tracepoints); the other
+    // two, each loaded by an agent of its own, add the programs only they load.
+    assert!(
+        now.contains_key("l7/sock_send") && !now.contains_key("l7/enter_write"),
+        "the socket-layer programs load by default, the per-syscall read/write ones do not"
+    );
+    for (hooks, own) in [
+        ("raw", &["l7/sys_enter", "l7/sys_exit"][..]),
+        (
+            "tracepoint",
+            &[
+                "l7/enter_read",
+                "l7/enter_recvfrom",
+                "l7/enter_readv",
+                "l7/enter_recvmsg",
+                "l7/enter_write",
+                "l7/enter_sendto",
+                "l7/enter_writev",
+                "l7/enter_sendmsg",
+                "l7/exit_read",
+                "l7/exit_recvfrom",
+                "l7/exit_readv",
+                "l7/exit_recvmsg",
+                "l7/exit_write",
+                "l7/exit_sendto",
+                "l7/exit_writev",
+                "l7/exit_sendmsg",
+            ][..],
+        ),
+    ] {
+        let other = Agent::start_env(
             &["--no-auto", "--no-network"],
-            &[("LLMSLO_SYSCALL_HOOKS", "raw")],
+            &[("LLMSLO_SYSCALL_HOOKS", hooks)],
         );
-        let r = verified(&raw.get_json("/api/v1/targets"));
-        for p in ["l7/sys_enter", "l7/sys_exit"] {
+        let r = verified(&other.get_json("/api/v1/targets"));
+        for &p in own {
             let n = *r
                 .get(p)
-                .unwrap_or_else(|| panic!("{p} not loaded with LLMSLO_SYSCALL_HOOKS=raw"));
+                .unwrap_or_else(|| panic!("{p} not loaded with LLMSLO_SYSCALL_HOOKS={hooks}"));
             now.insert(p.to_string(), n);
         }
         assert!(
-            !r.contains_key("l7/enter_write"),
-            "the per-syscall tracepoint programs must not load with LLMSLO_SYSCALL_HOOKS=raw"
+            !r.contains_key("l7/sock_send"),
+            "the socket-layer programs must not load with LLMSLO_SYSCALL_HOOKS={hooks}"
         );
     }
-    assert!(
-        !now.is_empty() && now.contains_key("l7/enter_write"),
-        "the per-syscall tracepoint programs load by default"
-    );
-
     let mut table = format!(
         "verifier: instructions processed per program (kernel {})\n{:<32} {:>10} {:>10} {:>7}\n",
         t["kernel"].as_str().unwrap_or("?"),
@@ -109,7 +132,7 @@ fn verifier_statistics_stay_near_the_baseline() {
     );
     let metrics = agent.get("/metrics");
     assert!(
-        metrics.contains("llmslo_agent_bpf_verified_insns{object=\"l7\",program=\"exit_read\"}")
+        metrics.contains("llmslo_agent_bpf_verified_insns{object=\"l7\",program=\"sock_recv\"}")
     );
 }
 

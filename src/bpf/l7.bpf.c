@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-/* Request/response bytes and timing of target servers' TCP sockets, from syscall
- * tracepoints: accept, read/write family, close; and socket readiness from sock/sk_data_ready.
- * Untargeted processes pay one or two hash lookups and leave. */
+/* Request/response bytes and timing of target servers' TCP sockets: reads and writes from the
+ * socket layer (sock/sock_send_length, sock/sock_recv_length, tcp/tcp_sendmsg_locked) or, on
+ * kernels without those, from the read/write family's syscall tracepoints (per syscall, or the
+ * raw sys_enter/sys_exit); accept and close from their syscall tracepoints; socket readiness
+ * from sock/sk_data_ready. Userspace loads one set (loader.rs, SyscallHooks). Untargeted
+ * processes pay a load and a mask (a cgroup walk where cgroups are targeted) and leave. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -17,6 +20,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define EPIPE 32
 #define ECONNRESET 104
 #define ETIMEDOUT 110
+/* recv flags whose bytes are not the stream's next: a peek leaves them for the read that
+ * follows; the error queue is not the stream. */
+#define MSG_PEEK 2
+#define MSG_ERRQUEUE 0x2000
+#define NOT_STREAM_READ (MSG_PEEK | MSG_ERRQUEUE)
 
 /* Set by userspace before attach: skip the cgroup lookup while no cgroup is targeted. */
 __u32 n_cgroup_targets = 0;
@@ -573,19 +581,25 @@ static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
 	return enter_traced(fd, (__u64)msg.msg_iov, msg.msg_iovlen, kind, IO_IOV);
 }
 
-/* `io` is a compile-time constant at each call site, so each program carries only the copy
- * routine it needs: the verifier then walks one path, not both (load time, instruction count). */
-static __always_inline int exit_traced(struct active_io *ap, long ret, const __u16 io)
+/* Whether a read or write that returned `ret` makes an event. EAGAIN/EINTR are the normal life
+ * of non-blocking servers; only hard errors say the peer is gone. A 0-byte read (EOF) is
+ * followed by close, which we see. */
+static __always_inline bool io_result_wanted(long ret)
+{
+	if (ret > 0)
+		return true;
+	if (ret != -EPIPE && ret != -ECONNRESET && ret != -ETIMEDOUT)
+		return false;
+	bump(LLMSLO_ST_SYSCALL_ERR);
+	return true;
+}
+
+/* The event of a read or write that returned `ret` (io_result_wanted) at `now`. `io` is a
+ * compile-time constant at each call site, so each program carries only the copy routine it
+ * needs: the verifier then walks one path, not both (load time, instruction count). */
+static __always_inline int exit_traced(struct active_io *ap, long ret, const __u16 io, __u64 now)
 {
 	struct active_io a = *ap;
-	if (ret <= 0) {
-		/* EAGAIN/EINTR are the normal life of non-blocking servers; only hard errors say the
-		 * peer is gone. A 0-byte read (EOF) is followed by close, which we see. */
-		if (ret != -EPIPE && ret != -ECONNRESET && ret != -ETIMEDOUT)
-			return 0;
-		bump(LLMSLO_ST_SYSCALL_ERR);
-	}
-	__u64 now = bpf_ktime_get_ns();
 	struct sock *sk = (struct sock *)a.sk;
 	__u32 zero = 0;
 	struct scratch *s = bpf_map_lookup_elem(&scratch_buf, &zero);
@@ -632,9 +646,9 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 static __always_inline int exit_io(long ret, const __u16 io)
 {
 	struct active_io a;
-	if (!active_take(&a))
+	if (!active_take(&a) || !io_result_wanted(ret))
 		return 0;
-	return exit_traced(&a, ret, io);
+	return exit_traced(&a, ret, io, bpf_ktime_get_ns());
 }
 
 /* ---- read family ---- */
@@ -646,6 +660,8 @@ int enter_read(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
+	if (ctx->args[3] & NOT_STREAM_READ)
+		return 0;
 	return enter_io(ctx->args[0], ctx->args[1], 0, LLMSLO_EV_READ, IO_FLAT);
 }
 SEC("tracepoint/syscalls/sys_enter_readv")
@@ -663,6 +679,8 @@ static __always_inline int enter_msg(struct trace_event_raw_sys_enter *ctx, __u1
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 {
+	if (ctx->args[2] & NOT_STREAM_READ)
+		return 0;
 	return enter_msg(ctx, LLMSLO_EV_READ);
 }
 
@@ -854,6 +872,9 @@ int enter_close(struct trace_event_raw_sys_enter *ctx)
 #define NR_recvmsg 47
 #define NR_accept4 288
 #define SYSCALL_NR_FIELD orig_ax
+#define SYSCALL_ARG1 di
+#define SYSCALL_ARG2 si
+#define SYSCALL_ARG3 dx
 /* A 32-bit task's syscall numbers are another table's (ia32 read is 3, our close). */
 static __always_inline bool compat_syscall(struct pt_regs *regs)
 {
@@ -872,6 +893,9 @@ static __always_inline bool compat_syscall(struct pt_regs *regs)
 #define NR_recvmsg 212
 #define NR_accept4 242
 #define SYSCALL_NR_FIELD syscallno
+#define SYSCALL_ARG1 orig_x0
+#define SYSCALL_ARG2 regs[1]
+#define SYSCALL_ARG3 regs[2]
 /* A 32-bit (AArch32) task's syscall numbers are another table's. */
 static __always_inline bool compat_syscall(struct pt_regs *regs)
 {
@@ -886,9 +910,12 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 {
 	__u16 kind, io = IO_FLAT;
 	bool msg = false;
+	__u8 flags_arg = 0; /* which argument holds recv flags */
 	switch (id) {
-	case NR_read:
 	case NR_recvfrom:
+		flags_arg = 4;
+		/* fallthrough */
+	case NR_read:
 		kind = LLMSLO_EV_READ;
 		break;
 	case NR_readv:
@@ -896,6 +923,7 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		io = IO_IOV;
 		break;
 	case NR_recvmsg:
+		flags_arg = 3;
 		kind = LLMSLO_EV_READ;
 		msg = true;
 		break;
@@ -920,6 +948,10 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		return 0;
 	}
 	if (!is_target() || compat_syscall(regs))
+		return 0;
+	if (flags_arg == 4 && (PT_REGS_PARM4_CORE_SYSCALL(regs) & NOT_STREAM_READ))
+		return 0;
+	if (flags_arg == 3 && (PT_REGS_PARM3_CORE_SYSCALL(regs) & NOT_STREAM_READ))
 		return 0;
 	__u32 fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
 	__u64 arg2 = PT_REGS_PARM2_CORE_SYSCALL(regs);
@@ -951,11 +983,165 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 	if (compat_syscall(regs))
 		return 0;
 	struct active_io a;
-	if (!active_take(&a))
+	if (!active_take(&a) || !io_result_wanted(ret))
 		return 0;
+	__u64 now = bpf_ktime_get_ns();
 	if (a.io == IO_IOV)
-		return exit_traced(&a, ret, IO_IOV);
-	return exit_traced(&a, ret, IO_FLAT);
+		return exit_traced(&a, ret, IO_IOV, now);
+	return exit_traced(&a, ret, IO_FLAT, now);
+}
+
+/* ---- the read/write family from the socket layer (LLMSLO_SYSCALL_HOOKS=sock) ----
+ * Both sets above take two programs per read or write (its enter and its exit) and, for the
+ * per-syscall tracepoints, a perf record built by the kernel before each. The socket layer
+ * reports every completed send and receive once, with its socket and result
+ * (sock/sock_send_length, sock/sock_recv_length, called by sock_sendmsg and sock_recvmsg for
+ * every family): one program, no fd walk, no per-thread slot. The payload is where the
+ * syscall's arguments say, read from the task's saved user registers. A write's start, when the
+ * server issued it (the stamp every write event carries), is taken where TCP begins to queue
+ * it (tcp/tcp_sendmsg_locked, before its packets leave: the egress stamps come after it).
+ * accept and close keep their syscall tracepoints. */
+
+/* The send this CPU's thread began: tcp_sendmsg_locked fires once per segment-sized piece of a
+ * send, the first sets it, sock_send_length takes it. A thread that slept in the send (socket
+ * buffer full) and woke on another CPU finds no match there and is stamped when it ends. */
+struct send_begin {
+	__u64 sk;
+	__u64 ts;
+	__u32 tid;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct send_begin);
+} send_begins SEC(".maps");
+
+SEC("tp_btf/tcp_sendmsg_locked")
+int BPF_PROG(tcp_send_begin, const struct sock *sk, const struct msghdr *msg, const struct sk_buff *skb,
+	     int size_goal)
+{
+	if (!is_target())
+		return 0;
+	__u32 zero = 0;
+	struct send_begin *b = bpf_map_lookup_elem(&send_begins, &zero);
+	if (!b)
+		return 0;
+	__u32 tid = current_task()->pid;
+	if (b->sk == (__u64)sk && b->tid == tid)
+		return 0; /* a later piece of the same send */
+	b->sk = (__u64)sk;
+	b->tid = tid;
+	b->ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* When the send of `sk` now ending began: the stamp tcp_send_begin left on this CPU (taken),
+ * else 0. */
+static __always_inline __u64 send_take(__u64 sk, __u32 tid)
+{
+	__u32 zero = 0;
+	struct send_begin *b = bpf_map_lookup_elem(&send_begins, &zero);
+	if (!b || b->sk != sk || b->tid != tid)
+		return 0;
+	b->sk = 0;
+	return b->ts;
+}
+
+/* A target's send or receive on `sk_arg` completed with `ret`, under the syscall its saved
+ * registers name: the event the syscall exit programs send, without an entry program. */
+static __always_inline int sock_io(void *sk_arg, long ret, const __u16 kind)
+{
+	if (!is_target())
+		return 0;
+	/* Taken first, whatever the syscall and its result (a sendfile, an EAGAIN), so that no
+	 * stamp stays to be taken for a later send. */
+	__u64 began = kind == LLMSLO_EV_WRITE ? send_take((__u64)sk_arg, current_task()->pid) : 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = bpf_core_cast((void *)bpf_task_pt_regs(task), struct pt_regs);
+	if (compat_syscall(regs))
+		return 0;
+	__u16 io = IO_FLAT;
+	bool msg = false;
+	switch (regs->SYSCALL_NR_FIELD) {
+	case NR_read:
+	case NR_recvfrom:
+		if (kind != LLMSLO_EV_READ)
+			return 0;
+		break;
+	case NR_readv:
+		if (kind != LLMSLO_EV_READ)
+			return 0;
+		io = IO_IOV;
+		break;
+	case NR_recvmsg:
+		if (kind != LLMSLO_EV_READ)
+			return 0;
+		msg = true;
+		break;
+	case NR_write:
+	case NR_sendto:
+		if (kind != LLMSLO_EV_WRITE)
+			return 0;
+		break;
+	case NR_writev:
+		if (kind != LLMSLO_EV_WRITE)
+			return 0;
+		io = IO_IOV;
+		break;
+	case NR_sendmsg:
+		if (kind != LLMSLO_EV_WRITE)
+			return 0;
+		msg = true;
+		break;
+	default:
+		/* sendfile, splice, io_uring, sendmmsg, …: not followed (as with the other sets). */
+		return 0;
+	}
+	if (!io_result_wanted(ret))
+		return 0;
+	struct sock *sk = bpf_core_cast(sk_arg, struct sock);
+	__u16 family = sk->__sk_common.skc_family;
+	if ((family != AF_INET && family != AF_INET6) || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	struct active_io a = {
+		.ts_enter = began && began <= now ? began : now,
+		.sk = (__u64)sk_arg,
+		.buf = regs->SYSCALL_ARG2,
+		.fd = regs->SYSCALL_ARG1,
+		.kind = kind,
+		.io = io,
+	};
+	if (msg) {
+		struct user_msghdr m;
+		if (bpf_probe_read_user(&m, sizeof(m), (void *)a.buf))
+			return 0;
+		a.buf = (__u64)m.msg_iov;
+		a.iovcnt = m.msg_iovlen;
+		a.io = IO_IOV;
+	} else if (io == IO_IOV) {
+		a.iovcnt = regs->SYSCALL_ARG3;
+	}
+	if (a.io == IO_IOV)
+		return exit_traced(&a, ret, IO_IOV, now);
+	return exit_traced(&a, ret, IO_FLAT, now);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send, struct sock *sk, int ret, int flags)
+{
+	return sock_io(sk, ret, LLMSLO_EV_WRITE);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv, struct sock *sk, int ret, int flags)
+{
+	if (flags & NOT_STREAM_READ)
+		return 0;
+	return sock_io(sk, ret, LLMSLO_EV_READ);
 }
 
 /* ---- data readiness: the request's bytes reached the server's socket ---- */

@@ -83,6 +83,10 @@ pub struct SynthArgs {
     /// writev(2) with two iovecs, or sendmsg(2) with the same two.
     #[arg(long, value_enum, default_value_t = Syscall::Write)]
     pub syscall: Syscall,
+    /// recv(MSG_PEEK) before every read, like servers that sniff the protocol first: the
+    /// peeked bytes are read again by the read that follows.
+    #[arg(long)]
+    pub peek: bool,
     /// Model name reported when the request names none.
     #[arg(long, default_value = "synth-llm")]
     pub model: String,
@@ -270,7 +274,10 @@ impl Server {
 async fn connection(srv: Arc<Server>, mut stream: TcpStream, peer: SocketAddr) {
     // Nagle would merge our deliberately separate writes into fewer segments.
     let _ = stream.set_nodelay(true);
-    let mut reader = RequestReader::default();
+    let mut reader = RequestReader {
+        peek: srv.args.peek,
+        ..Default::default()
+    };
     loop {
         let req = match reader.next(&mut stream).await {
             Ok(Some(r)) => r,
@@ -306,6 +313,8 @@ struct RequestReader {
     /// (end offset in `buf`, CLOCK_MONOTONIC right after the read) per read.
     reads: Vec<(usize, u64)>,
     sent_continue: bool,
+    /// Peek at the socket before each read (`--peek`).
+    peek: bool,
 }
 
 impl RequestReader {
@@ -323,6 +332,9 @@ impl RequestReader {
                     stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
                     self.sent_continue = true;
                 }
+            }
+            if self.peek {
+                stream.peek(&mut tmp).await?;
             }
             let n = stream.read(&mut tmp).await?;
             let t = mono_ns();
