@@ -148,6 +148,8 @@ pub struct Shared {
     pub programs: RwLock<Vec<AttachedProg>>,
     /// What the verifier did with each loaded program.
     pub verifier: RwLock<Vec<crate::loader::VerifierStats>>,
+    /// Where reads and writes are taken from (`LLMSLO_SYSCALL_HOOKS`: sock, tracepoint, raw).
+    pub syscall_hooks: RwLock<&'static str>,
     pub hooks: RwLock<Vec<AttachedHook>>,
     pub gpu: RwLock<crate::gpu::GpuView>,
     /// Run-queue waits of the targets, per pod.
@@ -200,6 +202,7 @@ impl Shared {
             probe,
             programs: RwLock::new(Vec::new()),
             verifier: RwLock::new(Vec::new()),
+            syscall_hooks: RwLock::new(""),
             hooks: RwLock::new(Vec::new()),
             gpu: RwLock::new(Default::default()),
             runq: RwLock::new(Default::default()),
@@ -365,6 +368,7 @@ fn bpf_thread(
     let mut runq = runq.map(|root| crate::runq::RunQueue::new(&root, shared.forget_after));
     *shared.programs.write().expect("programs lock") = progs;
     *shared.verifier.write().expect("verifier lock") = verifier;
+    *shared.syscall_hooks.write().expect("syscall hooks lock") = l7.hooks.name();
     let asm = RefCell::new(Assembler::new(asm_cfg));
     let pending: RefCell<Vec<RequestRecord>> = RefCell::new(Vec::with_capacity(256));
     let counters = RefCell::new((0u64, 0u64)); // (events read, decode errors)

@@ -192,12 +192,14 @@ async fn targets(State(s): State<Arc<Shared>>) -> Response {
     };
     let programs = s.programs.read().expect("programs lock").clone();
     let verifier = s.verifier.read().expect("verifier lock").clone();
+    let syscall_hooks = *s.syscall_hooks.read().expect("syscall hooks lock");
     let hooks = s.hooks.read().expect("hooks lock").clone();
     let gpu_libs = s.gpu.read().expect("gpu lock").libs.clone();
     Json(json!({
         "kernel": s.probe.kernel,
         "hooks": s.probe.features,
         "programs": programs,
+        "syscall_hooks": syscall_hooks,
         "verifier": verifier,
         "targets": snap,
         "interfaces": hooks,

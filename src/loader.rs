@@ -100,6 +100,8 @@ pub struct L7 {
     _links: Vec<Link>,
     pub progs: Vec<AttachedProg>,
     pub verifier: Vec<VerifierStats>,
+    /// Where reads and writes are taken from.
+    pub hooks: SyscallHooks,
     /// Owned handles, usable while the ring buffer borrows `skel`.
     pub targets: TargetMaps,
     pub stats: StatsMap,
@@ -239,6 +241,7 @@ impl L7 {
             _links: links,
             progs,
             verifier,
+            hooks,
             targets,
             stats,
             conns,

@@ -42,6 +42,7 @@ fn verifier_statistics_stay_near_the_baseline() {
         now.contains_key("l7/sock_send") && !now.contains_key("l7/enter_write"),
         "the socket-layer programs load by default, the per-syscall read/write ones do not"
     );
+    assert_eq!(t["syscall_hooks"], "sock", "/api/v1/targets names the set");
     for (hooks, own) in [
         ("raw", &["l7/sys_enter", "l7/sys_exit"][..]),
         (
@@ -70,7 +71,9 @@ fn verifier_statistics_stay_near_the_baseline() {
             &["--no-auto", "--no-network"],
             &[("LLMSLO_SYSCALL_HOOKS", hooks)],
         );
-        let r = verified(&other.get_json("/api/v1/targets"));
+        let ot = other.get_json("/api/v1/targets");
+        assert_eq!(ot["syscall_hooks"], hooks);
+        let r = verified(&ot);
         for &p in own {
             let n = *r
                 .get(p)
