@@ -8,7 +8,7 @@
 #   - an untargeted process calling write(/dev/null) and getppid(),
 #     with the target named by pid, and (bpf_stats table only) by its cgroup.
 # Then, for the target run, the BPF programs' ns per run from kernel.bpf_stats_enabled (restored),
-# and (with perf installed) the untargeted write's BPF time from perf samples, bpf_stats off.
+# and (with perf installed) the untargeted calls' BPF time from perf samples, bpf_stats off.
 # The processes under test run on CPU 1, the agent on CPU 0. Root; prints a markdown table.
 #
 #   scripts/syscall-cost.sh [AGENT_BIN] [ROUNDS]
@@ -167,17 +167,14 @@ done
 # time per write is its time per syscall. Needs perf (linux-perf); skipped without it.
 if command -v perf >/dev/null; then
   sysctl -q kernel.bpf_stats_enabled=0
-  echo
-  echo "| hooks | target named by | ns per write (wall) | samples | BPF share | BPF ns per untargeted write (all its programs) | per program |"
-  echo "|---|---|---:|---:|---:|---:|---|"
-  for m in $SETS; do
-    for by in pid cgroup; do
-      with_untargeted "$m" "$by" perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
-        taskset -c 1 "$W/syscalls" write 1000000 >"$W/ns" 2>/dev/null
-      perf report -i "$W/perf.data" --comm syscalls --sort sym --stdio 2>/dev/null >"$W/perf.txt" || true
-      python3 - "$m" "$by" "$(cat "$W/ns")" "$W/perf.txt" <<'PY'
+  perf_share() { # $1 hooks, $2 pid|cgroup, $3 what, $4 comm, then the command (prints ns per call)
+    local m=$1 by=$2 what=$3 comm=$4; shift 4
+    with_untargeted "$m" "$by" perf record -q -F 20000 -e cpu-clock -C 1 -o "$W/perf.data" -- \
+      "$@" >"$W/ns" 2>/dev/null
+    perf report -i "$W/perf.data" --comm "$comm" --sort sym --stdio 2>/dev/null >"$W/perf.txt" || true
+    python3 - "$m" "$by" "$what" "$(sed 's/^write_ns //' "$W/ns")" "$W/perf.txt" <<'PY'
 import re, sys
-m, by, ns, path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+m, by, what, ns, path = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
 samples, progs = 0, {}
 for line in open(path):
     if line.startswith("# Samples:"):
@@ -188,8 +185,18 @@ for line in open(path):
         progs[hit.group(2)] = progs.get(hit.group(2), 0.0) + float(hit.group(1))
 share = sum(progs.values())
 detail = ", ".join(f"{k} {v / 100 * ns:.1f}" for k, v in sorted(progs.items()))
-print(f"| {m} | {by} | {ns:.0f} | {samples:.0f} | {share:.1f} % | **{share / 100 * ns:.1f}** | {detail} |")
+print(f"| {m} | {by} | {what} | {ns:.0f} | {samples:.0f} | {share:.1f} % | **{share / 100 * ns:.1f}** | {detail} |")
 PY
+  }
+  echo
+  echo "| hooks | target named by | untargeted call | ns per call (wall) | samples | BPF share | BPF ns per call (all its programs) | per program |"
+  echo "|---|---|---|---:|---:|---:|---:|---|"
+  for m in $SETS; do
+    for by in pid cgroup; do
+      perf_share "$m" "$by" "write(/dev/null)" syscalls taskset -c 1 "$W/syscalls" write 1000000
+      # The writer's receiving child (same name, same CPU) is sampled too: its reads count.
+      perf_share "$m" "$by" "write() to a TCP socket, its reader's reads included" target_write \
+        taskset -c 1 "$W/target_write" "$N" $((30000 + RANDOM % 5000))
     done
   done
 fi
