@@ -905,53 +905,60 @@ static __always_inline bool compat_syscall(struct pt_regs *regs)
 #error "syscall numbers for this architecture are missing"
 #endif
 
+/* What a read/write-family syscall number is: its direction, a flat buffer or an iovec array,
+ * the iovec in a msghdr. False for every other syscall. */
+static __always_inline bool rw_syscall(long nr, __u16 *kind, __u16 *io, bool *msg)
+{
+	*io = IO_FLAT;
+	*msg = false;
+	switch (nr) {
+	case NR_read:
+	case NR_recvfrom:
+		*kind = LLMSLO_EV_READ;
+		return true;
+	case NR_readv:
+		*kind = LLMSLO_EV_READ;
+		*io = IO_IOV;
+		return true;
+	case NR_recvmsg:
+		*kind = LLMSLO_EV_READ;
+		*msg = true;
+		return true;
+	case NR_write:
+	case NR_sendto:
+		*kind = LLMSLO_EV_WRITE;
+		return true;
+	case NR_writev:
+		*kind = LLMSLO_EV_WRITE;
+		*io = IO_IOV;
+		return true;
+	case NR_sendmsg:
+		*kind = LLMSLO_EV_WRITE;
+		*msg = true;
+		return true;
+	default:
+		return false;
+	}
+}
+
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 {
-	__u16 kind, io = IO_FLAT;
-	bool msg = false;
-	__u8 flags_arg = 0; /* which argument holds recv flags */
 	switch (id) {
-	case NR_recvfrom:
-		flags_arg = 4;
-		/* fallthrough */
-	case NR_read:
-		kind = LLMSLO_EV_READ;
-		break;
-	case NR_readv:
-		kind = LLMSLO_EV_READ;
-		io = IO_IOV;
-		break;
-	case NR_recvmsg:
-		flags_arg = 3;
-		kind = LLMSLO_EV_READ;
-		msg = true;
-		break;
-	case NR_write:
-	case NR_sendto:
-		kind = LLMSLO_EV_WRITE;
-		break;
-	case NR_writev:
-		kind = LLMSLO_EV_WRITE;
-		io = IO_IOV;
-		break;
-	case NR_sendmsg:
-		kind = LLMSLO_EV_WRITE;
-		msg = true;
-		break;
 	case NR_accept:
 	case NR_accept4:
 		return compat_syscall(regs) ? 0 : enter_accept_common();
 	case NR_close:
 		return compat_syscall(regs) ? 0 : close_common(PT_REGS_PARM1_CORE_SYSCALL(regs));
-	default:
-		return 0;
 	}
-	if (!is_target() || compat_syscall(regs))
+	__u16 kind, io;
+	bool msg;
+	if (!rw_syscall(id, &kind, &io, &msg) || !is_target() || compat_syscall(regs))
 		return 0;
-	if (flags_arg == 4 && (PT_REGS_PARM4_CORE_SYSCALL(regs) & NOT_STREAM_READ))
+	/* recv flags: recvfrom's fourth argument, recvmsg's third */
+	if (id == NR_recvfrom && (PT_REGS_PARM4_CORE_SYSCALL(regs) & NOT_STREAM_READ))
 		return 0;
-	if (flags_arg == 3 && (PT_REGS_PARM3_CORE_SYSCALL(regs) & NOT_STREAM_READ))
+	if (id == NR_recvmsg && (PT_REGS_PARM3_CORE_SYSCALL(regs) & NOT_STREAM_READ))
 		return 0;
 	__u32 fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
 	__u64 arg2 = PT_REGS_PARM2_CORE_SYSCALL(regs);
@@ -1063,43 +1070,11 @@ static __always_inline int sock_io(void *sk_arg, long ret, const __u16 kind)
 	struct pt_regs *regs = bpf_core_cast((void *)bpf_task_pt_regs(task), struct pt_regs);
 	if (compat_syscall(regs))
 		return 0;
-	__u16 io = IO_FLAT;
-	bool msg = false;
-	switch (regs->SYSCALL_NR_FIELD) {
-	case NR_read:
-	case NR_recvfrom:
-		if (kind != LLMSLO_EV_READ)
-			return 0;
-		break;
-	case NR_readv:
-		if (kind != LLMSLO_EV_READ)
-			return 0;
-		io = IO_IOV;
-		break;
-	case NR_recvmsg:
-		if (kind != LLMSLO_EV_READ)
-			return 0;
-		msg = true;
-		break;
-	case NR_write:
-	case NR_sendto:
-		if (kind != LLMSLO_EV_WRITE)
-			return 0;
-		break;
-	case NR_writev:
-		if (kind != LLMSLO_EV_WRITE)
-			return 0;
-		io = IO_IOV;
-		break;
-	case NR_sendmsg:
-		if (kind != LLMSLO_EV_WRITE)
-			return 0;
-		msg = true;
-		break;
-	default:
-		/* sendfile, splice, io_uring, sendmmsg, …: not followed (as with the other sets). */
+	__u16 what, io;
+	bool msg;
+	/* sendfile, splice, io_uring, sendmmsg, …: not followed (as with the other sets). */
+	if (!rw_syscall(regs->SYSCALL_NR_FIELD, &what, &io, &msg) || what != kind)
 		return 0;
-	}
 	if (!io_result_wanted(ret))
 		return 0;
 	struct sock *sk = bpf_core_cast(sk_arg, struct sock);
