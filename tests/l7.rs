@@ -505,9 +505,6 @@ fn sse_events_split_across_and_merged_within_writes() {
     }
 }
 
-/// A response larger than the head the programs copy (4 KiB), written with writev as hyper and
-/// libuv write a header and a body, and with sendmsg (whose exit jumps to writev's program):
-/// the head keeps the status line and the tail (where the usage is) comes after it, not over it.
 /// A server that peeks at each request before reading it (recv with MSG_PEEK, as servers that
 /// sniff the protocol do): the peeked bytes are the read's too and count once, so every request
 /// is recorded once, with its own size, and nothing is left unparsed.
@@ -559,6 +556,9 @@ fn peeked_bytes_count_once() {
     assert_eq!(unparsed, 0.0, "nothing unparsed");
 }
 
+/// A response larger than the head the programs copy (4 KiB), written with writev as hyper and
+/// libuv write a header and a body, and with sendmsg (whose exit jumps to writev's program):
+/// the head keeps the status line and the tail (where the usage is) comes after it, not over it.
 #[test]
 fn large_vectored_responses_keep_their_head_and_tail() {
     if !kernel_tests_enabled("large_vectored_responses_keep_their_head_and_tail") {
