@@ -19,8 +19,10 @@ impl Drop for Dir {
     }
 }
 
-fn scratch() -> Dir {
-    let d = std::env::temp_dir().join(format!("llmslo-apisec-{}", std::process::id()));
+/// A directory of this test's own: the tests of this file run in parallel in one process, and
+/// each removes its directory when done (a shared one vanished under the other's certificate).
+fn scratch(test: &str) -> Dir {
+    let d = std::env::temp_dir().join(format!("llmslo-apisec-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     Dir(d)
@@ -80,7 +82,7 @@ fn https_and_a_bearer_token_guard_the_endpoints_but_not_the_probes() {
     if !kernel_tests_enabled("https_and_a_bearer_token_guard_the_endpoints_but_not_the_probes") {
         return;
     }
-    let dir = scratch();
+    let dir = scratch("https");
     let (c, k) = cert(&dir.0);
     let mut agent =
         Agent::launch_with_config(&config(&dir.0, &c, &k), &["--no-auto", "--no-network"]);
@@ -135,7 +137,7 @@ fn bad_token_or_certificate_settings_fail_the_start_with_a_clear_message() {
     ) {
         return;
     }
-    let dir = scratch();
+    let dir = scratch("bad_settings");
     let (c, k) = cert(&dir.0);
     let short = dir.0.join("short");
     std::fs::write(&short, "abc\n").unwrap();
