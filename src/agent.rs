@@ -305,6 +305,7 @@ pub fn start_bpf(
     let network = cfg.network.enabled;
     let asm_cfg = AssemblerConfig {
         max_conns: cfg.max_connections,
+        arm_streams: cfg.kernel_token_counting,
         ..Default::default()
     };
     let handle = std::thread::Builder::new()
@@ -424,6 +425,11 @@ fn bpf_thread(
         }
         if let Err(e) = rb.consume() {
             tracing::warn!(error = %e, "ring buffer consume failed");
+        }
+        for arm in asm.borrow_mut().take_arms() {
+            if let Err(e) = l7.arms.arm(&arm) {
+                tracing::debug!(error = %e, "could not arm a stream");
+            }
         }
         shared.accept(std::mem::take(&mut *pending.borrow_mut()));
         shared

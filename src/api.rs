@@ -324,6 +324,30 @@ fn render_health(s: &Shared, out: &mut String) {
         "Requests whose response never completed.",
         &[(&[], h.assembler.aborted as f64)],
     );
+    write_counter(
+        out,
+        "llmslo_agent_streams_armed_total",
+        "Streamed responses whose token writes the kernel was armed to count (kernel_token_counting).",
+        &[(&[], h.assembler.streams_armed as f64)],
+    );
+    write_counter(
+        out,
+        "llmslo_agent_kernel_token_writes_total",
+        "Token writes the kernel counted instead of sending their bytes, as received: applied to \
+         their response, or misplaced (not at an event boundary of a streamed response: a gap).",
+        &[
+            (
+                &[("result", "applied")],
+                h.assembler
+                    .token_writes
+                    .saturating_sub(h.assembler.token_writes_misplaced) as f64,
+            ),
+            (
+                &[("result", "misplaced")],
+                h.assembler.token_writes_misplaced as f64,
+            ),
+        ],
+    );
     let verifier = s.verifier.read().expect("verifier lock").clone();
     let labels: Vec<[(&str, &str); 2]> = verifier
         .iter()

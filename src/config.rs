@@ -38,6 +38,9 @@ pub struct Config {
     /// Each probed call traps into the kernel (~1–20 µs): false where a server launches many
     /// kernels per token without CUDA graphs.
     pub gpu_uprobes: bool,
+    /// Let the kernel count a streamed response's token writes (start stamp and size each)
+    /// once two token events have shown their shape, instead of sending each write's bytes.
+    pub kernel_token_counting: bool,
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
@@ -186,6 +189,7 @@ impl Default for Config {
             max_kernel_connections: 65_536,
             cpu_runqueue: true,
             gpu_uprobes: true,
+            kernel_token_counting: true,
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),

@@ -26,6 +26,8 @@ pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
     "gpu_map_full",
     "conn_map_inserts",
     "conn_map_deletes",
+    "token_writes_counted",
+    "token_records",
 ];
 
 /// Indexes of the connection map's counters in [`STAT_NAMES`].
@@ -106,6 +108,39 @@ pub struct L7 {
     pub targets: TargetMaps,
     pub stats: StatsMap,
     pub conns: ConnMap,
+    pub arms: StreamArms,
+}
+
+/// The kernel's `stream_arms` map: connections whose token writes it counts (arm.rs).
+pub struct StreamArms(MapHandle);
+
+// SAFETY: llmslo_stream_arm is a repr(C) struct of integers and byte arrays.
+unsafe impl plain::Plain for types::llmslo_stream_arm {}
+
+impl StreamArms {
+    /// Arms one connection. An arm whose template does not fit the kernel's arrays is refused.
+    pub fn arm(&self, a: &crate::assemble::StreamArm) -> Result<()> {
+        let mut v = types::llmslo_stream_arm {
+            reads: a.reads,
+            prefix_len: u16::try_from(a.prefix.len())?,
+            suffix_len: u16::try_from(a.suffix.len())?,
+            chunked: u32::from(a.chunked),
+            ..Default::default()
+        };
+        v.prefix
+            .get_mut(..a.prefix.len())
+            .context("arm prefix too long")?
+            .copy_from_slice(&a.prefix);
+        v.suffix
+            .get_mut(..a.suffix.len())
+            .context("arm suffix too long")?
+            .copy_from_slice(&a.suffix);
+        // SAFETY: reading the bytes of a plain repr(C) value.
+        let bytes = unsafe { plain::as_bytes(&v) };
+        self.0
+            .update(&a.sock_id.to_ne_bytes(), bytes, MapFlags::ANY)?;
+        Ok(())
+    }
 }
 
 /// The kernel's connection map, an LRU: it evicts silently when full, so its evictions are
@@ -236,6 +271,7 @@ impl L7 {
             map: MapHandle::try_from(&skel.maps.conns)?,
             capacity: conn_entries,
         };
+        let arms = StreamArms(MapHandle::try_from(&skel.maps.stream_arms)?);
         Ok(L7 {
             skel,
             _links: links,
@@ -245,6 +281,7 @@ impl L7 {
             targets,
             stats,
             conns,
+            arms,
         })
     }
 

@@ -35,6 +35,8 @@ pub fn decode(data: &[u8]) -> Result<SockEvent<'_>, DecodeError> {
         K::LLMSLO_EV_READ => EventKind::Read,
         K::LLMSLO_EV_WRITE => EventKind::Write,
         K::LLMSLO_EV_CLOSE => EventKind::Close,
+        K::LLMSLO_EV_TOKENS if hl % 4 == 0 && tl == 0 => EventKind::Tokens,
+        K::LLMSLO_EV_TOKENS => return Err(DecodeError::BadLengths),
         _ => return Err(DecodeError::UnknownKind),
     };
     let comm_end = h.comm.iter().position(|&c| c == 0).unwrap_or(h.comm.len());
@@ -144,6 +146,32 @@ mod tests {
                 sync_wait_ns: 300
             })
         );
+    }
+
+    #[test]
+    fn decodes_a_token_record() {
+        let h = llmslo_event_hdr {
+            kind: 5,
+            ts_enter: 1_000,
+            ts_exit: 9_000,
+            ret: 600,
+            head_len: 8,
+            ..Default::default()
+        };
+        let deltas = [0u32.to_ne_bytes(), 4_000u32.to_ne_bytes()].concat();
+        let d = raw(&h, &[&deltas[..], &[0u8; 248][..]].concat());
+        let e = decode(&d).unwrap();
+        assert_eq!((e.kind, e.ret, e.ts_exit), (EventKind::Tokens, 600, 9_000));
+        assert_eq!(e.head, &deltas[..]);
+        // Deltas are whole u32s, and a token record has no tail.
+        for (head_len, tail_len) in [(6, 0), (8, 4)] {
+            let bad = llmslo_event_hdr {
+                head_len,
+                tail_len,
+                ..h
+            };
+            assert_eq!(decode(&raw(&bad, &d[..])).unwrap_err(), DecodeError::BadLengths);
+        }
     }
 
     #[test]

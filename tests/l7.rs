@@ -608,3 +608,101 @@ fn large_vectored_responses_keep_their_head_and_tail() {
         assert_eq!(unparsed, 0.0, "{syscall}: nothing unparsed");
     }
 }
+
+/// Long streams (150 tokens 2 ms apart, four keep-alive connections): once a response's first
+/// token event has shown its shape, the kernel counts the token writes itself
+/// (`kernel_token_counting`). Every token still reaches the record, at the time its write
+/// began (inside the server's window around that write), and every write the kernel counted
+/// is received and applied; the finish event, usage and `[DONE]` still come as events.
+#[test]
+fn token_writes_counted_in_the_kernel_keep_every_token() {
+    if !kernel_tests_enabled("token_writes_counted_in_the_kernel_keep_every_token") {
+        return;
+    }
+    let sp = server_pod(
+        "ktok",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "2"],
+    );
+    let agent = agent_for(&sp);
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.connections = 4;
+    cfg.requests = 24;
+    cfg.streaming_ratio = 1.0;
+    cfg.max_tokens = Some(150);
+    cfg.marker = Some(MARKER.into());
+    cfg.deadline = Duration::from_secs(60);
+    let client = testbed::loadgen::run(&cfg).expect("load");
+    assert!(client.iter().all(|c| c.status == 200 && c.error.is_none()));
+    let recs = agent.wait_requests(Duration::from_secs(20), |r| r.len() >= 24);
+    let by_port = records_by_port(&recs, &sp);
+    let server: BTreeMap<String, _> = sp
+        .server_log()
+        .into_iter()
+        .filter_map(|s| s.request_id.clone().map(|id| (id, s)))
+        .collect();
+    let mut bad = Vec::new();
+    for (c, r) in pair(&client, &by_port) {
+        let r = r.expect("paired record");
+        let s = &server[&c.request_id.to_string()];
+        if r["output_events"].as_u64() != Some(s.token_ns.len() as u64)
+            || r["output_tokens"].as_u64() != Some(s.tokens)
+        {
+            bad.push(format!(
+                "req {}: events {} tokens {}, server {} {}",
+                c.request_id,
+                r["output_events"],
+                r["output_tokens"],
+                s.token_ns.len(),
+                s.tokens
+            ));
+            continue;
+        }
+        let mut at = r["timestamps"]["token_1"].as_u64().unwrap_or(0) as f64;
+        for (i, g) in r["itl_ms"].as_array().unwrap().iter().enumerate() {
+            at += g.as_f64().unwrap() * 1e6;
+            let (lo, hi) = (s.token_ns[i + 1], s.token_after_ns[i + 1]);
+            if at < lo as f64 - 20_000.0 || at > hi as f64 + 20_000.0 {
+                bad.push(format!(
+                    "req {}: token {} at {at} outside the server's write [{lo}, {hi}]",
+                    c.request_id,
+                    i + 2
+                ));
+                break;
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{} bad:\n{}", bad.len(), bad.join("\n"));
+    let stat = |m: &str, s: &str| {
+        common::metric(m, &format!("llmslo_agent_bpf_stat_total{{stat=\"{s}\"}}")).unwrap_or(0.0)
+    };
+    let applied = |m: &str| {
+        common::metric(
+            m,
+            "llmslo_agent_kernel_token_writes_total{result=\"applied\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let m = agent.wait_metrics(Duration::from_secs(5), |m| {
+        stat(m, "token_writes_counted") > 0.0 && applied(m) == stat(m, "token_writes_counted")
+    });
+    let (counted, tokens) = (stat(&m, "token_writes_counted"), 24.0 * 150.0);
+    eprintln!(
+        "kernel-counted token writes: {counted} of {tokens}; records {}; armed {:?}",
+        stat(&m, "token_records"),
+        common::metric(&m, "llmslo_agent_streams_armed_total")
+    );
+    assert!(
+        counted >= 0.5 * tokens,
+        "the kernel counted {counted} of {tokens} token writes"
+    );
+    assert_eq!(applied(&m), counted, "every counted write applied");
+    assert_eq!(
+        common::metric(
+            &m,
+            "llmslo_agent_kernel_token_writes_total{result=\"misplaced\"}"
+        ),
+        Some(0.0)
+    );
+}

@@ -117,6 +117,31 @@ impl Body {
             Body::Chunked(_) => Err(FramingError),
         }
     }
+
+    /// Whether `n` bytes of whole events (each a chunk of its own when chunked) can follow
+    /// from here: a chunked body between chunks, a Content-Length body with that much left.
+    pub(crate) fn can_take_whole(&self, n: u64) -> bool {
+        match self {
+            Body::Length(rem) => *rem >= n,
+            Body::Close => true,
+            Body::Chunked(c) => c.st == CState::Size && c.digits == 0,
+        }
+    }
+
+    /// Passes over `n` bytes that `can_take_whole` allowed. Returns whether the body ended.
+    pub(crate) fn take_whole(&mut self, n: u64) -> bool {
+        match self {
+            Body::Length(rem) => {
+                *rem = rem.saturating_sub(n);
+                *rem == 0
+            }
+            Body::Close | Body::Chunked(_) => false,
+        }
+    }
+
+    pub(crate) fn is_chunked(&self) -> bool {
+        matches!(self, Body::Chunked(_))
+    }
 }
 
 fn hex(b: u8) -> Option<u64> {

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use crate::event::{EventKind, Inside, NetStamps, SockEvent};
 use crate::record::{RequestRecord, Ts};
 
+use super::arm::StreamArm;
 use super::body::Body;
 use super::http::{self, Class, HeadBuf};
 use super::scan::{self, KeyScan};
@@ -33,6 +34,8 @@ pub(crate) struct Sink<'a> {
     pub(crate) next_id: &'a mut u64,
     pub(crate) stats: &'a mut AssemblerStats,
     pub(crate) joiner: &'a mut Joiner,
+    /// Connections to arm for counting token writes in the kernel; None: do not arm.
+    pub(crate) arms: Option<&'a mut Vec<StreamArm>>,
 }
 
 impl Sink<'_> {
@@ -155,6 +158,19 @@ pub(crate) struct Conn {
     fp: Fingerprint,
     /// Requests before this index were handed to the joiner.
     noted_seq: u64,
+    /// Read events seen since accept (or since the first event): the kernel counts them too,
+    /// and an arm names the count it was made at.
+    reads: u32,
+    arm: ArmState,
+}
+
+/// Arming the kernel for the current response (arm.rs).
+#[derive(Default)]
+struct ArmState {
+    /// Whole token events that gave no template.
+    tries: u8,
+    /// Armed, or given up on, for this response.
+    done: bool,
 }
 
 fn unspecified(a: &SocketAddr) -> bool {
@@ -204,6 +220,8 @@ impl Conn {
             body_scan: KeyScan::default(),
             fp: Fingerprint::default(),
             noted_seq: 0,
+            reads: 0,
+            arm: ArmState::default(),
         }
     }
 
@@ -221,6 +239,7 @@ impl Conn {
         self.seen_request = false;
         self.next_seq = 0;
         self.noted_seq = 0;
+        self.reads = 0;
         self.ident.sock_id = ev.sock_id;
         self.ident.local = ev.local;
         self.ident.remote = ev.remote;
@@ -249,6 +268,7 @@ impl Conn {
         self.resp_head.clear();
         self.sse.reset();
         self.body_scan.reset();
+        self.arm = ArmState::default();
     }
 
     fn set_comm(&mut self, comm: &str) {
@@ -368,6 +388,9 @@ impl Conn {
     }
 
     pub(crate) fn on_io(&mut self, ev: &SockEvent<'_>, cfg: &AssemblerConfig, sink: &mut Sink<'_>) {
+        if ev.kind == EventKind::Read {
+            self.reads = self.reads.wrapping_add(1);
+        }
         if self.mode == Mode::Ignored {
             return;
         }
@@ -442,7 +465,7 @@ impl Conn {
                 }
                 self.write(tail, (false, true), &io, cfg, sink);
             }
-            EventKind::Accept | EventKind::Close => {}
+            EventKind::Accept | EventKind::Close | EventKind::Tokens => {}
         }
     }
 

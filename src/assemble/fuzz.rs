@@ -155,13 +155,21 @@ pub fn assembler(data: &[u8]) {
             0 => EventKind::Accept,
             1 => EventKind::Read,
             2 => EventKind::Write,
+            // Token records (counted writes), with the payload as their deltas.
+            _ if op & 8 != 0 => EventKind::Tokens,
             _ => EventKind::Close,
+        };
+        let payload = if kind == EventKind::Tokens {
+            &payload[..payload.len() / 4 * 4]
+        } else {
+            payload
         };
         // Bit 2: the syscall moved more bytes than were copied (a gap after the head).
         let gap = if op & 4 != 0 { 4096 } else { 0 };
         let ret = match kind {
             EventKind::Accept => 5,
             EventKind::Close => 0,
+            EventKind::Tokens => (payload.len() * 40 + gap) as i64,
             _ if op & 8 != 0 => -104,
             _ => (payload.len() + gap) as i64,
         };
@@ -182,7 +190,7 @@ pub fn assembler(data: &[u8]) {
             remote,
             comm: "fuzz",
             head: payload,
-            tail: if gap > 0 {
+            tail: if gap > 0 && kind != EventKind::Tokens {
                 &payload[payload.len() / 2..]
             } else {
                 &[]

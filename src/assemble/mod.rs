@@ -3,6 +3,7 @@
 //! recently active evicted first); the per-connection state machine is in `conn`, the wire
 //! formats in `http`, `sse` and `scan`. Pure and root-free: it only sees `SockEvent`s.
 
+pub mod arm;
 mod body;
 mod conn;
 #[doc(hidden)]
@@ -19,6 +20,8 @@ mod tests_edge;
 mod tests_sidecar;
 #[cfg(test)]
 mod tests_stream;
+#[cfg(test)]
+mod tests_tokens;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -26,6 +29,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use crate::event::{EventKind, SockEvent};
 use crate::record::RequestRecord;
 
+pub use arm::StreamArm;
 use conn::{Conn, Sink};
 pub use sidecar::JoinStats;
 use sidecar::Joiner;
@@ -38,6 +42,8 @@ pub struct AssemblerConfig {
     pub idle_timeout_ns: u64,
     /// Longest request or response head accepted.
     pub max_head_bytes: usize,
+    /// Arm streamed responses so that the kernel counts their token writes (`take_arms`).
+    pub arm_streams: bool,
 }
 
 impl Default for AssemblerConfig {
@@ -46,6 +52,7 @@ impl Default for AssemblerConfig {
             max_conns: 65536,
             idle_timeout_ns: 300_000_000_000,
             max_head_bytes: 16384,
+            arm_streams: true,
         }
     }
 }
@@ -63,6 +70,13 @@ pub struct AssemblerStats {
     pub unparsed: [u64; UnparsedReason::COUNT],
     /// The sidecar join's counters.
     pub sidecar: JoinStats,
+    /// Responses whose connection was armed for counting token writes in the kernel.
+    pub streams_armed: u64,
+    /// Token writes the kernel counted (received in token records).
+    pub token_writes: u64,
+    /// Of those, writes whose record did not continue a streamed response at an event
+    /// boundary (taken as a gap), or came for a connection not followed.
+    pub token_writes_misplaced: u64,
 }
 
 /// Why a connection's traffic could not be assembled into requests.
@@ -149,6 +163,7 @@ pub struct Assembler {
     newest: u32,
     oldest: u32,
     joiner: Joiner,
+    arms: Vec<StreamArm>,
 }
 
 impl Assembler {
@@ -163,7 +178,13 @@ impl Assembler {
             newest: NIL,
             oldest: NIL,
             joiner: Joiner::default(),
+            arms: Vec::new(),
         }
+    }
+
+    /// Connections to arm (`StreamArm`) since the last call: the kernel's map is the caller's.
+    pub fn take_arms(&mut self) -> std::vec::Drain<'_, StreamArm> {
+        self.arms.drain(..)
     }
 
     pub fn stats(&self) -> &AssemblerStats {
@@ -182,6 +203,12 @@ impl Assembler {
                 return;
             }
             (EventKind::Close, None) => return,
+            // Counted writes of a connection we do not follow: nothing to add them to.
+            (EventKind::Tokens, None) => {
+                self.stats.token_writes += ev.head.len() as u64 / 4;
+                self.stats.token_writes_misplaced += ev.head.len() as u64 / 4;
+                return;
+            }
             (EventKind::Accept, _) if ev.ret < 0 => return,
             (EventKind::Accept, Some(idx)) => {
                 // The kernel reused the socket: whatever the old one had in flight is lost.
@@ -196,15 +223,24 @@ impl Assembler {
             (_, None) => self.insert(ev, false, out),
         };
         self.touch(idx, ev.ts_exit.max(ev.ts_enter));
-        if matches!(ev.kind, EventKind::Read | EventKind::Write) {
+        if matches!(
+            ev.kind,
+            EventKind::Read | EventKind::Write | EventKind::Tokens
+        ) {
             let cfg = &self.cfg;
             let mut sink = Sink {
                 out,
                 next_id: &mut self.next_id,
                 stats: &mut self.stats,
                 joiner: &mut self.joiner,
+                arms: cfg.arm_streams.then_some(&mut self.arms),
             };
-            self.slots[idx as usize].conn.on_io(ev, cfg, &mut sink);
+            let conn = &mut self.slots[idx as usize].conn;
+            if ev.kind == EventKind::Tokens {
+                conn.on_tokens(ev, &mut sink);
+            } else {
+                conn.on_io(ev, cfg, &mut sink);
+            }
             self.stats.sidecar = self.joiner.stats.clone();
         }
         self.stats.conns_active = self.map.len() as u64;
@@ -245,6 +281,7 @@ impl Assembler {
             next_id: &mut self.next_id,
             stats: &mut self.stats,
             joiner: &mut self.joiner,
+            arms: None,
         };
         f(&mut self.slots[idx as usize].conn, &mut sink);
     }

@@ -80,6 +80,11 @@ impl Sse {
         }
     }
 
+    /// Between events: what comes next starts a new one.
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.line_start && !self.in_event && !self.after_cr && !self.lost
+    }
+
     /// Bytes of the body were not copied: whatever event they were part of is lost.
     pub(crate) fn skip(&mut self) {
         self.lost = true;

@@ -91,6 +91,8 @@ enum llmslo_net_ts _net = LLMSLO_NET_SYN;
 enum llmslo_inside _inside = LLMSLO_INSIDE_RUNQ;
 struct llmslo_flow _flow = {};
 struct llmslo_flow_key _flow_key = {};
+struct llmslo_stream_arm _arm = {};
+struct llmslo_tokens_event _tokens_event = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -437,14 +439,19 @@ static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const s
  * crossing missed between racing CPUs only leaves the backlog to the timer. */
 #define WAKEUP_BACKLOG (256 * 1024)
 
+/* The wake-up flag for a record of `size` bytes. */
+static __always_inline __u64 wakeup_flag(__u64 size)
+{
+	__u64 backlog = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	return (backlog + size) / WAKEUP_BACKLOG != backlog / WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
+									      : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline int submit(struct scratch *s)
 {
 	__u64 n = clamp_to(s->hdr.head_len + s->hdr.tail_len, LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP);
 	__u64 size = sizeof(s->hdr) + n;
-	__u64 backlog = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	__u64 flags = (backlog + size) / WAKEUP_BACKLOG != backlog / WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
-										   : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&events, s, size, flags)) {
+	if (bpf_ringbuf_output(&events, s, size, wakeup_flag(size))) {
 		bump(LLMSLO_ST_RB_FULL);
 		return 0;
 	}
@@ -581,6 +588,216 @@ static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
 	return enter_traced(fd, (__u64)msg.msg_iov, msg.msg_iovlen, kind, IO_IOV);
 }
 
+/* ---- token writes counted in the kernel (llmslo.h: llmslo_stream_arm, llmslo_tokens) ---- */
+
+/* Written by userspace (one entry per armed connection), read here; close() removes it. An arm
+ * left by a connection closed unseen is evicted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct llmslo_stream_arm);
+} stream_arms SEC(".maps");
+
+/* Counted writes not yet sent, one entry per connection while it has some (a plain hash: an
+ * entry is never evicted with counts in it; when it is full, writes go out as events). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct llmslo_tokens);
+} stream_tokens SEC(".maps");
+
+/* Byte `i` of the copied payload; the mask keeps every index provably inside data[]. */
+#define DATA_AT(s, i) ((s)->data[(i) & 1023])
+/* Eight bytes from `p`, at any alignment, in one load (x86-64 and arm64 allow it, and so does
+ * the verifier there): the compiler, which cannot know the alignment, would load them a byte
+ * at a time. */
+static __always_inline __u64 load64(const void *p)
+{
+	__u64 v;
+	asm volatile("%0 = *(u64 *)(%1 + 0)" : "=r"(v) : "r"(p));
+	return v;
+}
+#define LOAD64(p) load64(p)
+
+/* A token's text, `len` bytes of s->data from `from`: a non-empty JSON string body. Judged
+ * conservatively, so that the loop keeps no state for the verifier to fork on: no control byte,
+ * no quote at all (an escaped one sends the write as an event), not ending in a backslash (no
+ * escape left open). The judge's parts are global functions, each verified once whatever its
+ * caller's state: inlined, every path through the chunk-size digits walked the loops after them
+ * again (~290k instructions a program). */
+__noinline int llmslo_token_text(struct scratch *s, __u64 from, __u64 len)
+{
+	if (!s || len == 0 || len > LLMSLO_TOKEN_TEXT_MAX)
+		return 0;
+	for (__u32 i = 0; i < LLMSLO_TOKEN_TEXT_MAX; i++) {
+		if (i >= len)
+			break;
+		__u8 c = DATA_AT(s, from + i);
+		if (c < 0x20 || c == '"')
+			return 0;
+	}
+	return DATA_AT(s, from + len - 1) != '\\';
+}
+
+/* The event in s->data[start..end): the arm's prefix, a token's text, the arm's suffix. */
+__noinline int llmslo_token_event(struct scratch *s, struct llmslo_stream_arm *arm, __u64 start,
+				  __u64 end)
+{
+	if (!s || !arm || end > LLMSLO_TAKE_MAX)
+		return 0;
+	__u64 plen = arm->prefix_len, slen = arm->suffix_len;
+	if (plen < 8 || plen > LLMSLO_ARM_PREFIX_CAP || slen < 8 || slen > LLMSLO_ARM_SUFFIX_CAP)
+		return 0;
+	if (end < start + plen + slen + 1)
+		return 0;
+	/* Eight bytes at a time, then the word that ends where the template ends (it may overlap
+	 * the last one). No branch in the loops leaves a state that goes on. */
+	for (__u32 i = 0; i < LLMSLO_ARM_PREFIX_CAP / 8; i++) {
+		if (i >= plen / 8)
+			break;
+		if (LOAD64(&s->data[(start + i * 8) & 1023]) != LOAD64(&arm->prefix[clamp_to(i * 8, LLMSLO_ARM_PREFIX_CAP - 8)]))
+			return 0;
+	}
+	if (LOAD64(&s->data[(start + plen - 8) & 1023]) != LOAD64(&arm->prefix[clamp_to(plen - 8, LLMSLO_ARM_PREFIX_CAP - 8)]))
+		return 0;
+	__u64 sfrom = end - slen;
+	for (__u32 i = 0; i < LLMSLO_ARM_SUFFIX_CAP / 8; i++) {
+		if (i >= slen / 8)
+			break;
+		if (LOAD64(&s->data[(sfrom + i * 8) & 1023]) != LOAD64(&arm->suffix[clamp_to(i * 8, LLMSLO_ARM_SUFFIX_CAP - 8)]))
+			return 0;
+	}
+	if (LOAD64(&s->data[(end - 8) & 1023]) != LOAD64(&arm->suffix[clamp_to(slen - 8, LLMSLO_ARM_SUFFIX_CAP - 8)]))
+		return 0;
+	return llmslo_token_text(s, start + plen, sfrom - start - plen);
+}
+
+/* Is the write whose n bytes are in s->data exactly one token event of the armed shape, in a
+ * chunk of its own when the body is chunked ("<hex size>\r\n" <event> "\r\n", no extensions)? */
+__noinline int llmslo_token_judge(struct scratch *s, struct llmslo_stream_arm *arm, __u64 n)
+{
+	if (!s || !arm || n > LLMSLO_TAKE_MAX)
+		return 0;
+	if (!arm->chunked)
+		return llmslo_token_event(s, arm, 0, n);
+	__u64 size = 0, digits = 0;
+	for (__u32 i = 0; i < 4; i++) {
+		__u8 c = s->data[i];
+		__u64 v;
+		if (c >= '0' && c <= '9')
+			v = c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v = c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v = c - 'A' + 10;
+		else
+			break;
+		size = size * 16 + v;
+		digits = i + 1;
+	}
+	if (!digits || DATA_AT(s, digits) != '\r' || DATA_AT(s, digits + 1) != '\n')
+		return 0;
+	__u64 start = digits + 2;
+	if (n < start + 2 || size != n - start - 2)
+		return 0;
+	if (DATA_AT(s, n - 2) != '\r' || DATA_AT(s, n - 1) != '\n')
+		return 0;
+	return llmslo_token_event(s, arm, start, n - 2);
+}
+
+/* Sends the writes counted for the connection `key` as one LLMSLO_EV_TOKENS record, and drops
+ * its entry. */
+static __always_inline int tokens_flush(__u64 key, const struct conn_tuple *t, struct conn_info *ci)
+{
+	ci->tokens_pending = 0;
+	struct llmslo_tokens *acc = bpf_map_lookup_elem(&stream_tokens, &key);
+	if (!acc)
+		return 0;
+	__u32 n = acc->n;
+	if (n > LLMSLO_TOKENS_MAX)
+		n = LLMSLO_TOKENS_MAX;
+	if (n) {
+		__u64 size = sizeof(struct llmslo_tokens_event);
+		struct llmslo_tokens_event *e = bpf_ringbuf_reserve(&events, size, 0);
+		if (!e) {
+			bump(LLMSLO_ST_RB_FULL);
+		} else {
+			struct active_io a = { .ts_enter = acc->first, .kind = LLMSLO_EV_TOKENS };
+			fill_hdr(&e->hdr, &a, (struct sock *)key, t, acc->last_exit, acc->bytes);
+			e->hdr.head_len = n * 4;
+			e->hdr.tail_len = 0;
+			__builtin_memcpy(e->delta, acc->delta, sizeof(e->delta));
+			bpf_ringbuf_submit(e, wakeup_flag(size));
+			bump(LLMSLO_ST_EVENTS);
+			bump(LLMSLO_ST_TOKEN_RECORDS);
+		}
+	}
+	bpf_map_delete_elem(&stream_tokens, &key);
+	return 0;
+}
+
+/* The same as a global function: exit_traced and token_take then go on from one state (a
+ * socket's address known only as a pointer, as close() has it, cannot be passed: close() and
+ * sock_closed inline it). */
+__noinline int llmslo_tokens_flush(__u64 key, struct conn_tuple *t, struct conn_info *ci)
+{
+	if (!t || !ci)
+		return 0;
+	return tokens_flush(key, t, ci);
+}
+
+/* The write just copied into `s` (its socket, size, start and end in s->hdr's sock_id, ret,
+ * ts_enter and ts_exit: through memory, a socket's address known to the verifier as a pointer
+ * becomes the plain number a global function's scalar argument must be) on an armed connection whose shape it has: counted in the connection's entry (1).
+ * 0: send it as an event. */
+__noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct conn_tuple *t)
+{
+	if (!s || !ci || !t)
+		return 0;
+	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
+	if (ret > LLMSLO_TAKE_MAX || s->hdr.head_len != ret)
+		return 0;
+	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
+	if (!arm || arm->reads != ci->reads || !llmslo_token_judge(s, arm, ret))
+		return 0;
+	struct llmslo_tokens *acc = NULL;
+	if (ci->tokens_pending) {
+		acc = bpf_map_lookup_elem(&stream_tokens, &key);
+		/* Deltas are 32-bit: a stream that has counted for a second sends what it has. */
+		if (acc && (acc->n >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS)) {
+			llmslo_tokens_flush(key, t, ci);
+			acc = NULL;
+		}
+	}
+	if (!acc) {
+		/* The entry starts from bytes of the scratch beyond any copied payload. */
+		struct llmslo_tokens *fresh = (void *)&s->data[LLMSLO_HEAD_CAP];
+		fresh->first = enter;
+		fresh->last_exit = now;
+		fresh->bytes = 0;
+		fresh->n = 0;
+		if (bpf_map_update_elem(&stream_tokens, &key, fresh, BPF_ANY))
+			return 0;
+		acc = bpf_map_lookup_elem(&stream_tokens, &key);
+		if (!acc)
+			return 0;
+		ci->tokens_pending = 1;
+	}
+	__u32 i = acc->n;
+	if (i >= LLMSLO_TOKENS_MAX)
+		return 0;
+	acc->delta[i] = enter > acc->first ? enter - acc->first : 0;
+	acc->n = i + 1;
+	acc->bytes += ret;
+	acc->last_exit = now;
+	bump(LLMSLO_ST_TOKEN_WRITES);
+	if (i + 1 == LLMSLO_TOKENS_MAX)
+		llmslo_tokens_flush(key, t, ci);
+	return 1;
+}
+
 /* Whether a read or write that returned `ret` makes an event. EAGAIN/EINTR are the normal life
  * of non-blocking servers; only hard errors say the peer is gone. A 0-byte read (EOF) is
  * followed by close, which we see. */
@@ -619,6 +836,19 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	struct conn_tuple t;
 	conn_tuple_of(sk, ci, &t);
+	if (ci) {
+		s->hdr.sock_id = key;
+		if (a.kind == LLMSLO_EV_WRITE && ret > 0) {
+			s->hdr.ret = ret;
+			s->hdr.ts_enter = a.ts_enter;
+			s->hdr.ts_exit = now;
+			if (llmslo_token_take(s, ci, &t))
+				return 0;
+		}
+		/* Counted writes go out before this event, in the order they happened. */
+		if (ci->tokens_pending)
+			llmslo_tokens_flush(*(volatile __u64 *)&s->hdr.sock_id, &t, ci);
+	}
 	fill_hdr(&s->hdr, &a, sk, &t, now, ret);
 	__u64 queued_last = 0;
 	if (ci) {
@@ -626,11 +856,12 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			s->hdr.queued_ts = ci->queued_ts;
 			ci->queued_ts = 0;
 			queued_last = ci->queued_last_ts;
+			ci->reads++;
 		}
 	} else {
 		/* NOEXIST: sk_data_ready may have stamped this socket on another CPU since the
 		 * lookup; its stamp is kept for the next read. */
-		struct conn_info fresh = { .tuple = t };
+		struct conn_info fresh = { .tuple = t, .reads = a.kind == LLMSLO_EV_READ };
 		if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
 			bump(LLMSLO_ST_CONN_INSERT);
 	}
@@ -786,8 +1017,10 @@ static __always_inline int exit_accept_common(long ret)
 	} else {
 		/* An accepted socket is a new connection, whatever an entry at its address says. */
 		struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
-		if (ci)
+		if (ci) {
 			ci->tuple = t;
+			ci->reads = 0;
+		}
 	}
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
@@ -833,6 +1066,9 @@ static __always_inline int close_common(__u32 fd)
 		return 0; /* not a connection we follow */
 	struct conn_tuple t;
 	conn_tuple_of(sk, ci, &t);
+	if (ci->tokens_pending)
+		tokens_flush(key, &t, ci);
+	bpf_map_delete_elem(&stream_arms, &key);
 	if (bpf_map_delete_elem(&conns, &key))
 		return 0;
 	bump(LLMSLO_ST_CONN_DELETE);
@@ -1188,6 +1424,10 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 	__u64 key = (__u64)ctx->skaddr;
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	if (ci) {
+		/* Writes counted for a socket that closes without a close() we see (a reset, a
+		 * killed server) still reach userspace. */
+		if (ci->tokens_pending && ci->tuple.family)
+			tokens_flush(key, &ci->tuple, ci);
 		ci->queued_ts = 0;
 		ci->queued_last_ts = 0;
 		ci->tuple.stale = 1;

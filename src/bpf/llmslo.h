@@ -29,6 +29,7 @@ enum llmslo_event_kind {
 	LLMSLO_EV_READ = 2,   /* read/readv/recvfrom/recvmsg returned bytes (or a hard error) */
 	LLMSLO_EV_WRITE = 3,  /* write/writev/sendto/sendmsg returned bytes (or a hard error) */
 	LLMSLO_EV_CLOSE = 4,  /* close() on a traced TCP socket fd */
+	LLMSLO_EV_TOKENS = 5, /* token writes of an armed stream, counted in the kernel (llmslo_tokens) */
 };
 
 /* Per-CPU counters (array index). Userspace sums the CPUs and exports each one. */
@@ -48,7 +49,9 @@ enum llmslo_stat {
 	LLMSLO_ST_CONN_INSERT = 12,  /* connection map: new entries (with deletes and the live count,
 				      * userspace derives the LRU's evictions) */
 	LLMSLO_ST_CONN_DELETE = 13,  /* connection map: entries removed at close() */
-	LLMSLO_ST_MAX = 14,
+	LLMSLO_ST_TOKEN_WRITES = 14, /* token writes counted in the kernel instead of sent as events */
+	LLMSLO_ST_TOKEN_RECORDS = 15, /* LLMSLO_EV_TOKENS records sent (each also counted in EVENTS) */
+	LLMSLO_ST_MAX = 16,
 };
 
 struct llmslo_event_hdr {
@@ -129,6 +132,49 @@ struct llmslo_gpu_counts {
 struct llmslo_event {
 	struct llmslo_event_hdr hdr;
 	__u8 data[LLMSLO_HEAD_CAP + LLMSLO_TAIL_CAP];
+};
+
+/* ---- token writes counted in the kernel ----
+ * Once userspace has seen two token events of a streamed response it knows what every token
+ * event of that response looks like: the same bytes before the token's text (id, model, the
+ * content key) and after it (finish_reason null, the event's blank line). It arms the
+ * connection with them (stream_arms, keyed by socket). A later write that is exactly one such
+ * event, in one chunk (or unchunked), is then counted in the kernel: its start stamp and size
+ * go into the connection's llmslo_tokens entry instead of an event with its bytes. The entry
+ * is sent as one LLMSLO_EV_TOKENS record before the connection's next event, when full, when
+ * its span reaches LLMSLO_TOKENS_SPAN_NS, or when the socket closes. */
+#define LLMSLO_ARM_PREFIX_CAP 256
+#define LLMSLO_ARM_SUFFIX_CAP 128
+#define LLMSLO_TAKE_MAX 512     /* longest write judged */
+#define LLMSLO_TOKEN_TEXT_MAX 128 /* longest token text (as escaped in JSON) */
+#define LLMSLO_TOKENS_MAX 64
+#define LLMSLO_TOKENS_SPAN_NS 1000000000ULL
+
+struct llmslo_stream_arm {
+	__u32 reads;      /* the connection's read events when userspace armed it: an arm made for
+			   * one request never applies to the next */
+	__u16 prefix_len; /* 8..LLMSLO_ARM_PREFIX_CAP */
+	__u16 suffix_len; /* 8..LLMSLO_ARM_SUFFIX_CAP */
+	__u32 chunked;    /* each event is one chunk of a chunked body */
+	__u32 pad;
+	__u8 prefix[LLMSLO_ARM_PREFIX_CAP];
+	__u8 suffix[LLMSLO_ARM_SUFFIX_CAP];
+};
+
+/* A connection's counted token writes; the payload of its LLMSLO_EV_TOKENS record is delta[0..n]
+ * (head_len = 4 n), the header's ts_enter is `first`, ts_exit `last_exit`, ret `bytes`. */
+struct llmslo_tokens {
+	__u64 first;     /* start stamp of the first write */
+	__u64 last_exit; /* when the last one returned */
+	__u64 bytes;     /* bytes of all of them */
+	__u32 n;
+	__u32 pad;
+	__u32 delta[LLMSLO_TOKENS_MAX]; /* each write's start - first, ns */
+};
+
+struct llmslo_tokens_event {
+	struct llmslo_event_hdr hdr;
+	__u32 delta[LLMSLO_TOKENS_MAX];
 };
 
 /* exec.bpf.c -> discovery: a process started (exec) or ended (its leader exited). */

@@ -2,12 +2,14 @@
 //! oldest unanswered request, skips interim responses, frames the body and routes it to SSE
 //! event detection or a usage scan, and completes the request when the body ends.
 
+use super::super::arm::{StreamArm, TAKE_MAX};
 use super::super::body::{self, Body};
 use super::super::http::{self, HeadStep};
 use super::super::scan::{Hit, KeyScan};
 use super::super::sse::{Sse, SseItem};
 use super::super::{AssemblerConfig, UnparsedReason};
-use super::{emit, set_resp_last, Conn, Io, Mode, Pending, RespState, Sink};
+use super::{emit, set_resp_last, ArmState, Conn, Io, Mode, Pending, RespState, Sink};
+use crate::event::{Inside, SockEvent};
 use crate::record::Ts;
 
 impl Conn {
@@ -81,6 +83,7 @@ impl Conn {
                     }
                 }
                 RespState::Body(body) => {
+                    let between_events = self.sse.at_boundary();
                     let Ok(st) = body.step(data) else {
                         return self.fail(UnparsedReason::ChunkedFraming, sink);
                     };
@@ -88,7 +91,13 @@ impl Conn {
                         front.rec.response_bytes.saturating_add(st.consumed as u64);
                     set_resp_last(&mut front.rec, io);
                     if !st.data.is_empty() {
-                        deliver(&mut self.sse, &mut self.body_scan, front, st.data, io);
+                        let (events, tokens) =
+                            deliver(&mut self.sse, &mut self.body_scan, front, st.data, io);
+                        // One whole token event: what the next ones may look like.
+                        if (events, tokens) == (1, 1) && between_events && self.sse.at_boundary() {
+                            let id = (self.ident.sock_id, self.reads, body.is_chunked());
+                            consider_arm(&mut self.arm, st.data, id, sink);
+                        }
                     }
                     data = &data[st.consumed..];
                     if st.done {
@@ -154,6 +163,54 @@ impl Conn {
         }
     }
 
+    /// Token writes the kernel counted (an armed stream): each was one whole token event, so
+    /// they continue the response from an event boundary. Anywhere else they are a gap.
+    pub(crate) fn on_tokens(&mut self, ev: &SockEvent<'_>, sink: &mut Sink<'_>) {
+        let starts = ev
+            .head
+            .chunks_exact(4)
+            .map(|d| ev.ts_enter + u64::from(u32::from_ne_bytes([d[0], d[1], d[2], d[3]])));
+        let bytes = ev.ret.max(0) as u64;
+        let writes = ev.head.len() as u64 / 4;
+        sink.stats.token_writes += writes;
+        let io = Io {
+            enter: ev.ts_enter,
+            exit: ev.ts_exit,
+            queued: None,
+            net: Default::default(),
+            tgid: ev.tgid,
+            cgroup: ev.cgroup_id,
+            inside: Inside::default(),
+        };
+        if self.mode != Mode::Http {
+            return;
+        }
+        let Some(front) = self.fifo.front_mut() else {
+            return self.reset_response();
+        };
+        let body = match &mut self.resp {
+            RespState::Body(b)
+                if front.rec.streaming && self.sse.at_boundary() && b.can_take_whole(bytes) =>
+            {
+                b
+            }
+            _ => {
+                sink.stats.token_writes_misplaced += writes;
+                return self.write_gap(bytes, &io, sink);
+            }
+        };
+        let mut last = ev.ts_enter;
+        for t in starts {
+            front.token(t, Inside::default());
+            last = t;
+        }
+        front.rec.response_bytes = front.rec.response_bytes.saturating_add(bytes);
+        front.rec.timestamps.set(Ts::RespLast, last);
+        if body.take_whole(bytes) {
+            self.complete_front(sink);
+        }
+    }
+
     fn complete_front(&mut self, sink: &mut Sink<'_>) {
         self.reset_response();
         if let Some(p) = self.fifo.pop_front() {
@@ -162,13 +219,51 @@ impl Conn {
     }
 }
 
+/// A whole token event of the current response (`id`: the connection's sock id, its read
+/// events, whether the body is chunked): when it gives a template (arm.rs), the connection is
+/// armed for the rest of the response.
+fn consider_arm(st: &mut ArmState, event: &[u8], id: (u64, u32, bool), sink: &mut Sink<'_>) {
+    /// Events tried per response before giving up on it.
+    const TRIES: u8 = 4;
+    let Some(arms) = sink.arms.as_deref_mut() else {
+        return;
+    };
+    if st.done || event.len() > TAKE_MAX {
+        return;
+    }
+    let Some((p, s)) = super::super::arm::template(event) else {
+        st.tries += 1;
+        st.done = st.tries >= TRIES;
+        return;
+    };
+    arms.push(StreamArm {
+        sock_id: id.0,
+        reads: id.1,
+        chunked: id.2,
+        prefix: event[..p].to_vec(),
+        suffix: event[event.len() - s..].to_vec(),
+    });
+    sink.stats.streams_armed += 1;
+    st.done = true;
+}
+
 /// Routes decoded response body bytes: SSE framing for event streams, a key scan otherwise.
-fn deliver(sse: &mut Sse, body_scan: &mut KeyScan, p: &mut Pending, data: &[u8], io: &Io) {
+/// Returns (events ended, token events among them).
+fn deliver(
+    sse: &mut Sse,
+    body_scan: &mut KeyScan,
+    p: &mut Pending,
+    data: &[u8],
+    io: &Io,
+) -> (u32, u32) {
+    let (mut events, mut tokens) = (0, 0);
     if p.rec.streaming {
         sse.feed(data, &mut |it| match it {
             SseItem::Model(m) => p.model_fallback(m),
             SseItem::Event(e) => {
+                events += 1;
                 if e.token {
+                    tokens += 1;
                     p.token(io.enter, io.inside);
                 }
                 if e.completion_tokens.is_some() {
@@ -187,4 +282,5 @@ fn deliver(sse: &mut Sse, body_scan: &mut KeyScan, p: &mut Pending, data: &[u8],
             Hit::Content => {}
         });
     }
+    (events, tokens)
 }
