@@ -48,6 +48,8 @@ struct Settings {
     sat_conns: usize,
     open_conns: usize,
     seed: u64,
+    /// `kernel_token_counting` of the agent under test.
+    kernel_tokens: bool,
 }
 
 impl Settings {
@@ -58,12 +60,13 @@ impl Settings {
             sat_pairs: env_or("LLMSLO_BENCH_SAT_PAIRS", 3usize).max(1),
             sat_s: env_or("LLMSLO_BENCH_SAT_S", 5.0f64).max(1.0),
             load: env_or("LLMSLO_BENCH_LOAD", 0.7f64).clamp(0.05, 1.0),
-            decode_ms: 2.0,
-            tokens: 16,
+            decode_ms: env_or("LLMSLO_BENCH_DECODE_MS", 2.0f64).max(0.0),
+            tokens: env_or("LLMSLO_BENCH_TOKENS", 16u64).max(1),
             prompt_bytes: 400,
             sat_conns: 64,
             open_conns: 128,
             seed: 42,
+            kernel_tokens: env_or("LLMSLO_BENCH_KERNEL_TOKENS", 1u8) != 0,
         }
     }
 }
@@ -261,7 +264,8 @@ impl Run {
             return Ok(Block::from_records(false, &recs));
         }
         let before = bpf_progs()?;
-        let mut agent = Agent::start(self.sp.cg.cgroup_path())?;
+        let config = (!self.s.kernel_tokens).then_some("kernel_token_counting: false\n");
+        let mut agent = Agent::start_with(self.sp.cg.cgroup_path(), config)?;
         let names = agent.programs();
         // Let start-up work (discovery's first rescans) settle before counting.
         std::thread::sleep(Duration::from_millis(500));
@@ -497,8 +501,8 @@ fn report(
     );
     let _ = writeln!(
         o,
-        "- workload: synthetic streaming server in a testbed pod (`--decode-ms {}`, {} content events per response, {}-byte prompts), load generator in the root netns, everything on the same machine",
-        s.decode_ms, s.tokens, s.prompt_bytes
+        "- workload: synthetic streaming server in a testbed pod (`--decode-ms {}`, {} content events per response, {}-byte prompts), load generator in the root netns, everything on the same machine; the agent's `kernel_token_counting`: {}",
+        s.decode_ms, s.tokens, s.prompt_bytes, s.kernel_tokens
     );
     let _ = writeln!(
         o,
