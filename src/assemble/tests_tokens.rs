@@ -119,14 +119,18 @@ fn misplaced_token_records_are_a_gap() {
     assert_eq!(s.recs.len(), 1);
     assert_eq!(s.recs[0].output_events, 2, "a and c; b's event was cut");
     assert_eq!(s.a.stats().token_writes_misplaced, 1);
-    // Before any response head: the connection cannot be framed any more.
+    // Before any response head: dropped, and the connection goes on.
     let mut h = Sim::new();
     h.accept(SOCK);
     h.read(SOCK, &chat_request(""));
     let t = h.t;
     tokens(&mut h, SOCK, &[t, t + 10], 200);
     assert_eq!(h.a.stats().token_writes_misplaced, 2);
-    assert_eq!(h.total_unparsed(), 1);
+    h.write(SOCK, SSE_HEAD);
+    h.write(SOCK, &chunk(&token_event("a")));
+    h.write(SOCK, b"0\r\n\r\n");
+    assert_eq!((h.recs.len(), h.recs[0].output_events), (1, 1));
+    assert_eq!(h.total_unparsed(), 0);
     // For a connection never seen: counted, dropped, and it makes no connection.
     let mut u = Sim::new();
     let t = u.t;

@@ -619,7 +619,10 @@ static __always_inline __u64 load64(const void *p)
 	asm volatile("%0 = *(u64 *)(%1 + 0)" : "=r"(v) : "r"(p));
 	return v;
 }
-#define LOAD64(p) load64(p)
+/* The eight bytes at offset `i` of the payload, of the arm's prefix, of its suffix. */
+#define WORD_AT(s, i) load64(&(s)->data[(i) & 1023])
+#define PREFIX_WORD(arm, i) load64(&(arm)->prefix[clamp_to(i, LLMSLO_ARM_PREFIX_CAP - 8)])
+#define SUFFIX_WORD(arm, i) load64(&(arm)->suffix[clamp_to(i, LLMSLO_ARM_SUFFIX_CAP - 8)])
 
 /* A token's text, `len` bytes of s->data from `from`: a non-empty JSON string body. Judged
  * conservatively, so that the loop keeps no state for the verifier to fork on: no control byte,
@@ -657,19 +660,19 @@ __noinline int llmslo_token_event(struct scratch *s, struct llmslo_stream_arm *a
 	for (__u32 i = 0; i < LLMSLO_ARM_PREFIX_CAP / 8; i++) {
 		if (i >= plen / 8)
 			break;
-		if (LOAD64(&s->data[(start + i * 8) & 1023]) != LOAD64(&arm->prefix[clamp_to(i * 8, LLMSLO_ARM_PREFIX_CAP - 8)]))
+		if (WORD_AT(s, start + i * 8) != PREFIX_WORD(arm, i * 8))
 			return 0;
 	}
-	if (LOAD64(&s->data[(start + plen - 8) & 1023]) != LOAD64(&arm->prefix[clamp_to(plen - 8, LLMSLO_ARM_PREFIX_CAP - 8)]))
+	if (WORD_AT(s, start + plen - 8) != PREFIX_WORD(arm, plen - 8))
 		return 0;
 	__u64 sfrom = end - slen;
 	for (__u32 i = 0; i < LLMSLO_ARM_SUFFIX_CAP / 8; i++) {
 		if (i >= slen / 8)
 			break;
-		if (LOAD64(&s->data[(sfrom + i * 8) & 1023]) != LOAD64(&arm->suffix[clamp_to(i * 8, LLMSLO_ARM_SUFFIX_CAP - 8)]))
+		if (WORD_AT(s, sfrom + i * 8) != SUFFIX_WORD(arm, i * 8))
 			return 0;
 	}
-	if (LOAD64(&s->data[(end - 8) & 1023]) != LOAD64(&arm->suffix[clamp_to(slen - 8, LLMSLO_ARM_SUFFIX_CAP - 8)]))
+	if (WORD_AT(s, end - 8) != SUFFIX_WORD(arm, slen - 8))
 		return 0;
 	return llmslo_token_text(s, start + plen, sfrom - start - plen);
 }
@@ -748,10 +751,10 @@ __noinline int llmslo_tokens_flush(__u64 key, struct conn_tuple *t, struct conn_
 	return tokens_flush(key, t, ci);
 }
 
-/* The write just copied into `s` (its socket, size, start and end in s->hdr's sock_id, ret,
- * ts_enter and ts_exit: through memory, a socket's address known to the verifier as a pointer
- * becomes the plain number a global function's scalar argument must be) on an armed connection whose shape it has: counted in the connection's entry (1).
- * 0: send it as an event. */
+/* The write just copied into `s`, on an armed connection whose shape it has: counted in the
+ * connection's entry (1); 0: send it as an event. Its socket, size, start and end are in s->hdr
+ * (sock_id, ret, ts_enter, ts_exit): through memory, a socket's address that the verifier knows
+ * as a pointer becomes the plain number a global function's scalar argument must be. */
 __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct conn_tuple *t)
 {
 	if (!s || !ci || !t)
@@ -1020,6 +1023,12 @@ static __always_inline int exit_accept_common(long ret)
 		if (ci) {
 			ci->tuple = t;
 			ci->reads = 0;
+			/* Counts of the socket that was here (never flushed: no close seen) are not
+			 * this connection's. */
+			if (ci->tokens_pending) {
+				bpf_map_delete_elem(&stream_tokens, &key);
+				ci->tokens_pending = 0;
+			}
 		}
 	}
 	struct listen_key lk = listen_key_of(sk);

@@ -194,6 +194,12 @@ impl Conn {
             {
                 b
             }
+            // Before a response head: writes of no response we know of (counts left from an
+            // earlier socket at the same address, a race): dropped, the connection kept.
+            RespState::Head => {
+                sink.stats.token_writes_misplaced += writes;
+                return;
+            }
             _ => {
                 sink.stats.token_writes_misplaced += writes;
                 return self.write_gap(bytes, &io, sink);
