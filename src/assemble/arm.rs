@@ -13,6 +13,8 @@ pub const PREFIX_CAP: usize = 256;
 pub const SUFFIX_CAP: usize = 128;
 /// The longest write the kernel judges (LLMSLO_TAKE_MAX).
 pub const TAKE_MAX: usize = 512;
+/// Arms waiting for the caller to take them (`Assembler::take_arms`), at most.
+pub const ARMS_PENDING: usize = 4096;
 /// The kernel compares eight bytes at a time and needs at least one word of each.
 const MIN_LEN: usize = 8;
 

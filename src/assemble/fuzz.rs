@@ -123,6 +123,7 @@ pub fn sse(data: &[u8]) {
 pub fn assembler(data: &[u8]) {
     let mut a = Assembler::new(AssemblerConfig {
         max_conns: 4,
+        arm_streams: true,
         ..Default::default()
     });
     let addrs: [(SocketAddr, SocketAddr); 3] = [
@@ -205,6 +206,11 @@ pub fn assembler(data: &[u8]) {
             // Every record must serialise (the API does it).
             let _ = serde_json::to_string(&r).expect("record serialises");
         });
+        // Every arm fits the kernel's arrays (the loader refuses others).
+        for arm in a.take_arms() {
+            assert!((8..=super::arm::PREFIX_CAP).contains(&arm.prefix.len()));
+            assert!((8..=super::arm::SUFFIX_CAP).contains(&arm.suffix.len()));
+        }
         if op == 0xff {
             a.expire(t + 10_000_000_000, &mut |_| {});
         }

@@ -42,7 +42,8 @@ pub struct AssemblerConfig {
     pub idle_timeout_ns: u64,
     /// Longest request or response head accepted.
     pub max_head_bytes: usize,
-    /// Arm streamed responses so that the kernel counts their token writes (`take_arms`).
+    /// Arm streamed responses so that the kernel counts their token writes: the caller then
+    /// takes the arms (`take_arms`) after each batch of events and writes them to the kernel.
     pub arm_streams: bool,
 }
 
@@ -52,7 +53,7 @@ impl Default for AssemblerConfig {
             max_conns: 65536,
             idle_timeout_ns: 300_000_000_000,
             max_head_bytes: 16384,
-            arm_streams: true,
+            arm_streams: false,
         }
     }
 }
@@ -183,6 +184,7 @@ impl Assembler {
     }
 
     /// Connections to arm (`StreamArm`) since the last call: the kernel's map is the caller's.
+    /// At most `ARMS_PENDING` wait; past that, responses go unarmed (their writes stay events).
     pub fn take_arms(&mut self) -> std::vec::Drain<'_, StreamArm> {
         self.arms.drain(..)
     }

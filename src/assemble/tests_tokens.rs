@@ -33,7 +33,11 @@ fn stream_start(s: &mut Sim, first: &[&str]) -> Vec<u64> {
 
 #[test]
 fn the_first_whole_token_event_arms_the_connection_once() {
-    let mut s = Sim::new();
+    let arming = AssemblerConfig {
+        arm_streams: true,
+        ..Default::default()
+    };
+    let mut s = Sim::with(arming.clone());
     stream_start(&mut s, &["Hel", "lo"]);
     let arms: Vec<StreamArm> = s.a.take_arms().collect();
     assert_eq!(arms.len(), 1, "one arm per response");
@@ -51,13 +55,23 @@ fn the_first_whole_token_event_arms_the_connection_once() {
     let again: Vec<StreamArm> = s.a.take_arms().collect();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].reads, 2);
-    // Not with arming off.
-    let mut off = Sim::with(AssemblerConfig {
-        arm_streams: false,
-        ..Default::default()
-    });
+    // Not with arming off (the library's default).
+    let mut off = Sim::new();
     stream_start(&mut off, &["Hel", "lo"]);
     assert_eq!(off.a.take_arms().count(), 0);
+    // Arms not taken pile up to a bound, then responses go unarmed.
+    let mut full = Sim::with(arming);
+    for i in 0..super::arm::ARMS_PENDING as u64 + 10 {
+        full.accept(SOCK + i);
+        full.read(SOCK + i, &chat_request(""));
+        full.write(SOCK + i, SSE_HEAD);
+        full.write(SOCK + i, &chunk(&token_event("x")));
+    }
+    assert_eq!(full.a.take_arms().count(), super::arm::ARMS_PENDING);
+    assert_eq!(
+        full.a.stats().streams_armed,
+        super::arm::ARMS_PENDING as u64
+    );
 }
 
 #[test]

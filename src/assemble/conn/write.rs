@@ -2,7 +2,7 @@
 //! oldest unanswered request, skips interim responses, frames the body and routes it to SSE
 //! event detection or a usage scan, and completes the request when the body ends.
 
-use super::super::arm::{StreamArm, TAKE_MAX};
+use super::super::arm::{StreamArm, ARMS_PENDING, TAKE_MAX};
 use super::super::body::{self, Body};
 use super::super::http::{self, HeadStep};
 use super::super::scan::{Hit, KeyScan};
@@ -234,7 +234,7 @@ fn consider_arm(st: &mut ArmState, event: &[u8], id: (u64, u32, bool), sink: &mu
     let Some(arms) = sink.arms.as_deref_mut() else {
         return;
     };
-    if st.done || event.len() > TAKE_MAX {
+    if st.done || event.len() > TAKE_MAX || arms.len() >= ARMS_PENDING {
         return;
     }
     let Some((p, s)) = super::super::arm::template(event) else {
