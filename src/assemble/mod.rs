@@ -185,8 +185,14 @@ impl Assembler {
 
     /// Connections to arm (`StreamArm`) since the last call: the kernel's map is the caller's.
     /// At most `ARMS_PENDING` wait; past that, responses go unarmed (their writes stay events).
-    pub fn take_arms(&mut self) -> std::vec::Drain<'_, StreamArm> {
-        self.arms.drain(..)
+    /// An arm whose response already ended (a short stream, within one batch of events) is
+    /// dropped here: it would cost the caller a syscall and the kernel a map entry for nothing.
+    pub fn take_arms(&mut self) -> impl Iterator<Item = StreamArm> + '_ {
+        let (map, slots) = (&self.map, &self.slots);
+        self.arms.drain(..).filter(move |a| {
+            map.get(&a.sock_id)
+                .is_some_and(|&i| slots[i as usize].conn.streaming_armed(a.reads))
+        })
     }
 
     pub fn stats(&self) -> &AssemblerStats {

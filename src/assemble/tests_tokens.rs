@@ -55,6 +55,22 @@ fn the_first_whole_token_event_arms_the_connection_once() {
     let again: Vec<StreamArm> = s.a.take_arms().collect();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].reads, 2);
+    // A response that ended before its arm was taken (a short stream, within one batch of
+    // events) is not armed: the arm would be of no use, now or for the next request.
+    s.write(SOCK, b"0\r\n\r\n");
+    s.read(SOCK, &chat_request(""));
+    s.write(SOCK, SSE_HEAD);
+    s.write(SOCK, &chunk(&token_event("z")));
+    s.write(SOCK, b"0\r\n\r\n");
+    assert_eq!(s.a.take_arms().count(), 0);
+    s.read(SOCK, &chat_request(""));
+    s.write(SOCK, SSE_HEAD);
+    s.write(SOCK, &chunk(&token_event("z")));
+    s.write(SOCK, b"0\r\n\r\n");
+    s.read(SOCK, &chat_request(""));
+    s.write(SOCK, SSE_HEAD);
+    assert_eq!(s.a.take_arms().count(), 0, "nor one of an earlier request");
+    assert_eq!(s.a.stats().streams_armed, 4, "each was armed, none taken");
     // Not with arming off (the library's default).
     let mut off = Sim::new();
     stream_start(&mut off, &["Hel", "lo"]);

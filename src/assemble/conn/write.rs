@@ -163,6 +163,11 @@ impl Conn {
         }
     }
 
+    /// Whether the response in flight is the one armed at `reads` read events.
+    pub(crate) fn streaming_armed(&self, reads: u32) -> bool {
+        self.arm.done && self.reads == reads && matches!(self.resp, RespState::Body(_))
+    }
+
     /// Token writes the kernel counted (an armed stream): each was one whole token event, so
     /// they continue the response from an event boundary. Anywhere else they are a gap.
     pub(crate) fn on_tokens(&mut self, ev: &SockEvent<'_>, sink: &mut Sink<'_>) {
