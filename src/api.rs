@@ -334,7 +334,8 @@ fn render_health(s: &Shared, out: &mut String) {
         out,
         "llmslo_agent_kernel_token_writes_total",
         "Token writes the kernel counted instead of sending their bytes, as received: applied to \
-         their response, or misplaced (not at an event boundary of a streamed response: a gap).",
+         their response, or misplaced (not at an event boundary of a streamed response: a gap; \
+         before a response head, or of a connection not followed: dropped).",
         &[
             (
                 &[("result", "applied")],

@@ -15,7 +15,7 @@ pub enum EventKind {
     /// The server closed the fd.
     Close,
     /// Token writes the kernel counted instead of sending each (an armed stream): `head`
-    /// holds one little-endian u32 per write, its start minus `ts_enter`; `ret` is their bytes,
+    /// holds one native-endian u32 per write, its start minus `ts_enter`; `ret` is their bytes,
     /// `ts_exit` when the last one returned.
     Tokens,
 }
