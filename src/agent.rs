@@ -139,6 +139,8 @@ pub struct Shared {
     pub wake: Arc<Wake>,
     /// Exec/exit events that woke discovery (the `sched_process_exec` watcher).
     pub exec_wakes: std::sync::atomic::AtomicU64,
+    /// The pids that exec'd since discovery's last scan (the same watcher).
+    pub execs: Arc<crate::discovery::procs::Execs>,
     /// The kernel's count of TCP sockets that started or stopped listening, copied from the
     /// L7 object every tick of the BPF thread ([`UNKNOWN`] until it is loaded).
     pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
@@ -196,6 +198,7 @@ impl Shared {
             k8s: Arc::default(),
             wake: Arc::default(),
             exec_wakes: Default::default(),
+            execs: Default::default(),
             listen_changes: Arc::new(std::sync::atomic::AtomicU64::new(UNKNOWN)),
             health: Mutex::new(Health::default()),
             snapshot: RwLock::new(Snapshot::default()),
@@ -553,22 +556,27 @@ pub struct DiscoveryLoop {
     pub label_keys: Vec<String>,
     /// Set when Kubernetes enrichment is on.
     pub node: Option<String>,
-    /// Which processes of targets' cgroups map libcuda, from one pass to the next.
-    pub cuda: std::sync::Mutex<crate::gpu::CudaScan>,
-    /// The namespaces' listening sockets, kept from one pass to the next while no TCP socket
-    /// of the node started or stopped listening (`Shared::listen_changes`).
-    pub listeners: std::sync::Mutex<discovery::Listeners>,
+    /// What one pass keeps for the next: which processes of targets' cgroups map libcuda;
+    /// the namespaces' listening sockets, while no TCP socket of the node started or stopped
+    /// listening (`Shared::listen_changes`); each process's command-line verdict, until it
+    /// exec's (`Shared::execs`); the node's interfaces, until rtnetlink announces a change.
+    pub cache: std::sync::Mutex<discovery::ScanCache>,
     pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
+    pub execs: Arc<discovery::procs::Execs>,
 }
 
 impl DiscoveryLoop {
     /// One scan, labelled from the Kubernetes index.
     pub fn scan(&self, k8s: &K8sState) -> Snapshot {
-        let mut cuda = self.cuda.lock().expect("cuda scan lock");
-        let mut listeners = self.listeners.lock().expect("listeners lock");
+        let mut cache = self.cache.lock().expect("scan cache lock");
         let changes = self.listen_changes.load(Ordering::Acquire);
-        listeners.begin_scan((changes != UNKNOWN).then_some(changes));
-        let mut snap = discovery::scan(&self.cfg, k8s, &mut cuda, &mut listeners);
+        cache
+            .listeners
+            .begin_scan((changes != UNKNOWN).then_some(changes));
+        cache
+            .procs
+            .begin_scan(&self.cfg.proc_root, self.execs.take());
+        let mut snap = discovery::scan(&self.cfg, k8s, &mut cache);
         snap.enrich(k8s, &self.label_keys, self.node.as_deref());
         snap
     }
@@ -617,7 +625,8 @@ pub fn discovery_loop(dl: DiscoveryLoop, shared: Arc<Shared>, tx: mpsc::Sender<S
             if left.is_zero() {
                 break;
             }
-            if shared.wake.wait(left.min(Duration::from_millis(100))) {
+            // Shutdown wakes it too (the loop then sees `stop`).
+            if shared.wake.wait(left.min(Duration::from_secs(1))) {
                 followups = FOLLOWUPS_MS
                     .iter()
                     .rev()
@@ -693,6 +702,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
         tracing::info!("shutting down");
         *fast2.lock().expect("expedite lock") = Some(crate::netpath::Expedite::teardown());
         stop.stop.store(true, Ordering::SeqCst);
+        stop.wake.wake();
     };
     match tls {
         Some(acceptor) => {
@@ -758,9 +768,9 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         forget_after: Duration::from_secs(cfg.discovery.forget_after_s),
         label_keys: cfg.kubernetes.labels.clone(),
         node: node.filter(|_| k8s_on),
-        cuda: Default::default(),
-        listeners: Default::default(),
+        cache: Default::default(),
         listen_changes: shared.listen_changes.clone(),
+        execs: shared.execs.clone(),
     };
     // The first scan runs before the programs attach, so targets are in place from the start.
     tx.send(dl.scan(&shared.k8s)).ok();

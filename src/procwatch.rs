@@ -114,14 +114,24 @@ fn run(
     let open = ExecSkelBuilder::default()
         .open(obj)
         .context("opening the exec BPF object")?;
-    let skel = open
+    let mut skel = open
         .load()
         .map_err(|e| crate::caps::explain_load_error("process exec/exit programs", &e))?;
     let (links, progs) = attach_all(skel.object(), "exec", |_| true)?;
+    let lost_count: &u64 = &skel
+        .maps
+        .bss_data
+        .take()
+        .context("exec BPF object has no mmapped .bss")?
+        .proc_events_lost;
     let mut builder = RingBufferBuilder::new();
     builder.add(&skel.maps.proc_events, |data: &[u8]| {
         if let Some(ev) = decode(data) {
             let exec = matches!(ev, ProcEvent::Exec(_));
+            // Before any wake-up: the scan it causes reads this command line again.
+            if let ProcEvent::Exec(pid) = ev {
+                shared.execs.exec(pid);
+            }
             if (!exec || auto || select) && wants_rescan(ev, proc_root, sigs, select, shared) {
                 tracing::debug!(?ev, "process event: rescanning");
                 shared.exec_wakes.fetch_add(1, Ordering::Relaxed);
@@ -131,11 +141,22 @@ fn run(
         0
     })?;
     let rb = builder.build()?;
+    shared.execs.watching();
     let _ = ready.try_send(Ok(progs));
+    let mut lost = 0;
     while !shared.stop.load(Ordering::Relaxed) {
         if let Err(e) = rb.poll(Duration::from_millis(100)) {
             tracing::warn!(error = %e, "process event ring buffer poll failed");
+            shared.execs.missed();
             std::thread::sleep(Duration::from_millis(100));
+        }
+        // An exec the kernel could not queue: discovery reads every command line again.
+        // SAFETY: a live, aligned u64 of the mmapped .bss, which the programs add to.
+        let now = unsafe { std::ptr::read_volatile(lost_count) };
+        if now != lost {
+            lost = now;
+            shared.execs.missed();
+            shared.wake.wake();
         }
     }
     crate::loader::detach_concurrently(links);

@@ -85,6 +85,90 @@ impl Rtnl {
     }
 }
 
+/// A `NETLINK_ROUTE` socket that listens to multicast groups (`RTNLGRP_*`): tells whether
+/// the kernel announced anything since it was last asked, without blocking.
+#[derive(Debug)]
+pub struct Watch(OwnedFd);
+
+impl Watch {
+    pub fn open(groups: &[u32]) -> io::Result<Watch> {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let w = Watch(unsafe { OwnedFd::from_raw_fd(fd) });
+        // SAFETY: an all-zero sockaddr_nl is valid; the kernel picks the port id.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: sa is a valid sockaddr_nl of the size passed.
+        let r = unsafe {
+            libc::bind(
+                w.0.as_raw_fd(),
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for g in groups {
+            // SAFETY: the option value is a u32 of the size passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    w.0.as_raw_fd(),
+                    libc::SOL_NETLINK,
+                    libc::NETLINK_ADD_MEMBERSHIP,
+                    (g as *const u32).cast(),
+                    4,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(w)
+    }
+
+    /// Whether anything arrived (or was lost: the socket's buffer overflowed) since the last
+    /// call; reads everything queued.
+    pub fn changed(&self) -> bool {
+        let mut buf = [0u8; 8192];
+        let mut changed = false;
+        for _ in 0..MAX_READS {
+            // SAFETY: buf is a valid writable buffer of buf.len() bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                changed = true;
+                continue;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => return changed,
+                Some(libc::EINTR) => continue,
+                // Announcements were dropped; what is still queued is read on.
+                Some(libc::ENOBUFS) => changed = true,
+                // Cannot tell.
+                _ => return true,
+            }
+        }
+        true
+    }
+}
+
 /// Hands each message of one datagram that answers request `seq` to `each` (others are what
 /// is left of an earlier, failed call: skipped); true when the answer is over.
 pub fn parse(mut b: &[u8], seq: u32, each: &mut impl FnMut(u16, &[u8])) -> io::Result<bool> {

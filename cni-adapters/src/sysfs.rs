@@ -96,6 +96,25 @@ pub fn read_node_view(
     })
 }
 
+/// What of the files [`read_node_view`] reads can be seen changing cheaply: the CNI config
+/// directory's modification time (a config written, renamed or removed) and which state paths
+/// exist. Interfaces, routes and addresses are not in it (the kernel announces those changes
+/// over rtnetlink); nor are the configs' contents rewritten in place, or through a symlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesStamp {
+    conf_dir_mtime: Option<std::time::SystemTime>,
+    state_files: Vec<String>,
+}
+
+pub fn files_stamp(paths: &Paths) -> FilesStamp {
+    FilesStamp {
+        conf_dir_mtime: fs::metadata(&paths.cni_conf_dir)
+            .and_then(|m| m.modified())
+            .ok(),
+        state_files: state_files(&paths.state_root),
+    }
+}
+
 /// "6.8.0-45-generic" -> (6, 8), for `/proc/sys/kernel/osrelease` or `uname -r`.
 pub fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
     let mut it = release.trim().split(|c: char| !c.is_ascii_digit());

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod k8s;
 pub mod net;
 pub mod podnet;
+pub mod procs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -282,6 +283,9 @@ pub fn listen_ports(proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
 pub struct Listeners {
     /// netns inode -> (socket inode, port) of its listening sockets.
     by_netns: BTreeMap<u64, Vec<(u64, u16)>>,
+    /// pid -> what [`Listeners::ports`] answered for it (its socket fds were read: a readlink
+    /// per fd, hundreds for a server with many connections).
+    by_pid: BTreeMap<u32, BTreeSet<(u32, u16)>>,
     /// The kernel's listen-change count when the tables above began to be read, and when.
     read_at: Option<(u64, std::time::Instant)>,
 }
@@ -302,12 +306,27 @@ impl Listeners {
         };
         if !keep {
             self.by_netns.clear();
+            self.by_pid.clear();
             self.read_at = changes.map(|c| (c, std::time::Instant::now()));
         }
     }
 
-    /// [`listen_ports`], reading each namespace's tables at most once.
+    /// [`listen_ports`], reading each namespace's tables at most once, and each process's
+    /// sockets once while the tables are kept (a process that starts or stops listening moves
+    /// the kernel's count; one that gets a listening socket from another, by fork or over a
+    /// unix socket, is seen at the next re-read).
     pub fn ports(&mut self, proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
+        if let Some(p) = self.by_pid.get(&pid) {
+            return p.clone();
+        }
+        let p = self.read_ports(proc_root, pid);
+        if self.read_at.is_some() {
+            self.by_pid.insert(pid, p.clone());
+        }
+        p
+    }
+
+    fn read_ports(&mut self, proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
         use std::os::unix::fs::MetadataExt;
         let dir = proc_root.join(pid.to_string());
         let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
@@ -474,12 +493,22 @@ impl Snapshot {
 
 /// One full scan: explicit pids and cgroups plus command-line matches. `cuda` remembers which
 /// processes of the targets' cgroups map libcuda (see [`crate::gpu::CudaScan`]).
-pub fn scan(
-    cfg: &DiscoveryConfig,
-    k8s: &k8s::K8sState,
-    cuda: &mut crate::gpu::CudaScan,
-    listeners: &mut Listeners,
-) -> Snapshot {
+/// What a scan keeps for the next one.
+#[derive(Debug, Default)]
+pub struct ScanCache {
+    pub cuda: crate::gpu::CudaScan,
+    pub listeners: Listeners,
+    pub procs: procs::ProcCache,
+    pub net: net::NetPlanner,
+}
+
+pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, cache: &mut ScanCache) -> Snapshot {
+    let ScanCache {
+        cuda,
+        listeners,
+        procs,
+        net: planner,
+    } = cache;
     let mut snap = Snapshot::default();
     // GPU: each target's own cgroup (id → directory, to list its processes) and the processes
     // of those cgroups (tgid → cgroup id), whose libcuda is probed and counted per cgroup.
@@ -490,6 +519,7 @@ pub fn scan(
         cfg.pids.iter().map(|&p| (p, "pid".to_string())).collect();
     if cfg.auto || !cfg.select.is_empty() {
         if let Ok(dir) = std::fs::read_dir(&cfg.proc_root) {
+            use std::os::unix::fs::DirEntryExt;
             for ent in dir.flatten() {
                 let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
@@ -499,17 +529,15 @@ pub fn scan(
                 }
                 let sig = cfg
                     .auto
-                    .then(|| read_cmdline(&cfg.proc_root, pid))
+                    .then(|| procs.signature(&cfg.proc_root, pid, ent.ino(), &cfg.signatures))
                     .flatten()
-                    .and_then(|argv| {
-                        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-                        match_signature(&refs, &cfg.signatures).map(|s| format!("signature:{s}"))
-                    });
+                    .map(|s| format!("signature:{s}"));
                 if let Some(why) = sig.or_else(|| selected(cfg, k8s, listeners, pid)) {
                     wanted_pids.insert(pid, why);
                 }
             }
         }
+        procs.end_scan();
     }
     for (pid, reason) in wanted_pids {
         if !cfg.proc_root.join(pid.to_string()).exists() {
@@ -632,7 +660,7 @@ pub fn scan(
     // In the same pass as the targets: a new server's pod veth is hooked before its traffic
     // is traced (the BPF thread attaches hooks before it fills the target maps).
     let pids = snap.set.tgids.iter().copied().chain(cgroup_targets);
-    (snap.set.hooks, snap.cni) = net::plan(&cfg.net, &cfg.proc_root, pids);
+    (snap.set.hooks, snap.cni) = planner.plan(&cfg.net, &cfg.proc_root, pids);
     snap
 }
 
@@ -947,6 +975,7 @@ mod tests {
         // The count did not move: the next scan keeps the tables (and misses b).
         l.begin_scan(Some(5));
         assert!(!has(&mut l, pb), "kept from the scan before");
+        assert_eq!(l.by_pid.len(), 1, "this process's sockets were not read again");
         // It moved (b started listening): read again.
         l.begin_scan(Some(6));
         assert!(has(&mut l, pb));
@@ -968,12 +997,7 @@ mod tests {
             pids: vec![std::process::id()],
             ..Default::default()
         };
-        let snap = scan(
-            &cfg,
-            &k8s::K8sState::default(),
-            &mut crate::gpu::CudaScan::default(),
-            &mut Listeners::default(),
-        );
+        let snap = scan(&cfg, &k8s::K8sState::default(), &mut ScanCache::default());
         assert!(snap.set.tgids.contains(&std::process::id()));
         assert_eq!(snap.targets[0].reason, "pid");
     }
