@@ -34,6 +34,8 @@ mod common;
 
 /// Whole-run budget: blocks that would not fit are skipped (and the report says so).
 const BUDGET: Duration = Duration::from_secs(330);
+/// How long each "on" block measures the agent with no load before the load starts.
+const IDLE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -143,6 +145,9 @@ struct Block {
 struct Cost {
     wall_s: f64,
     cpu_ns: u64,
+    /// The agent's CPU a second with it attached and no load (measured just before the block):
+    /// discovery's scans, the reader's drain ticks, housekeeping.
+    idle_ns_per_s: f64,
     wakeups: u64,
     events: f64,
     assembled: f64,
@@ -269,6 +274,11 @@ impl Run {
         let names = agent.programs();
         // Let start-up work (discovery's first rescans) settle before counting.
         std::thread::sleep(Duration::from_millis(500));
+        // What it costs with nothing to trace: the fixed part of the cost below.
+        let (idle0, i0) = (agent.cpu_ns()?, Instant::now());
+        std::thread::sleep(IDLE);
+        let idle_ns_per_s =
+            agent.cpu_ns()?.saturating_sub(idle0) as f64 / i0.elapsed().as_secs_f64();
         let progs0 = bpf_progs()?;
         let cpu0 = agent.cpu_ns()?;
         let wk0 = agent.wakeups();
@@ -316,6 +326,7 @@ impl Run {
         b.cost = Some(Cost {
             wall_s,
             cpu_ns: cpu1.saturating_sub(cpu0),
+            idle_ns_per_s,
             wakeups: wk1.saturating_sub(wk0),
             events: d("llmslo_agent_events_read_total"),
             assembled: d("llmslo_agent_requests_assembled_total"),
@@ -640,15 +651,15 @@ fn report(
     let _ = writeln!(o, "#### Agent cost\n");
     let _ = writeln!(
         o,
-        "Userspace: the agent process's utime+stime over the block (load + 1.2 s drain), per request the client completed and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
+        "Userspace: the agent process's utime+stime over the block (load + 1.2 s drain), per request the client completed (and the same less the agent's fixed cost: its CPU a second over {IDLE:?} with no load just before the block, times the block's length) and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
     );
     let _ = writeln!(
         o,
-        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | µs CPU / request | ns CPU / event | agent wake-ups / event | BPF ns / request |"
+        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | idle agent CPU ms / s | µs CPU / request | µs CPU / request above idle | ns CPU / event | agent wake-ups / event | BPF ns / request |"
     );
     let _ = writeln!(
         o,
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut all_progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let on_blocks: Vec<(&str, usize, &Block)> = open
@@ -674,7 +685,7 @@ fn report(
         }
         let _ = writeln!(
             o,
-            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {bpf} |",
+            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {bpf} |",
             i + 1,
             b.ok,
             c.assembled,
@@ -683,7 +694,9 @@ fn report(
             c.unparsed,
             if c.clean_exit { "yes" } else { "**no**" },
             c.cpu_ns as f64 / 1e9 / c.wall_s * 100.0,
+            c.idle_ns_per_s / 1e6,
             c.cpu_ns as f64 / 1e3 / b.ok.max(1) as f64,
+            (c.cpu_ns as f64 - c.idle_ns_per_s * c.wall_s).max(0.0) / 1e3 / b.ok.max(1) as f64,
             c.cpu_ns as f64 / c.events.max(1.0),
             c.wakeups as f64 / c.events.max(1.0),
         );

@@ -53,8 +53,10 @@ fn run(shared: &Shared, xc: &Crosscheck, proc_root: &Path) {
             }
             scrape_one(shared, xc, proc_root, ino, srv, interval);
         }
+        // Nothing joins this thread: a second between looks at `stop` (each wake-up of an idle
+        // agent's threads costs a context switch each way).
         while t0.elapsed() < interval && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100).min(interval));
+            std::thread::sleep(interval.saturating_sub(t0.elapsed()).min(Duration::from_secs(1)));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and what each one is called (pod, container) — from /proc and cgroupfs alone.
 
 pub mod cgroup;
+pub mod diag;
 pub mod k8s;
 pub mod net;
 pub mod podnet;
@@ -274,11 +275,11 @@ pub fn listen_ports(proc_root: &Path, pid: u32) -> BTreeSet<(u32, u16)> {
     Listeners::default().ports(proc_root, pid)
 }
 
-/// The LISTEN rows of each network namespace's `/proc/<pid>/net/tcp{,6}`, read once per scan.
-/// Every read of those files walks the kernel's whole established-socket hash (the sockets of
-/// every namespace: ~6 ms here), so reading them once per process made a scan of 250 targets
-/// in one namespace take 3 s; the processes of a pod, its sidecars and host-network pods share a
-/// namespace.
+/// The listening TCP sockets of each network namespace, asked once per scan (from sock_diag,
+/// [`diag`]; `/proc/<pid>/net/tcp{,6}` where that fails). Every read of those files walks the
+/// kernel's whole established-socket hash (the sockets of every namespace: ~6 ms here), so
+/// reading them once per process made a scan of 250 targets in one namespace take 3 s; the
+/// processes of a pod, its sidecars and host-network pods share a namespace.
 #[derive(Debug, Default)]
 pub struct Listeners {
     /// netns inode -> (socket inode, port) of its listening sockets.
@@ -352,11 +353,19 @@ impl Listeners {
             return BTreeSet::new();
         }
         let rows = self.by_netns.entry(ns.ino()).or_insert_with(|| {
-            ["net/tcp", "net/tcp6"]
-                .iter()
-                .filter_map(|t| std::fs::read_to_string(dir.join(t)).ok())
-                .flat_map(|text| listen_rows(&text))
-                .collect()
+            let own = std::fs::metadata("/proc/self/ns/net").is_ok_and(|m| m.ino() == ns.ino());
+            let path = dir.join("ns/net");
+            match diag::listening((!own).then_some(path.as_path())) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "sock_diag: reading /proc/<pid>/net/tcp instead");
+                    ["net/tcp", "net/tcp6"]
+                        .iter()
+                        .filter_map(|t| std::fs::read_to_string(dir.join(t)).ok())
+                        .flat_map(|text| listen_rows(&text))
+                        .collect()
+                }
+            }
         });
         rows.iter()
             .filter(|(inode, _)| inodes.contains(inode))
