@@ -7,7 +7,7 @@
 //! SIGTERMed after each "on" block), each block replaying the same seeded Poisson schedule.
 //! Per block: client-side p50/p99 of TTFT, ITL and E2E; then on ÷ off per pair of blocks.
 //! Then closed-loop saturated throughput, off and on, interleaved. Agent cost: its CPU time
-//! (utime+stime, /proc/<pid>/stat) per request and per event, and the BPF programs' own run
+//! (its threads' time on a CPU, /proc/<pid>/task/*/schedstat) per request and per event, and the BPF programs' own run
 //! time from `kernel.bpf_stats_enabled` + `bpftool prog show -j` during the open-loop blocks
 //! (the sysctl goes back to its previous value, normally 0, for the saturated blocks: its
 //! clock reads per program run are the measurement's cost, not the agent's).
@@ -651,7 +651,7 @@ fn report(
     let _ = writeln!(o, "#### Agent cost\n");
     let _ = writeln!(
         o,
-        "Userspace: the agent process's utime+stime over the block (load + 1.2 s drain), per request the client completed (and the same less the agent's fixed cost: its CPU a second over {IDLE:?} with no load just before the block, times the block's length) and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
+        "Userspace: the agent's threads' time on a CPU (schedstat, ns) over the block (load + 1.2 s drain), per request the client completed (and the same less the agent's fixed cost: its CPU a second over {IDLE:?} with no load just before the block, times the block's length) and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
     );
     let _ = writeln!(
         o,

@@ -70,8 +70,13 @@ impl Drop for BpfStats {
     }
 }
 
+/// The agent this workspace built, or the one `LLMSLO_BENCH_AGENT` names (another build, to
+/// compare with in the same sitting).
 pub fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent"))
+    std::env::var_os("LLMSLO_BENCH_AGENT")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_llm-slo-agent")))
 }
 
 /// The agent, `run --no-auto --target-cgroup <cgroup>`, as a child process; SIGTERM (then
@@ -149,16 +154,24 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// utime + stime of the whole process (all threads), in ns.
+    /// Time on a CPU of the agent's threads, in ns.
     pub fn cpu_ns(&self) -> Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        let rest = stat.rsplit_once(") ").context("parsing /proc/pid/stat")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 of stat; `rest` starts at field 3 (state).
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Ok(ticks * 1_000_000_000 / hz)
+        // Each thread's time on a CPU in ns (`/proc/<pid>/task/<tid>/schedstat`): utime and
+        // stime in `/proc/<pid>/stat` come in 10 ms ticks, too coarse for an idle second or a
+        // block's ~100 ms. A thread that has exited takes its share with it: only discovery's
+        // short-lived threads that enter a pod's network namespace to list its listeners do.
+        let mut ns = 0;
+        for t in std::fs::read_dir(format!("/proc/{}/task", self.pid()))?.flatten() {
+            let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .context("parsing schedstat")?;
+        }
+        Ok(ns)
     }
 
     /// Voluntary context switches summed over the agent's threads (each is a sleep, mostly
