@@ -167,6 +167,41 @@ pub struct Shared {
     pub crosscheck: Option<Arc<crate::crosscheck::Crosscheck>>,
     /// The threads that hold attached programs and detach them once `stop` is set.
     hook_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Event fds that [`Shared::request_stop`] makes readable: a thread that waits in epoll
+    /// (the exec watcher) wakes at once instead of polling `stop`.
+    stop_fds: Mutex<Vec<std::os::fd::OwnedFd>>,
+}
+
+impl Shared {
+    /// Sets `stop` and wakes the threads that wait for something else than a timeout.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.wake();
+        for fd in self.stop_fds.lock().expect("stop fds lock").iter() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
+            unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        }
+    }
+
+    /// An event fd that becomes readable at [`Shared::request_stop`] (or at once, when that
+    /// has been asked already). Owned here; the caller adds it to its epoll set.
+    pub fn stop_eventfd(&self) -> std::io::Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: plain eventfd(2); the fd is owned right away.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let raw = owned.as_raw_fd();
+        self.stop_fds.lock().expect("stop fds lock").push(owned);
+        if self.stop.load(Ordering::SeqCst) {
+            self.request_stop();
+        }
+        Ok(raw)
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -221,6 +256,7 @@ impl Shared {
                 ))
             }),
             hook_threads: Mutex::new(Vec::new()),
+            stop_fds: Mutex::new(Vec::new()),
         }))
     }
 
@@ -701,8 +737,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
         wait_for_signal().await;
         tracing::info!("shutting down");
         *fast2.lock().expect("expedite lock") = Some(crate::netpath::Expedite::teardown());
-        stop.stop.store(true, Ordering::SeqCst);
-        stop.wake.wake();
+        stop.request_stop();
     };
     match tls {
         Some(acceptor) => {
@@ -716,7 +751,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<()> {
         }
     }
     let t0 = Instant::now();
-    shared.stop.store(true, Ordering::SeqCst);
+    shared.request_stop();
     let threads = std::mem::take(&mut *shared.hook_threads.lock().expect("thread lock"));
     for h in threads {
         let _ = h.join();

@@ -132,7 +132,7 @@ pub fn run(listen: SocketAddr, duration: Option<Duration>) -> Result<()> {
     });
     println!("stopping: load, agent, pods");
     stop.store(true, Ordering::SeqCst);
-    shared.stop.store(true, Ordering::SeqCst);
+    shared.request_stop();
     for l in loaders {
         let _ = l.join();
     }

@@ -141,11 +141,28 @@ fn run(
         0
     })?;
     let rb = builder.build()?;
+    // Shutdown ends the wait at once through an event fd in the ring buffer's epoll set, so
+    // the wait can be long (each wake-up of an idle agent costs a context switch each way).
+    // libbpf reads an event's data as a ring index: 0, this one ring, which it then drains.
+    let mut wait = Duration::from_millis(100);
+    match shared.stop_eventfd() {
+        Ok(fd) => {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: 0,
+            };
+            // SAFETY: both fds are open; ev is a valid epoll_event.
+            if unsafe { libc::epoll_ctl(rb.epoll_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
+                wait = Duration::from_secs(1);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "no stop eventfd: polling every 100 ms"),
+    }
     shared.execs.watching();
     let _ = ready.try_send(Ok(progs));
     let mut lost = 0;
     while !shared.stop.load(Ordering::Relaxed) {
-        if let Err(e) = rb.poll(Duration::from_millis(100)) {
+        if let Err(e) = rb.poll(wait) {
             tracing::warn!(error = %e, "process event ring buffer poll failed");
             shared.execs.missed();
             std::thread::sleep(Duration::from_millis(100));
