@@ -1,6 +1,8 @@
 //! A minimal rtnetlink client: one request, its replies handed over message by message. Used to
 //! list tc filters (`netpath::tcdump`) and to find which network namespace each veth's peer is
-//! in (`discovery::podnet`); nothing here knows what the messages mean.
+//! in (`discovery::podnet`); a socket that hears the kernel's announcements ([`Watch`],
+//! `discovery::net`); the framing is shared with the sock_diag client (`discovery::diag`).
+//! Nothing here knows what the messages mean.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,26 +14,32 @@ const NLMSG_DONE: u16 = 3;
 /// on a confused socket.
 const MAX_READS: usize = 16_384;
 
+/// A netlink socket of `protocol` (`NETLINK_ROUTE`, `NETLINK_SOCK_DIAG`) in the calling
+/// thread's network namespace, with `flags` (`SOCK_NONBLOCK`) besides close-on-exec.
+pub fn socket(protocol: i32, flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// An `NETLINK_ROUTE` socket of the agent's network namespace, and the sequence number of its
 /// last request (each request gets its own, so a reply left over from a failed call is skipped).
 pub struct Rtnl(OwnedFd, std::cell::Cell<u32>);
 
 impl Rtnl {
     pub fn open() -> io::Result<Rtnl> {
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
         Ok(Rtnl(
-            unsafe { OwnedFd::from_raw_fd(fd) },
+            socket(libc::NETLINK_ROUTE, 0)?,
             std::cell::Cell::new(0),
         ))
     }
@@ -92,19 +100,7 @@ pub struct Watch(OwnedFd);
 
 impl Watch {
     pub fn open(groups: &[u32]) -> io::Result<Watch> {
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let w = Watch(unsafe { OwnedFd::from_raw_fd(fd) });
+        let w = Watch(socket(libc::NETLINK_ROUTE, libc::SOCK_NONBLOCK)?);
         // SAFETY: an all-zero sockaddr_nl is valid; the kernel picks the port id.
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         sa.nl_family = libc::AF_NETLINK as u16;

@@ -15,7 +15,7 @@
 //! Asserted all along: request label sets never exceed `max_label_sets` (200), overflow is
 //! counted (`llmslo_agent_label_set_overflow_total`, the `other` set), no series of any family of
 //! a pod deleted 60 s ago or more, every request attributed to its own pod; at the end: RSS and
-//! fds as after the first 1,000 pods (within a margin), /readyz, the last pods' series exact,
+//! fds as after the first 2,000 pods (within a margin), /readyz, the last pods' series exact,
 //! then gone within 60 s. `discovery.forget_after_s` is 5 here (30 by default) so that series
 //! turn over within the run.
 
@@ -436,9 +436,12 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
     delete_pods(pods, &mut api, &mut t);
 
     // Then batches until `total - last` pods have gone through.
-    // The baseline: after 1,000 of 10,000 pods (a tenth of a shorter run).
-    let baseline_at = (total / 10).max(first + batch);
-    let mut at_1000 = None;
+    // The baseline: after 2,000 of 10,000 pods (a fifth of a shorter run). The heap reaches its
+    // working set within the first ~2,000: one CI run had 55.0 MB after 1,050 pods, then
+    // 63.4-63.5 MB from 2,050 to 9,950 (flat), and failed against the 1,000-pod baseline; 8,000
+    // pods after the baseline still show a leak of 1 KiB a pod.
+    let baseline_at = (total / 5).max(first + batch);
+    let mut at_baseline = None;
     let mut traced_max = Duration::ZERO;
     let mut samples = Vec::new();
     let mut phases = [Duration::ZERO; 6];
@@ -461,8 +464,8 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
         phase(4);
         let sample = (t.pods, proc_status(apid, "VmRSS:"), fds(apid));
         samples.push(sample);
-        if at_1000.is_none() && t.pods >= baseline_at {
-            at_1000 = Some(sample);
+        if at_baseline.is_none() && t.pods >= baseline_at {
+            at_baseline = Some(sample);
         }
         delete_pods(pods, &mut api, &mut t);
         phase(5);
@@ -521,15 +524,15 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
     assert_eq!(common::metric(&m, "llmslo_agent_label_sets"), Some(0.0));
     assert_eq!(t.requests, t.pods * REQS, "every request answered");
 
-    let (n1k, rss1k, fds1k) = at_1000.expect("the baseline was taken");
+    let (n_base, rss_base, fds_base) = at_baseline.expect("the baseline was taken");
     let rss_max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     eprintln!(
         "{} pods churned ({} requests) in {:.0?}; request label sets at most {} (cap {CAP}), \
          {} requests overflowed; deleted pods' series seen at most {:.1?} after the deletion \
          over {} scrapes (forget_after_s {FORGET_S}); the last pods' series gone {:.1?} after \
          their deletion ({:.1?} after t_del); servers traced at most {traced_max:.1?} after they \
-         listened; RSS {rss0} kB at start, {rss1k} kB after {n1k} pods, {} kB after {} pods \
-         (max {rss_max}), {rss_end} kB at the end; fds {fds0} -> {fds1k} -> {} -> {fds_end}; \
+         listened; RSS {rss0} kB at start, {rss_base} kB after {n_base} pods, {} kB after {} pods \
+         (max {rss_max}), {rss_end} kB at the end; fds {fds0} -> {fds_base} -> {} -> {fds_end}; \
          all earlier series expired {drained:.1?} after the churn",
         t.pods,
         t.requests,
@@ -545,18 +548,18 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
         end_churn.2,
     );
     assert!(
-        end_churn.1 <= rss1k + 8 * 1024,
-        "RSS grew from {rss1k} kB after {n1k} pods to {} kB after {}",
+        end_churn.1 <= rss_base + 8 * 1024,
+        "RSS grew from {rss_base} kB after {n_base} pods to {} kB after {}",
         end_churn.1,
         end_churn.0
     );
     assert!(
-        rss_end <= rss1k + 8 * 1024,
-        "RSS {rss_end} kB at the end, {rss1k} kB after {n1k} pods"
+        rss_end <= rss_base + 8 * 1024,
+        "RSS {rss_end} kB at the end, {rss_base} kB after {n_base} pods"
     );
     assert!(
-        end_churn.2.abs_diff(fds1k) <= 4 && fds_end.abs_diff(fds1k) <= 4,
-        "fds {fds1k} after {n1k} pods, {} after {}, {fds_end} at the end",
+        end_churn.2.abs_diff(fds_base) <= 4 && fds_end.abs_diff(fds_base) <= 4,
+        "fds {fds_base} after {n_base} pods, {} after {}, {fds_end} at the end",
         end_churn.2,
         end_churn.0
     );
