@@ -124,6 +124,19 @@ impl SockEvent<'_> {
         self.len()
             .saturating_sub(self.head.len() as u64 + self.tail.len() as u64)
     }
+
+    /// A token record's writes: their start stamps (each a native-endian u32 delta from
+    /// `ts_enter` in `head`). Empty for any other kind.
+    pub fn token_starts(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        let deltas = if self.kind == EventKind::Tokens {
+            self.head
+        } else {
+            &[]
+        };
+        deltas
+            .chunks_exact(4)
+            .map(|d| self.ts_enter + u64::from(u32::from_ne_bytes([d[0], d[1], d[2], d[3]])))
+    }
 }
 
 /// Builds a socket address from the kernel's fixed 16-byte address field.

@@ -213,8 +213,9 @@ impl Assembler {
             (EventKind::Close, None) => return,
             // Counted writes of a connection we do not follow: nothing to add them to.
             (EventKind::Tokens, None) => {
-                self.stats.token_writes += ev.head.len() as u64 / 4;
-                self.stats.token_writes_misplaced += ev.head.len() as u64 / 4;
+                let writes = ev.token_starts().len() as u64;
+                self.stats.token_writes += writes;
+                self.stats.token_writes_misplaced += writes;
                 return;
             }
             (EventKind::Accept, _) if ev.ret < 0 => return,

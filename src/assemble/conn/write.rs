@@ -171,12 +171,9 @@ impl Conn {
     /// Token writes the kernel counted (an armed stream): each was one whole token event, so
     /// they continue the response from an event boundary. Anywhere else they are a gap.
     pub(crate) fn on_tokens(&mut self, ev: &SockEvent<'_>, sink: &mut Sink<'_>) {
-        let starts = ev
-            .head
-            .chunks_exact(4)
-            .map(|d| ev.ts_enter + u64::from(u32::from_ne_bytes([d[0], d[1], d[2], d[3]])));
+        let starts = ev.token_starts();
         let bytes = ev.ret.max(0) as u64;
-        let writes = ev.head.len() as u64 / 4;
+        let writes = starts.len() as u64;
         sink.stats.token_writes += writes;
         let io = Io {
             enter: ev.ts_enter,
