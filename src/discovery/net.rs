@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::netpath::{HookSpec, Role};
 use crate::rtnl::Watch;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetCfg {
     pub enabled: bool,
     /// Node ingress devices by name, on top of what the planner picks.
@@ -130,8 +130,8 @@ pub struct NetPlanner {
 struct Kept {
     at: Instant,
     files: FilesStamp,
-    /// The same config gives the same plan; a changed one (a reload) is read again.
-    cfg: NetCfgKey,
+    /// The same config gives the same plan; with another one the node is read again.
+    cfg: NetCfg,
     hooks: Vec<HookSpec>,
     peers: Result<BTreeMap<u32, i32>, String>,
     cni: Cni,
@@ -139,9 +139,6 @@ struct Kept {
     evidence: Vec<String>,
     notes: Vec<String>,
 }
-
-/// What of a [`NetCfg`] the plan depends on.
-type NetCfgKey = String;
 
 impl NetPlanner {
     /// Reads the node when needed, detects the CNI and plans the hooks: the node devices, and
@@ -176,9 +173,8 @@ impl NetPlanner {
         // Drained every scan, so that what it holds is what happened since the last one.
         let announced = watch.is_none_or(Watch::changed);
         let files = files_stamp(&paths);
-        let key = format!("{cfg:?}");
         let fresh = self.kept.as_ref().is_some_and(|k| {
-            !announced && k.files == files && k.cfg == key && k.at.elapsed() < REREAD
+            !announced && k.files == files && k.cfg == *cfg && k.at.elapsed() < REREAD
         });
         if !fresh {
             self.kept = None;
@@ -206,7 +202,7 @@ impl NetPlanner {
             self.kept = Some(Kept {
                 at,
                 files,
-                cfg: key,
+                cfg: cfg.clone(),
                 hooks,
                 peers,
                 cni: det.cni,
