@@ -118,7 +118,10 @@ pub fn check_truth(clients: &[ClientRecord], servers: &[ServerRecord], tokens: u
         assert_eq!(port, c.local_port, "request {} peer port", c.request_id);
         assert!(
             s.read_done_ns >= c.send_ns,
-            "server read before client sent"
+            "request {}: server read the request at {} before the client sent it at {}",
+            c.request_id,
+            s.read_done_ns,
+            c.send_ns
         );
         let content = c.content_times();
         if c.aborted {
