@@ -665,7 +665,14 @@ fn pods_selected_by_label_or_port() {
     assert_eq!(
         (a.len(), p.len()),
         (3, 3),
-        "every request of both picked pods"
+        "every request of both picked pods; theirs: {:#?}; the agent's counters:\n{}",
+        a.iter().chain(&p).collect::<Vec<_>>(),
+        agent
+            .get("/metrics")
+            .lines()
+            .filter(|l| l.starts_with("llmslo_agent_") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(a[0]["pod"], "vllm-chat-7d9c5b8f4-x2x9q");
     assert_eq!(p[0]["pod"], "sglang-0");

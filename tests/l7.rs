@@ -420,6 +420,104 @@ fn non_streaming_pipelined_aborted_large_and_untargeted() {
     );
 }
 
+/// Issue 7: a target's TCP I/O is followed only where one end of the connection is a target's
+/// server port: its server side, and its client side toward such a port (a sidecar's upstream,
+/// the one client side the assembler uses). A target's connection to a port no target serves
+/// (a database, the API server) reaches no ring buffer, so the socket-layer programs can leave
+/// everything else on the node after a look at the socket's ports, before the target test.
+#[test]
+fn only_connections_to_a_target_port_are_followed() {
+    if !kernel_tests_enabled("only_connections_to_a_target_port_are_followed") {
+        return;
+    }
+    const OTHER_PORT: u16 = 7379;
+    let sp = server_pod(
+        "portt",
+        CgroupDriver::Cgroupfs,
+        "llmslo-synth-server",
+        &["--decode-ms", "1"],
+    );
+    let other_listen = format!("0.0.0.0:{OTHER_PORT}");
+    let other = server_pod(
+        "porto",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--listen", other_listen.as_str(), "--decode-ms", "1"],
+    );
+    // This test process is a target too (by pid): its load generator is then a target's client.
+    let me = std::process::id().to_string();
+    let agent = Agent::start_with_config(
+        "crosscheck:\n  enabled: false\n",
+        &[
+            "--no-auto",
+            "--no-network",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+            "--target-pid",
+            &me,
+        ],
+    );
+    other
+        .pod
+        .wait_for_port(OTHER_PORT, Duration::from_secs(10))
+        .unwrap();
+    // The counter is refreshed at the reader's housekeeping (500 ms): read it once it holds
+    // (it would not, were this process's own scrapes of the agent followed).
+    let events = || {
+        let mut last = f64::NAN;
+        for _ in 0..8 {
+            let m = agent.get("/metrics");
+            let v = common::metric(&m, "llmslo_agent_events_read_total ").expect("events read");
+            if v == last {
+                break;
+            }
+            last = v;
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        last
+    };
+    let load = |to: std::net::SocketAddr| {
+        let mut cfg = LoadConfig::new(to);
+        cfg.connections = 2;
+        cfg.requests = 40;
+        cfg.max_tokens = Some(4);
+        let c = testbed::loadgen::run(&cfg).unwrap();
+        assert!(c.iter().all(|c| c.status == 200), "answered");
+    };
+    let before = events();
+    load(other.pod.addr(OTHER_PORT));
+    let after_other = events();
+    load(sp.pod.addr(PORT));
+    let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 40);
+    let after_target = events();
+    let (d_other, d_target) = (after_other - before, after_target - after_other);
+    eprintln!(
+        "events read: {d_other} for 40 requests of a target to port {OTHER_PORT} (no target \
+         serves it), {d_target} for 40 to the target's port {PORT}"
+    );
+    // Each request is a write and at least two reads at the client: ≥ 120 if followed.
+    assert!(
+        d_other < 10.0,
+        "a target's connection to a port no target serves is followed: {d_other} events"
+    );
+    // The server's read and writes and the client's (toward a target port) are followed.
+    assert!(
+        d_target >= 40.0 * 6.0,
+        "a target's connections to a target port: {d_target} events"
+    );
+    let dst = format!("{}:{PORT}", sp.pod.ip());
+    assert_eq!(
+        recs.iter().filter(|r| r["dst"] == dst.as_str()).count(),
+        40,
+        "every request to the target recorded"
+    );
+    let other_dst = format!("{}:{OTHER_PORT}", other.pod.ip());
+    assert!(
+        !recs.iter().any(|r| r["dst"] == other_dst.as_str()),
+        "a request to the untargeted server recorded"
+    );
+}
+
 #[test]
 fn finds_servers_by_command_line_and_labels_them() {
     if !kernel_tests_enabled("finds_servers_by_command_line_and_labels_them") {

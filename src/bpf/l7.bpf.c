@@ -275,6 +275,19 @@ static __always_inline struct sock *fd_to_sock(__u32 fd)
 	return sk;
 }
 
+/* Is either end of `sk` a server port of a target (target_ports: learnt at accept and from
+ * discovery's listeners)? A target's server side is; so is its client side toward one, a
+ * sidecar's upstream, the only client side the assembler uses (the sidecar join). Reads and
+ * writes on other sockets are not followed, whoever makes them. Asked before the target test
+ * by the socket-layer programs: one load from the socket the kernel has just used and two
+ * array loads, so that the rest of the node's TCP I/O pays that and not the walk to its
+ * cgroup. */
+static __always_inline bool sk_port_of_interest(struct sock *sk)
+{
+	return is_target_port(sk->__sk_common.skc_num) ||
+	       is_target_port(bpf_ntohs(sk->__sk_common.skc_dport));
+}
+
 static __always_inline struct listen_key listen_key_of(struct sock *sk)
 {
 	struct listen_key k = {
@@ -554,7 +567,7 @@ static __always_inline void copy_iov(struct scratch *s, __u64 iovp, __u32 iovcnt
 static __always_inline int enter_traced(__u32 fd, __u64 buf, __u32 iovcnt, __u16 kind, __u16 io)
 {
 	struct sock *sk = fd_to_sock(fd);
-	if (!sk) {
+	if (!sk || !sk_port_of_interest(sk)) {
 		active_clear();
 		return 0;
 	}
@@ -1275,7 +1288,7 @@ SEC("tp_btf/tcp_sendmsg_locked")
 int BPF_PROG(tcp_send_begin, const struct sock *sk, const struct msghdr *msg, const struct sk_buff *skb,
 	     int size_goal)
 {
-	if (!is_target())
+	if (!sk_port_of_interest(bpf_core_cast(sk, struct sock)) || !is_target())
 		return 0;
 	__u32 zero = 0;
 	struct send_begin *b = bpf_map_lookup_elem(&send_begins, &zero);
@@ -1306,7 +1319,7 @@ static __always_inline __u64 send_take(__u64 sk, __u32 tid)
  * registers name: the event the syscall exit programs send, without an entry program. */
 static __always_inline int sock_io(void *sk_arg, long ret, const __u16 kind)
 {
-	if (!is_target())
+	if (!sk_port_of_interest(bpf_core_cast(sk_arg, struct sock)) || !is_target())
 		return 0;
 	/* Taken first, whatever the syscall and its result (a sendfile, an EAGAIN), so that no
 	 * stamp stays to be taken for a later send. */
