@@ -170,6 +170,9 @@ pub struct Shared {
     /// Event fds that [`Shared::request_stop`] makes readable: a thread that waits in epoll
     /// (the exec watcher) wakes at once instead of polling `stop`.
     stop_fds: Mutex<Vec<std::os::fd::OwnedFd>>,
+    /// An event fd in the BPF reader's epoll set: discovery makes it readable when it hands
+    /// over new targets, so a reader asleep on its long quiet-time timer applies them at once.
+    reader_fd: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
 
 impl Shared {
@@ -179,6 +182,32 @@ impl Shared {
         self.wake.wake();
         for fd in self.stop_fds.lock().expect("stop fds lock").iter() {
             use std::os::fd::AsRawFd;
+            // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
+            unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        }
+    }
+
+    /// The reader's wake-up event fd (created once, owned here; the reader adds it to its
+    /// epoll set and reads it empty after each wait).
+    pub fn reader_eventfd(&self) -> std::io::Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        if let Some(fd) = self.reader_fd.get() {
+            return Ok(fd.as_raw_fd());
+        }
+        // SAFETY: plain eventfd(2); the fd is owned right away.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(self.reader_fd.get_or_init(|| owned).as_raw_fd())
+    }
+
+    /// Wakes the BPF reader if it waits (no-op before it made its event fd).
+    pub fn wake_reader(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = self.reader_fd.get() {
             // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
             unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
         }
@@ -257,6 +286,7 @@ impl Shared {
             }),
             hook_threads: Mutex::new(Vec::new()),
             stop_fds: Mutex::new(Vec::new()),
+            reader_fd: std::sync::OnceLock::new(),
         }))
     }
 
@@ -455,15 +485,45 @@ fn bpf_thread(
     let _ = ready.try_send(Ok(()));
     tracing::info!("BPF programs attached; tracing");
 
+    // Shutdown and new targets end a wait at once through event fds in the ring buffer's epoll
+    // set (libbpf reads an event's data as a ring index: 0, the one ring, which it drains), so
+    // a quiet reader may sleep long. Without them it keeps the short tick.
+    let reader_fd = shared.reader_eventfd().ok();
+    let may_idle = reader_fd.is_some_and(|r| {
+        [Some(r), shared.stop_eventfd().ok()]
+            .into_iter()
+            .all(|fd| fd.is_some_and(|fd| epoll_add(rb.epoll_fd(), fd)))
+    });
+    let mut quiet = Quiet::new(may_idle);
     let mut last_housekeeping = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
-        // Events are submitted without wake-ups (BPF_RB_NO_WAKEUP) unless a backlog builds, so
-        // the poll mostly times out: drain explicitly every tick.
-        if let Err(e) = rb.poll(DRAIN_EVERY) {
+        // Events are submitted without wake-ups (BPF_RB_NO_WAKEUP) unless a backlog builds, or
+        // the ring was empty while the reader is idle, so the poll mostly times out: drain
+        // explicitly every tick.
+        if let Err(e) = rb.poll(quiet.tick()) {
             tracing::warn!(error = %e, "ring buffer poll failed");
         }
         if let Err(e) = rb.consume() {
             tracing::warn!(error = %e, "ring buffer consume failed");
+        }
+        if let Some(fd) = reader_fd {
+            let mut n = 0u64;
+            // SAFETY: an 8-byte read into a live u64 from a non-blocking eventfd we own.
+            unsafe { libc::read(fd, (&mut n as *mut u64).cast(), 8) };
+        }
+        match quiet.after_drain(counters.borrow().0, Instant::now()) {
+            Some(Transition::Busy) => l7.reader_idle.set(false),
+            Some(Transition::Idle) => {
+                l7.reader_idle.set(true);
+                // A record written between the drain above and the flag woke no one: take it
+                // now (and stay on the short tick if there was one).
+                let _ = rb.consume();
+                if quiet.after_drain(counters.borrow().0, Instant::now()) == Some(Transition::Busy)
+                {
+                    l7.reader_idle.set(false);
+                }
+            }
+            None => {}
         }
         for arm in asm.borrow_mut().take_arms() {
             if let Err(e) = l7.arms.arm(&arm) {
@@ -566,6 +626,88 @@ const UNKNOWN: u64 = u64::MAX;
 /// How often freed heap pages go back to the kernel (see `release_free_heap`).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 
+/// Adds `fd` to the epoll set `epfd` for input, with data 0; false when it cannot.
+fn epoll_add(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd) -> bool {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both fds are open; ev is a valid epoll_event.
+    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) == 0 }
+}
+
+/// The reader's pace: the short tick while records come, the long one after `QUIET_BEFORE_IDLE`
+/// without any (the programs then wake it with the first record, `reader_idle`).
+#[derive(Debug)]
+struct Quiet {
+    may_idle: bool,
+    idle: bool,
+    read: u64,
+    since: Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Transition {
+    Busy,
+    Idle,
+}
+
+impl Quiet {
+    fn new(may_idle: bool) -> Quiet {
+        Quiet {
+            may_idle,
+            idle: false,
+            read: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        if self.idle {
+            idle_drain_every()
+        } else {
+            DRAIN_EVERY
+        }
+    }
+
+    /// After a drain that left `read` records read in all, at `now`: the change of pace due.
+    fn after_drain(&mut self, read: u64, now: Instant) -> Option<Transition> {
+        if read != self.read {
+            self.read = read;
+            self.since = now;
+            if self.idle {
+                self.idle = false;
+                return Some(Transition::Busy);
+            }
+        } else if self.may_idle
+            && !self.idle
+            && now.saturating_duration_since(self.since) >= QUIET_BEFORE_IDLE
+        {
+            self.idle = true;
+            return Some(Transition::Idle);
+        }
+        None
+    }
+}
+
+/// How long without a record before the reader takes the long tick.
+const QUIET_BEFORE_IDLE: Duration = Duration::from_secs(2);
+/// The long tick: the housekeeping's pace (counters, expiry, GPU and run-queue views).
+const IDLE_DRAIN_EVERY: Duration = Duration::from_millis(500);
+
+/// The long tick, `LLMSLO_IDLE_DRAIN_MS` (50..=60000) where set: a test makes it long enough
+/// that only the programs' wake-up can explain a prompt record.
+fn idle_drain_every() -> Duration {
+    static EVERY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var("LLMSLO_IDLE_DRAIN_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms.clamp(50, 60_000)))
+            .unwrap_or(IDLE_DRAIN_EVERY)
+    })
+}
+
 /// How long the reader sleeps between drains of the ring buffer when no backlog wakes it
 /// (the programs wake it once per 256 KiB of backlog). Each wake-up costs the node a context
 /// switch each way (~35 µs of CPU a wake-up on this VM, most of an idle agent's CPU); a record
@@ -646,6 +788,7 @@ pub fn discovery_loop(dl: DiscoveryLoop, shared: Arc<Shared>, tx: mpsc::Sender<S
             if tx.send(snap).is_err() {
                 return;
             }
+            shared.wake_reader();
         } else {
             *shared.snapshot.write().expect("snapshot lock") = snap;
         }
@@ -950,5 +1093,43 @@ mod priority_tests {
         })
         .join()
         .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod quiet_tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_slows_down_only_after_a_quiet_spell_and_speeds_up_at_the_first_record() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut q = Quiet::new(true);
+        assert_eq!(q.tick(), DRAIN_EVERY);
+        // Records keep coming: the short tick.
+        assert_eq!(q.after_drain(5, at(50)), None);
+        assert_eq!(q.after_drain(9, at(100)), None);
+        // Quiet, but not for long enough yet.
+        assert_eq!(q.after_drain(9, at(1_000)), None);
+        assert_eq!(q.tick(), DRAIN_EVERY);
+        // Two seconds after the last record: the long tick.
+        assert_eq!(q.after_drain(9, at(2_100)), Some(Transition::Idle));
+        assert_eq!(q.tick(), idle_drain_every());
+        assert_eq!(q.after_drain(9, at(2_600)), None, "idle stays idle");
+        // The first record: back to the short tick at once.
+        assert_eq!(q.after_drain(10, at(2_700)), Some(Transition::Busy));
+        assert_eq!(q.tick(), DRAIN_EVERY);
+        assert_eq!(q.after_drain(10, at(3_000)), None, "quiet spell starts again");
+        assert_eq!(q.after_drain(10, at(4_700)), Some(Transition::Idle));
+    }
+
+    #[test]
+    fn without_its_wake_ups_the_reader_keeps_the_short_tick() {
+        let t0 = Instant::now();
+        let mut q = Quiet::new(false);
+        for s in 1..10 {
+            assert_eq!(q.after_drain(0, t0 + Duration::from_secs(s)), None);
+            assert_eq!(q.tick(), DRAIN_EVERY);
+        }
     }
 }

@@ -109,6 +109,22 @@ pub struct L7 {
     pub stats: StatsMap,
     pub conns: ConnMap,
     pub arms: StreamArms,
+    /// `reader_idle` in the object's mmapped .bss.
+    pub reader_idle: ReaderIdle,
+}
+
+/// `reader_idle` in the L7 object's .bss: while set, the record that finds the ring buffer
+/// empty wakes the reader (l7.bpf.c `wakeup_flag`), so the reader may sleep long when quiet.
+pub struct ReaderIdle(&'static mut u32);
+
+impl ReaderIdle {
+    pub fn set(&mut self, idle: bool) {
+        // SAFETY: an aligned u32 of the mmapped .bss, stored whole.
+        unsafe { std::ptr::write_volatile(self.0, u32::from(idle)) };
+        // Seen by the programs before the reader's next look at the ring: a record the reader
+        // misses after setting it then finds the flag.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The kernel's `stream_arms` map: connections whose token writes it counts (arm.rs).
@@ -266,6 +282,7 @@ impl L7 {
             listen_changes: &bss.listen_changes,
             applied: TargetSet::default(),
         };
+        let reader_idle = ReaderIdle(&mut bss.reader_idle);
         let stats = StatsMap(MapHandle::try_from(&skel.maps.stats)?);
         let conns = ConnMap {
             map: MapHandle::try_from(&skel.maps.conns)?,
@@ -282,6 +299,7 @@ impl L7 {
             stats,
             conns,
             arms,
+            reader_idle,
         })
     }
 

@@ -14,6 +14,45 @@ fn metric(m: &str, series: &str) -> f64 {
     common::metric(m, series).unwrap_or_else(|| panic!("{series} missing"))
 }
 
+/// Issue 7: after two seconds without records the reader sleeps on a long timer (here made
+/// 20 s), and the first record that finds the ring buffer empty wakes it: a request after each
+/// quiet spell is recorded within a second or two, not at the timer.
+#[test]
+fn a_quiet_reader_is_woken_by_the_first_record() {
+    if !kernel_tests_enabled("a_quiet_reader_is_woken_by_the_first_record") {
+        return;
+    }
+    let sp = server_pod("quiet", CgroupDriver::Systemd, "llmslo-synth-server", &[]);
+    let agent = Agent::start_env(
+        &[
+            "--no-auto",
+            "--no-network",
+            "--target-cgroup",
+            sp.cg.cgroup_path(),
+        ],
+        &[("LLMSLO_IDLE_DRAIN_MS", "20000")],
+    );
+    for round in 1..=3 {
+        std::thread::sleep(Duration::from_millis(2600));
+        let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+        cfg.connections = 1;
+        cfg.requests = 1;
+        cfg.max_tokens = Some(4);
+        cfg.request_id_base = round * 100;
+        let c = testbed::loadgen::run(&cfg).unwrap();
+        assert!(c.iter().all(|c| c.status == 200), "answered");
+        let t0 = Instant::now();
+        let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= round as usize);
+        let took = t0.elapsed();
+        eprintln!("round {round}: recorded {took:?} after the response");
+        assert!(
+            recs.len() >= round as usize && took < Duration::from_secs(3),
+            "round {round}: {} records {took:?} after a request that followed a quiet spell",
+            recs.len()
+        );
+    }
+}
+
 #[test]
 fn ring_buffer_overflow_is_accounted_exactly() {
     if !kernel_tests_enabled("ring_buffer_overflow_is_accounted_exactly") {

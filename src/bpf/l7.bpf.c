@@ -452,10 +452,17 @@ static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const s
  * crossing missed between racing CPUs only leaves the backlog to the timer. */
 #define WAKEUP_BACKLOG (256 * 1024)
 
+/* Set by userspace while its reader sleeps long, after a spell without records (its drain
+ * timer then runs at the housekeeping pace, not the busy one): the record that finds the ring
+ * empty wakes it, once per quiet spell, and the reader clears this when it wakes. */
+__u32 reader_idle = 0;
+
 /* The wake-up flag for a record of `size` bytes. */
 static __always_inline __u64 wakeup_flag(__u64 size)
 {
 	__u64 backlog = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	if (backlog == 0 && *(volatile __u32 *)&reader_idle)
+		return BPF_RB_FORCE_WAKEUP;
 	return (backlog + size) / WAKEUP_BACKLOG != backlog / WAKEUP_BACKLOG ? BPF_RB_FORCE_WAKEUP
 									      : BPF_RB_NO_WAKEUP;
 }
