@@ -181,49 +181,33 @@ impl Shared {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.wake();
         for fd in self.stop_fds.lock().expect("stop fds lock").iter() {
-            use std::os::fd::AsRawFd;
-            // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
-            unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+            signal_eventfd(fd);
         }
     }
 
     /// The reader's wake-up event fd (created once, owned here; the reader adds it to its
     /// epoll set and reads it empty after each wait).
     pub fn reader_eventfd(&self) -> std::io::Result<std::os::fd::RawFd> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::fd::AsRawFd;
         if let Some(fd) = self.reader_fd.get() {
             return Ok(fd.as_raw_fd());
         }
-        // SAFETY: plain eventfd(2); the fd is owned right away.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let owned = new_eventfd()?;
         Ok(self.reader_fd.get_or_init(|| owned).as_raw_fd())
     }
 
     /// Wakes the BPF reader if it waits (no-op before it made its event fd).
     pub fn wake_reader(&self) {
-        use std::os::fd::AsRawFd;
         if let Some(fd) = self.reader_fd.get() {
-            // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
-            unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+            signal_eventfd(fd);
         }
     }
 
     /// An event fd that becomes readable at [`Shared::request_stop`] (or at once, when that
     /// has been asked already). Owned here; the caller adds it to its epoll set.
     pub fn stop_eventfd(&self) -> std::io::Result<std::os::fd::RawFd> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        // SAFETY: plain eventfd(2); the fd is owned right away.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        use std::os::fd::AsRawFd;
+        let owned = new_eventfd()?;
         let raw = owned.as_raw_fd();
         self.stop_fds.lock().expect("stop fds lock").push(owned);
         if self.stop.load(Ordering::SeqCst) {
@@ -626,8 +610,28 @@ const UNKNOWN: u64 = u64::MAX;
 /// How often freed heap pages go back to the kernel (see `release_free_heap`).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 
-/// Adds `fd` to the epoll set `epfd` for input, with data 0; false when it cannot.
-fn epoll_add(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd) -> bool {
+/// A non-blocking, close-on-exec event fd.
+fn new_eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain eventfd(2); the fd is owned right away.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes an event fd readable.
+fn signal_eventfd(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an 8-byte write from a live u64 to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+}
+
+/// Adds `fd` to the epoll set `epfd` for input, with data 0 (to libbpf's ring buffer poll, ring
+/// 0, which it then drains); false when it cannot.
+pub(crate) fn epoll_add(epfd: std::os::fd::RawFd, fd: std::os::fd::RawFd) -> bool {
     let mut ev = libc::epoll_event {
         events: libc::EPOLLIN as u32,
         u64: 0,

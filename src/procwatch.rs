@@ -147,12 +147,7 @@ fn run(
     let mut wait = Duration::from_millis(100);
     match shared.stop_eventfd() {
         Ok(fd) => {
-            let mut ev = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: 0,
-            };
-            // SAFETY: both fds are open; ev is a valid epoll_event.
-            if unsafe { libc::epoll_ctl(rb.epoll_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
+            if crate::agent::epoll_add(rb.epoll_fd(), fd) {
                 wait = Duration::from_secs(1);
             }
         }
