@@ -15,7 +15,9 @@
 //! Asserted all along: request label sets never exceed `max_label_sets` (200), overflow is
 //! counted (`llmslo_agent_label_set_overflow_total`, the `other` set), no series of any family of
 //! a pod deleted 60 s ago or more, every request attributed to its own pod; at the end: RSS and
-//! fds as after the first 2,000 pods (within a margin), /readyz, the last pods' series exact,
+//! fds as after the first 2,000 pods (within a margin; the threads' `schedstat` files the
+//! run-queue counters keep open counted apart: at most 512, none left once the last pod is
+//! gone), /readyz, the last pods' series exact,
 //! then gone within 60 s. `discovery.forget_after_s` is 5 here (30 by default) so that series
 //! turn over within the run.
 
@@ -27,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apiserver::ApiServer;
-use common::{fds, http_get, kernel_tests_enabled, proc_status, Agent};
+use common::{fds_apart, http_get, kernel_tests_enabled, proc_status, Agent};
 use serde_json::{json, Value};
 use testbed::{CgroupDriver, LoadConfig, Pod, PodCgroup, PodProcess};
 
@@ -411,7 +413,7 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
     );
     let agent = Agent::start_with_config(&yaml, &[]);
     let apid = agent.child.id();
-    let (rss0, fds0) = (proc_status(apid, "VmRSS:"), fds(apid));
+    let (rss0, fds0) = (proc_status(apid, "VmRSS:"), fds_apart(apid));
     let mut t = Tally::default();
 
     // First, more pods at once than the cap: 50 pods' requests overflow to `other`, counted.
@@ -462,7 +464,7 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
         phase(3);
         check_metrics(&agent, &mut t);
         phase(4);
-        let sample = (t.pods, proc_status(apid, "VmRSS:"), fds(apid));
+        let sample = (t.pods, proc_status(apid, "VmRSS:"), fds_apart(apid));
         samples.push(sample);
         if at_baseline.is_none() && t.pods >= baseline_at {
             at_baseline = Some(sample);
@@ -471,7 +473,7 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
         phase(5);
         if t.pods % 1000 < batch {
             eprintln!(
-                "{} pods, {:.0?}: RSS {} kB, fds {}, max label sets {}, overflowed {}, \
+                "{} pods, {:.0?}: RSS {} kB, fds {:?}, max label sets {}, overflowed {}, \
                  longest a deleted pod's series were seen {:.1?}",
                 sample.0,
                 t_start.elapsed(),
@@ -519,7 +521,12 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
     let gone = wait_until("the last pods' series gone", BOUND, || {
         pods_in(&check_metrics(&agent, &mut t)).is_empty()
     });
-    let (rss_end, fds_end) = (proc_status(apid, "VmRSS:"), fds(apid));
+    // The run-queue counters keep live target threads' files open: those of ended threads are
+    // closed at their next reading (every 2 s).
+    let closed = wait_until("the ended threads' schedstat files closed", BOUND, || {
+        fds_apart(apid).ended == 0
+    });
+    let (rss_end, fds_end) = (proc_status(apid, "VmRSS:"), fds_apart(apid));
     let m = check_metrics(&agent, &mut t);
     assert_eq!(common::metric(&m, "llmslo_agent_label_sets"), Some(0.0));
     assert_eq!(t.requests, t.pods * REQS, "every request answered");
@@ -532,7 +539,8 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
          over {} scrapes (forget_after_s {FORGET_S}); the last pods' series gone {:.1?} after \
          their deletion ({:.1?} after t_del); servers traced at most {traced_max:.1?} after they \
          listened; RSS {rss0} kB at start, {rss_base} kB after {n_base} pods, {} kB after {} pods \
-         (max {rss_max}), {rss_end} kB at the end; fds {fds0} -> {fds_base} -> {} -> {fds_end}; \
+         (max {rss_max}), {rss_end} kB at the end; fds {fds0:?} -> {fds_base:?} -> {:?} -> \
+         {fds_end:?} (the ended threads' files closed {closed:.1?} after the series were gone); \
          all earlier series expired {drained:.1?} after the churn",
         t.pods,
         t.requests,
@@ -557,10 +565,19 @@ fn ten_thousand_pods_churned_keep_series_and_memory_bounded() {
         rss_end <= rss_base + 8 * 1024,
         "RSS {rss_end} kB at the end, {rss_base} kB after {n_base} pods"
     );
+    // Kept schedstat files follow the live targets' threads (bounded): every other fd must
+    // come back to what it was.
+    let (base, churned) = (fds_base.other, end_churn.2.other);
     assert!(
-        end_churn.2.abs_diff(fds_base) <= 4 && fds_end.abs_diff(fds_base) <= 4,
-        "fds {fds_base} after {n_base} pods, {} after {}, {fds_end} at the end",
-        end_churn.2,
-        end_churn.0
+        churned.abs_diff(base) <= 4 && fds_end.other.abs_diff(base) <= 4,
+        "fds other than schedstat {base} after {n_base} pods, {churned} after {}, {} at the end",
+        end_churn.0,
+        fds_end.other
+    );
+    assert!(
+        samples.iter().all(|s| s.2.schedstat + s.2.ended <= 512) && fds_end.schedstat == 0,
+        "kept schedstat files: at most 512, none at the end with no target left: {:?}, \
+         {fds_end:?} at the end",
+        samples.iter().map(|s| s.2.schedstat).max()
     );
 }

@@ -299,3 +299,46 @@ pub fn fds(pid: u32) -> usize {
         .unwrap()
         .count()
 }
+
+/// An agent's open file descriptors, those it keeps on target threads' `schedstat` files (the
+/// run-queue counters keep up to 512 open, one a live target thread) counted apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fds {
+    /// Every other open fd: sockets, the BPF objects, event fds, ...
+    pub other: usize,
+    /// `schedstat` files of threads that still exist.
+    pub schedstat: usize,
+    /// `schedstat` files of threads that have ended (closed at the next reading, 2 s).
+    pub ended: usize,
+}
+
+/// `pid`'s open fds, sorted as [`Fds`] says.
+pub fn fds_apart(pid: u32) -> Fds {
+    let mut f = Fds {
+        other: 0,
+        schedstat: 0,
+        ended: 0,
+    };
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(link) = std::fs::read_link(e.path()) else {
+            f.other += 1; // closed since the listing
+            continue;
+        };
+        let link = link.to_string_lossy();
+        let path = link.strip_suffix(" (deleted)").unwrap_or(&link);
+        match path.strip_suffix("/schedstat") {
+            Some(task) if path.starts_with("/proc/") && task.contains("/task/") => {
+                if std::path::Path::new(task).exists() {
+                    f.schedstat += 1;
+                } else {
+                    f.ended += 1;
+                }
+            }
+            _ => f.other += 1,
+        }
+    }
+    f
+}
