@@ -12,6 +12,9 @@
 # The processes under test run on CPU 1, the agent on CPU 0. Root; prints a markdown table.
 #
 #   scripts/syscall-cost.sh [AGENT_BIN] [ROUNDS]
+#
+# SETS="sock" limits it to some hook sets; PERF_ONLY=1 runs only the perf part (ROUNDS times),
+# the quickest look at what untargeted processes pay.
 set -euo pipefail
 AG=${1:-target/release/llm-slo-agent}
 ROUNDS=${2:-3}
@@ -75,9 +78,10 @@ untargeted() { # $1: hooks or "none"; prints "write getppid" ns
   echo "$w $g"
 }
 
-SETS="sock tracepoint raw"
+SETS=${SETS:-sock tracepoint raw}
 declare -A tw tu uw ug
 for r in $(seq "$ROUNDS"); do
+  [ -n "${PERF_ONLY:-}" ] && break
   for m in none $SETS; do
     tw[$m]+="$(target_write $m) "
     tu[$m]+="$(target_write $m untargeted) "
@@ -90,12 +94,14 @@ row() { # $1 label, $2 name of the array
   local -n a=$2
   echo "| $1 | $(range "${a[none]}") | $(range "${a[sock]}") | $(range "${a[tracepoint]}") | $(range "${a[raw]}") |"
 }
+if [ -z "${PERF_ONLY:-}" ]; then
 echo "| ns per call (min–max over $ROUNDS rounds) | no agent | sock (default) | tracepoint | raw |"
 echo "|---|---:|---:|---:|---:|"
 row "target: write() of 120 B to a TCP socket, traced" tw
 row "untargeted: the same write() of 120 B to a TCP socket" tu
 row "untargeted: write() to /dev/null" uw
 row "untargeted: getppid()" ug
+fi
 
 # BPF run time per program, each hook set once more with bpf_stats on: for the target's traced
 # writes, and for an untargeted process's write(/dev/null) (every run of the write programs is
@@ -143,10 +149,9 @@ stats_around_write() { # write(/dev/null) between two snapshots of the programs'
 untargeted_stats() { # $1 hooks, $2 pid|cgroup
   with_untargeted "$1" "$2" stats_around_write
 }
-echo
-echo "| hooks | process | program | runs | ns per run |"
-echo "|---|---|---|---:|---:|"
+[ -z "${PERF_ONLY:-}" ] && printf '\n| hooks | process | program | runs | ns per run |\n|---|---|---|---:|---:|\n'
 for m in $SETS; do
+  [ -n "${PERF_ONLY:-}" ] && break
   bpftool -j prog show >"$W/pre.json"
   target_write $m >/dev/null
   prog_stats $m "target, traced write"
@@ -191,12 +196,13 @@ PY
   echo
   echo "| hooks | target named by | untargeted call | ns per call (wall) | samples | BPF share | BPF ns per call (all its programs) | per program |"
   echo "|---|---|---|---:|---:|---:|---:|---|"
-  for m in $SETS; do
+  PR=1; [ -n "${PERF_ONLY:-}" ] && PR=$ROUNDS
+  for _ in $(seq "$PR"); do for m in $SETS; do
     for by in pid cgroup; do
       perf_share "$m" "$by" "write(/dev/null)" syscalls taskset -c 1 "$W/syscalls" write 1000000
       # The writer's receiving child (same name, same CPU) is sampled too: its reads count.
       perf_share "$m" "$by" "write() to a TCP socket, its reader's reads included" target_write \
         taskset -c 1 "$W/target_write" "$N" $((30000 + RANDOM % 5000))
     done
-  done
+  done; done
 fi

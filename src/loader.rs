@@ -232,6 +232,8 @@ pub struct TargetMaps {
     tgid_bits: &'static mut [u8],
     /// `target_cgroup_bits`: the same by cgroup id (ids beyond it: `target_cgroups` only).
     cgroup_bits: &'static mut [u8],
+    /// `target_port_bits`: `target_ports` again, one bit a port, for the socket programs.
+    port_bits: &'static mut [u64],
     /// `gpu_probed` in the same .bss: events carry GPU counters once it is set.
     gpu_probed: &'static mut u32,
     /// `listen_changes` in the same .bss: TCP sockets that started or stopped listening.
@@ -278,6 +280,7 @@ impl L7 {
             n_cgroups: &mut bss.n_cgroup_targets,
             tgid_bits: &mut bss.target_tgid_bits[..],
             cgroup_bits: &mut bss.target_cgroup_bits[..],
+            port_bits: &mut bss.target_port_bits[..],
             gpu_probed: &mut bss.gpu_probed,
             listen_changes: &bss.listen_changes,
             applied: TargetSet::default(),
@@ -510,6 +513,7 @@ impl TargetMaps {
             {
                 tracing::debug!(error = %e, "target port not added");
             }
+            set_port_bit(self.port_bits, *port);
         }
         // SAFETY: a plain aligned u32 in memory the kernel shares with the program; a torn
         // read is impossible for an aligned 32-bit store.
@@ -535,6 +539,16 @@ fn set_bit(bits: &mut [u8], idx: u64, on: bool) -> bool {
     // store is made now and whole.
     unsafe { std::ptr::write_volatile(byte, v) };
     true
+}
+
+/// Sets `port`'s bit of `target_port_bits` (word `port / 64`, bit `port % 64`, as `port_bit` in
+/// l7.bpf.c reads it). accept() sets bits there too, with an atomic or: so does this.
+fn set_port_bit(words: &mut [u64], port: u16) {
+    let word = &mut words[usize::from(port / 64)];
+    // SAFETY: an aligned u64 of the mmapped .bss (AtomicU64 has u64's layout), which the
+    // programs update with atomic ors of their own while this runs.
+    let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(word) };
+    word.fetch_or(1u64 << (port % 64), std::sync::atomic::Ordering::Relaxed);
 }
 
 impl StatsMap {
@@ -637,6 +651,21 @@ mod tests {
         for section in ["tracepoint/sock/sk_data_ready", "tracepoint/sock/inet_sock_set_state"] {
             assert_eq!(loads(section), [None; 3], "{section}");
         }
+    }
+
+    #[test]
+    fn port_bits_are_set_in_the_word_and_bit_the_programs_read() {
+        let mut words = vec![0u64; 65536 / 64];
+        // Word port/64, bit port%64: what l7.bpf.c's port_bit reads.
+        for port in [0u16, 63, 64, 8000, 65535] {
+            super::set_port_bit(&mut words, port);
+        }
+        super::set_port_bit(&mut words, 8000); // again: no change
+        let set: Vec<u16> = (0..=u16::MAX)
+            .filter(|p| words[usize::from(p / 64)] >> (p % 64) & 1 == 1)
+            .collect();
+        assert_eq!(set, [0, 63, 64, 8000, 65535]);
+        assert_eq!((words[0], words[1]), (1 | 1 << 63, 1));
     }
 
     #[test]

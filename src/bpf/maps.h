@@ -53,9 +53,10 @@ struct {
 	__type(value, __u8);
 } listen_ports SEC(".maps");
 
-/* Server ports of targets, any netns: packet hooks keep state only for these flows, and
- * sk_data_ready skips other sockets. An array indexed by port (64 KiB): the verifier inlines
- * the lookup, so the packets and sockets of everything else on the node pay a load and a test. */
+/* Server ports of targets, any netns: packet hooks keep state only for these flows. An array
+ * indexed by port (its entries 8 bytes apart: 512 KiB): the verifier inlines the lookup, so the
+ * packets of everything else on the node pay a load and a test. The L7 object's socket
+ * programs ask the same of target_port_bits, a bitmap in its .bss (l7.bpf.c). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
