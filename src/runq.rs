@@ -26,8 +26,28 @@ pub const EVERY: Duration = Duration::from_secs(2);
 const MAX_THREADS: usize = 4096;
 /// Threads' `schedstat` files kept open and read again at offset 0 (one `pread` instead of
 /// open, read and close: 1.5–1.9 µs against 9–10 here). Each open one holds a page of the
-/// kernel's seq_file buffer: past this many, files are opened for each reading.
+/// kernel's seq_file buffer: past this many, files are opened for each reading. At most a
+/// quarter of the agent's open-file limit (`RLIMIT_NOFILE`'s soft value, often 1,024): the
+/// rest stays for everything else it opens.
 const KEEP_OPEN: usize = 512;
+
+/// How many files to keep open under an open-file limit of `nofile`.
+fn keep_open(nofile: u64) -> usize {
+    usize::try_from(nofile / 4).unwrap_or(usize::MAX).min(KEEP_OPEN)
+}
+
+/// This process's soft open-file limit (1,024, the usual default, when it cannot be read).
+fn nofile_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid, initialised struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    rl.rlim_cur
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunqCounts {
@@ -94,6 +114,8 @@ pub struct RunQueue {
     /// Open `schedstat` files by tid (tids are unique in the pid namespace), those of the
     /// threads found at the last reading only.
     files: HashMap<u32, std::fs::File>,
+    /// How many of them may stay open ([`keep_open`]).
+    keep_open: usize,
 }
 
 impl RunQueue {
@@ -105,6 +127,7 @@ impl RunQueue {
             totals: PodTotals::new(forget_after),
             last: None,
             files: HashMap::new(),
+            keep_open: keep_open(nofile_limit()),
         }
     }
 
@@ -159,7 +182,6 @@ impl RunQueue {
         Some(by_pod)
     }
 
-    /// The process's threads' counters; None when the process is gone.
     /// The counters of `tgid`'s threads; None when the process is gone. Each thread's file is
     /// taken from the open ones (else opened) and, read, moved to `kept` while it has room.
     fn threads(
@@ -196,7 +218,7 @@ impl RunQueue {
             }
             let Some((c, f)) = got else { continue };
             out.push((tid, c));
-            if kept.len() < KEEP_OPEN {
+            if kept.len() < self.keep_open {
                 kept.insert(tid, f);
             }
         }
@@ -279,6 +301,15 @@ mod tests {
         // A reused tid reads lower than the old thread did: a new thread, from zero.
         p.update([(10, c(1_300, 3)), (12, c(100, 1))], false);
         assert_eq!(p.total, c(700, 7));
+    }
+
+    #[test]
+    fn files_kept_open_are_a_quarter_of_the_open_file_limit_at_most() {
+        assert_eq!(keep_open(1024), 256);
+        assert_eq!(keep_open(4096), KEEP_OPEN);
+        assert_eq!(keep_open(libc::RLIM_INFINITY), KEEP_OPEN);
+        assert_eq!(keep_open(3), 0);
+        assert!(nofile_limit() > 0);
     }
 
     #[test]
