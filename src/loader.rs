@@ -136,21 +136,26 @@ unsafe impl plain::Plain for types::llmslo_stream_arm {}
 impl StreamArms {
     /// Arms one connection. An arm whose template does not fit the kernel's arrays is refused.
     pub fn arm(&self, a: &crate::assemble::StreamArm) -> Result<()> {
+        anyhow::ensure!(
+            a.prefix_fixed.len() == a.prefix.len() && a.suffix_fixed.len() == a.suffix.len(),
+            "arm masks of another length than its template"
+        );
         let mut v = types::llmslo_stream_arm {
-            reads: a.reads,
             prefix_len: u16::try_from(a.prefix.len())?,
             suffix_len: u16::try_from(a.suffix.len())?,
             chunked: u32::from(a.chunked),
             ..Default::default()
         };
-        v.prefix
-            .get_mut(..a.prefix.len())
-            .context("arm prefix too long")?
-            .copy_from_slice(&a.prefix);
-        v.suffix
-            .get_mut(..a.suffix.len())
-            .context("arm suffix too long")?
-            .copy_from_slice(&a.suffix);
+        for (to, from, what) in [
+            (&mut v.prefix[..], &a.prefix, "arm prefix too long"),
+            (&mut v.suffix[..], &a.suffix, "arm suffix too long"),
+            (&mut v.prefix_fixed[..], &a.prefix_fixed, "arm prefix too long"),
+            (&mut v.suffix_fixed[..], &a.suffix_fixed, "arm suffix too long"),
+        ] {
+            to.get_mut(..from.len())
+                .context(what)?
+                .copy_from_slice(from);
+        }
         // SAFETY: reading the bytes of a plain repr(C) value.
         let bytes = unsafe { plain::as_bytes(&v) };
         self.0

@@ -7,6 +7,13 @@
 //! event with nothing else in it: the kernel may count it (its start stamp and size) instead of
 //! sending its bytes. Everything else — the response head, the role and finish events, usage,
 //! `[DONE]`, an event that differs anywhere but in its text — still comes as an event.
+//!
+//! The arm outlives its response: the values of `"id"` and `"created"` are marked as bytes that
+//! may vary (any bytes but a quote, a backslash or a control byte, which keep every JSON string
+//! where it is), so the next responses of the same shape on a keep-alive connection are counted
+//! from their first token without waiting for userspace to see one. A value of another length
+//! (an id counter past 9, 99, …) or another model does not fit: those writes come as events, and
+//! the first whole token event among them arms the connection again.
 
 /// What the kernel's `llmslo_stream_arm` holds (llmslo.h): the caps are its array sizes.
 pub const PREFIX_CAP: usize = 256;
@@ -18,18 +25,47 @@ pub const ARMS_PENDING: usize = 4096;
 /// The kernel compares eight bytes at a time and needs at least one word of each.
 const MIN_LEN: usize = 8;
 
-/// A connection to arm: token events of its current response look like `prefix`, a JSON
-/// string body, `suffix`.
+/// A connection to arm: token events of its responses look like `prefix`, a JSON string body,
+/// `suffix`, where the bytes that `prefix_fixed` / `suffix_fixed` mark 0 may differ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamArm {
     pub sock_id: u64,
-    /// Read events the connection had when armed (the kernel counts them too): the arm
-    /// applies only until the next request is read.
-    pub reads: u32,
     /// Each event is one chunk of a chunked body (else the body is not chunked).
     pub chunked: bool,
     pub prefix: Vec<u8>,
     pub suffix: Vec<u8>,
+    /// One byte per byte of `prefix` / `suffix`: 0xff must be the same, 0 may vary.
+    pub prefix_fixed: Vec<u8>,
+    pub suffix_fixed: Vec<u8>,
+}
+
+impl StreamArm {
+    /// The arm for the token event `ev` whose text lies between `plen` and `ev.len() - slen`
+    /// (`template`): the values of `VARYING_KEYS` in either part may vary.
+    pub(crate) fn new(
+        sock_id: u64,
+        chunked: bool,
+        ev: &[u8],
+        (plen, slen): (usize, usize),
+    ) -> StreamArm {
+        let sfrom = ev.len() - slen;
+        let (mut prefix_fixed, mut suffix_fixed) = (vec![0xff; plen], vec![0xff; slen]);
+        for r in varying(ev) {
+            if r.end < plen {
+                prefix_fixed[r].fill(0);
+            } else if r.start >= sfrom {
+                suffix_fixed[r.start - sfrom..r.end - sfrom].fill(0);
+            }
+        }
+        StreamArm {
+            sock_id,
+            chunked,
+            prefix: ev[..plen].to_vec(),
+            suffix: ev[sfrom..].to_vec(),
+            prefix_fixed,
+            suffix_fixed,
+        }
+    }
 }
 
 /// Generated-text keys whose string value makes an event a token event (scan.rs `KEYS`),
@@ -40,6 +76,45 @@ const CONTENT_KEYS: [&[u8]; 4] = [
     b"\"reasoning_content\":",
     b"\"reasoning\":",
 ];
+
+/// Keys whose values differ between the responses of one server and mean nothing to the
+/// assembler (it reads the model, the generated text and usage, never these).
+const VARYING_KEYS: [&[u8]; 2] = [b"id", b"created"];
+
+/// The byte ranges of `ev` holding the values of `VARYING_KEYS`: a string's body or a number's
+/// digits (an empty string: none).
+fn varying(ev: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut it = strings(ev);
+    let skip_spaces = |mut i: usize| {
+        while ev.get(i) == Some(&b' ') {
+            i += 1;
+        }
+        i
+    };
+    std::iter::from_fn(move || loop {
+        let (open, close) = it.next()?;
+        let colon = skip_spaces(close + 1);
+        if ev.get(colon) != Some(&b':') || !VARYING_KEYS.contains(&&ev[open + 1..close]) {
+            continue;
+        }
+        let v = skip_spaces(colon + 1);
+        match ev.get(v) {
+            // The value is the next string.
+            Some(b'"') => match it.next() {
+                Some((vo, vc)) if vo == v && vc > v + 1 => return Some(v + 1..vc),
+                _ => continue,
+            },
+            Some(c) if c.is_ascii_digit() => {
+                let n = ev[v..].iter().take_while(|c| c.is_ascii_digit()).count();
+                return Some(v..v + n);
+            }
+            _ => continue,
+        }
+    })
+}
+
+/// A finish reason after the text (a string, not `null`): the last token event of a choice.
+const FINISHED: [&[u8]; 2] = [b"\"finish_reason\":\"", b"\"finish_reason\": \""];
 
 /// The body of a JSON string as the kernel accepts it: non-empty, no raw quote, no control
 /// byte, no escape left open.
@@ -101,6 +176,13 @@ pub(crate) fn template(ev: &[u8]) -> Option<(usize, usize)> {
         CONTENT_KEYS.iter().any(|k| key.ends_with(k)) && string_body_ok(&ev[open + 1..close])
     })?;
     let (plen, slen) = (open + 1, ev.len() - close);
+    // The event that ends the choice: its finish reason fits no other token event.
+    if FINISHED
+        .iter()
+        .any(|f| memchr::memmem::find(&ev[close..], f).is_some())
+    {
+        return None;
+    }
     let fits = (MIN_LEN..=PREFIX_CAP).contains(&plen) && (MIN_LEN..=SUFFIX_CAP).contains(&slen);
     fits.then_some((plen, slen))
 }
@@ -158,6 +240,9 @@ mod tests {
             None
         );
         assert_eq!(template(b"data: [DONE]\n\n"), None);
+        // The last token event, with the finish reason: no other event looks like it.
+        assert_eq!(template(&ev("c1", "a", "\"length\"")), None);
+        assert!(template(&ev("c1", "a", "null")).is_some());
         // Multi-line events, CRLF line ends, no blank line at the end.
         assert_eq!(
             template(b"event: t\ndata: {\"content\":\"aaaaaaaa\",\"x\":1}\n\n"),
@@ -182,6 +267,51 @@ mod tests {
         // Nor a suffix shorter than a word.
         assert_eq!(template(b"data: {\"content\":\"a\"}\n\n"), None);
         assert!(template(b"data: {\"content\":\"a\",\"x\":1}\n\n").is_some());
+    }
+
+    /// The bytes of the arm for `ev` that may vary, by part ('.' for each fixed byte).
+    fn vary(ev: &[u8]) -> (String, String) {
+        let a = StreamArm::new(7, false, ev, template(ev).unwrap());
+        assert_eq!(
+            (a.prefix_fixed.len(), a.suffix_fixed.len()),
+            (a.prefix.len(), a.suffix.len())
+        );
+        let show = |t: &[u8], f: &[u8]| {
+            let v: String = t
+                .iter()
+                .zip(f)
+                .map(|(&c, &m)| if m == 0 { c as char } else { '.' })
+                .collect();
+            v.split('.')
+                .filter(|x| !x.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        (
+            show(&a.prefix, &a.prefix_fixed),
+            show(&a.suffix, &a.suffix_fixed),
+        )
+    }
+
+    #[test]
+    fn the_values_of_id_and_created_may_vary() {
+        // vLLM / OpenAI: id and created before the text.
+        let v = br#"data: {"id":"chatcmpl-9f3a","object":"chat.completion.chunk","created":1733000000,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}
+
+"#;
+        assert_eq!(vary(v), ("chatcmpl-9f3a,1733000000".into(), String::new()));
+        // llama.cpp: after it (the suffix), with spaces around the colon's value.
+        let l = br#"data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"Hi"}}],"created": 1733000001,"id": "chatcmpl-Xy","model":"q","object":"chat.completion.chunk"}
+
+"#;
+        assert_eq!(vary(l), (String::new(), "1733000001,chatcmpl-Xy".into()));
+        // An empty id (TGI), the model, keys that only end in "id", an id inside a string
+        // value, a created that is no number or string: all fixed.
+        let t = br#"data: {"object":"chat.completion.chunk","id":"","created":null,"model":"id","tool_call_id":"t1","note":"\"id\":\"z\"","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}
+
+"#;
+        assert_eq!(vary(t), (String::new(), String::new()));
+        assert_eq!(vary(&ev("c1", "Hel", "null")), ("c1".into(), String::new()));
     }
 
     #[test]

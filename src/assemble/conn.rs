@@ -158,9 +158,6 @@ pub(crate) struct Conn {
     fp: Fingerprint,
     /// Requests before this index were handed to the joiner.
     noted_seq: u64,
-    /// Read events seen since accept (or since the first event): the kernel counts them too,
-    /// and an arm names the count it was made at.
-    reads: u32,
     arm: ArmState,
 }
 
@@ -220,7 +217,6 @@ impl Conn {
             body_scan: KeyScan::default(),
             fp: Fingerprint::default(),
             noted_seq: 0,
-            reads: 0,
             arm: ArmState::default(),
         }
     }
@@ -239,7 +235,6 @@ impl Conn {
         self.seen_request = false;
         self.next_seq = 0;
         self.noted_seq = 0;
-        self.reads = 0;
         self.ident.sock_id = ev.sock_id;
         self.ident.local = ev.local;
         self.ident.remote = ev.remote;
@@ -388,9 +383,6 @@ impl Conn {
     }
 
     pub(crate) fn on_io(&mut self, ev: &SockEvent<'_>, cfg: &AssemblerConfig, sink: &mut Sink<'_>) {
-        if ev.kind == EventKind::Read {
-            self.reads = self.reads.wrapping_add(1);
-        }
         if self.mode == Mode::Ignored {
             return;
         }

@@ -210,6 +210,8 @@ pub fn assembler(data: &[u8]) {
         for arm in a.take_arms() {
             assert!((8..=super::arm::PREFIX_CAP).contains(&arm.prefix.len()));
             assert!((8..=super::arm::SUFFIX_CAP).contains(&arm.suffix.len()));
+            assert_eq!(arm.prefix_fixed.len(), arm.prefix.len());
+            assert_eq!(arm.suffix_fixed.len(), arm.suffix.len());
         }
         if op == 0xff {
             a.expire(t + 10_000_000_000, &mut |_| {});

@@ -23,7 +23,7 @@ mod tests_stream;
 #[cfg(test)]
 mod tests_tokens;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::event::{EventKind, SockEvent};
@@ -165,6 +165,8 @@ pub struct Assembler {
     oldest: u32,
     joiner: Joiner,
     arms: Vec<StreamArm>,
+    /// Connections already given an arm in this `take_arms` (kept between calls: no allocation).
+    arms_taken: HashSet<u64, BuildHasherDefault<IdHasher>>,
 }
 
 impl Assembler {
@@ -180,19 +182,23 @@ impl Assembler {
             oldest: NIL,
             joiner: Joiner::default(),
             arms: Vec::new(),
+            arms_taken: HashSet::default(),
         }
     }
 
     /// Connections to arm (`StreamArm`) since the last call: the kernel's map is the caller's.
     /// At most `ARMS_PENDING` wait; past that, responses go unarmed (their writes stay events).
-    /// An arm whose response already ended (a short stream, within one batch of events) is
-    /// dropped here: it would cost the caller a syscall and the kernel a map entry for nothing.
+    /// An arm outlives its response (the next ones on the connection are counted from their
+    /// first token), so one whose response already ended is kept while its connection is open;
+    /// that of a connection closed since is dropped (a syscall and a map entry for nothing), and
+    /// of several for one connection (responses within one batch) only the last is given.
     pub fn take_arms(&mut self) -> impl Iterator<Item = StreamArm> + '_ {
-        let (map, slots) = (&self.map, &self.slots);
-        self.arms.drain(..).filter(move |a| {
-            map.get(&a.sock_id)
-                .is_some_and(|&i| slots[i as usize].conn.streaming_armed(a.reads))
-        })
+        let (map, taken) = (&self.map, &mut self.arms_taken);
+        taken.clear();
+        self.arms.reverse();
+        self.arms
+            .drain(..)
+            .filter(move |a| map.contains_key(&a.sock_id) && taken.insert(a.sock_id))
     }
 
     pub fn stats(&self) -> &AssemblerStats {

@@ -623,8 +623,8 @@ static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
 
 /* ---- token writes counted in the kernel (llmslo.h: llmslo_stream_arm, llmslo_tokens) ---- */
 
-/* Written by userspace (one entry per armed connection), read here; close() removes it. An arm
- * left by a connection closed unseen is evicted. */
+/* Written by userspace (one entry per armed connection), read here; close() and the socket's
+ * TCP_CLOSE remove it, and so does an accept at the same address. 4096 entries of 776 bytes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
@@ -656,6 +656,21 @@ static __always_inline __u64 load64(const void *p)
 #define WORD_AT(s, i) load64(&(s)->data[(i) & 1023])
 #define PREFIX_WORD(arm, i) load64(&(arm)->prefix[clamp_to(i, LLMSLO_ARM_PREFIX_CAP - 8)])
 #define SUFFIX_WORD(arm, i) load64(&(arm)->suffix[clamp_to(i, LLMSLO_ARM_SUFFIX_CAP - 8)])
+#define PREFIX_FIXED(arm, i) load64(&(arm)->prefix_fixed[clamp_to(i, LLMSLO_ARM_PREFIX_CAP - 8)])
+#define SUFFIX_FIXED(arm, i) load64(&(arm)->suffix_fixed[clamp_to(i, LLMSLO_ARM_SUFFIX_CAP - 8)])
+
+/* Whether the payload word `w` differs from the template word `t` where `fixed` (0xff a byte)
+ * says it must not, or has elsewhere a byte that would change the event's JSON: a quote, a
+ * backslash, a control byte (each tested for all eight bytes at once, the fixed ones replaced by
+ * 'A'; the zero-byte tests are exact for "some byte is"). No branch: the verifier walks one path. */
+static __always_inline __u64 word_misfit(__u64 w, __u64 t, __u64 fixed)
+{
+	const __u64 ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+	__u64 v = (w & ~fixed) | (0x41 * ones & fixed);
+	__u64 q = v ^ (0x22 * ones), b = v ^ (0x5c * ones);
+	__u64 odd = ((q - ones) & ~q) | ((b - ones) & ~b) | ((v - 0x20 * ones) & ~v);
+	return ((w ^ t) & fixed) | (odd & highs);
+}
 
 /* A token's text, `len` bytes of s->data from `from`: a non-empty JSON string body. Judged
  * conservatively, so that the loop keeps no state for the verifier to fork on: no control byte,
@@ -693,19 +708,23 @@ __noinline int llmslo_token_event(struct scratch *s, struct llmslo_stream_arm *a
 	for (__u32 i = 0; i < LLMSLO_ARM_PREFIX_CAP / 8; i++) {
 		if (i >= plen / 8)
 			break;
-		if (WORD_AT(s, start + i * 8) != PREFIX_WORD(arm, i * 8))
+		if (word_misfit(WORD_AT(s, start + i * 8), PREFIX_WORD(arm, i * 8),
+			       PREFIX_FIXED(arm, i * 8)))
 			return 0;
 	}
-	if (WORD_AT(s, start + plen - 8) != PREFIX_WORD(arm, plen - 8))
+	if (word_misfit(WORD_AT(s, start + plen - 8), PREFIX_WORD(arm, plen - 8),
+		       PREFIX_FIXED(arm, plen - 8)))
 		return 0;
 	__u64 sfrom = end - slen;
 	for (__u32 i = 0; i < LLMSLO_ARM_SUFFIX_CAP / 8; i++) {
 		if (i >= slen / 8)
 			break;
-		if (WORD_AT(s, sfrom + i * 8) != SUFFIX_WORD(arm, i * 8))
+		if (word_misfit(WORD_AT(s, sfrom + i * 8), SUFFIX_WORD(arm, i * 8),
+			       SUFFIX_FIXED(arm, i * 8)))
 			return 0;
 	}
-	if (WORD_AT(s, end - 8) != SUFFIX_WORD(arm, slen - 8))
+	if (word_misfit(WORD_AT(s, end - 8), SUFFIX_WORD(arm, slen - 8),
+		       SUFFIX_FIXED(arm, slen - 8)))
 		return 0;
 	return llmslo_token_text(s, start + plen, sfrom - start - plen);
 }
@@ -796,7 +815,7 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	if (ret > LLMSLO_TAKE_MAX || s->hdr.head_len != ret)
 		return 0;
 	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
-	if (!arm || arm->reads != ci->reads || !llmslo_token_judge(s, arm, ret))
+	if (!arm || !llmslo_token_judge(s, arm, ret))
 		return 0;
 	struct llmslo_tokens *acc = NULL;
 	if (ci->tokens_pending) {
@@ -892,12 +911,11 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			s->hdr.queued_ts = ci->queued_ts;
 			ci->queued_ts = 0;
 			queued_last = ci->queued_last_ts;
-			ci->reads++;
 		}
 	} else {
 		/* NOEXIST: sk_data_ready may have stamped this socket on another CPU since the
 		 * lookup; its stamp is kept for the next read. */
-		struct conn_info fresh = { .tuple = t, .reads = a.kind == LLMSLO_EV_READ };
+		struct conn_info fresh = { .tuple = t };
 		if (!bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST))
 			bump(LLMSLO_ST_CONN_INSERT);
 	}
@@ -1055,13 +1073,13 @@ static __always_inline int exit_accept_common(long ret)
 		struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 		if (ci) {
 			ci->tuple = t;
-			ci->reads = 0;
-			/* Counts of the socket that was here (never flushed: no close seen) are not
+			/* Counts and the arm of the socket that was here (no close seen) are not
 			 * this connection's. */
 			if (ci->tokens_pending) {
 				bpf_map_delete_elem(&stream_tokens, &key);
 				ci->tokens_pending = 0;
 			}
+			bpf_map_delete_elem(&stream_arms, &key);
 		}
 	}
 	struct listen_key lk = listen_key_of(sk);
@@ -1474,6 +1492,8 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci->queued_ts = 0;
 		ci->queued_last_ts = 0;
 		ci->tuple.stale = 1;
+		/* The arm describes this connection's responses, not the next socket's here. */
+		bpf_map_delete_elem(&stream_arms, &key);
 	}
 	return 0;
 }

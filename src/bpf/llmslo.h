@@ -135,14 +135,17 @@ struct llmslo_event {
 };
 
 /* ---- token writes counted in the kernel ----
- * Once userspace has seen two token events of a streamed response it knows what every token
- * event of that response looks like: the same bytes before the token's text (id, model, the
- * content key) and after it (finish_reason null, the event's blank line). It arms the
- * connection with them (stream_arms, keyed by socket). A later write that is exactly one such
- * event, in one chunk (or unchunked), is then counted in the kernel: its start stamp and size
- * go into the connection's llmslo_tokens entry instead of an event with its bytes. The entry
- * is sent as one LLMSLO_EV_TOKENS record before the connection's next event, when full, when
- * its span reaches LLMSLO_TOKENS_SPAN_NS, or when the socket closes. */
+ * Once userspace has seen one whole token event of a streamed response it knows what every
+ * token event of that server's responses on the connection looks like: the same bytes before
+ * the token's text (id, created, model, the content key) and after it (finish_reason null, the
+ * event's blank line). It arms the connection with them (stream_arms, keyed by socket), marking
+ * the bytes that differ from one response to the next (the values of "id" and "created") as
+ * free to vary. A later write that is exactly one such event, in one chunk (or unchunked), is
+ * then counted in the kernel: its start stamp and size go into the connection's llmslo_tokens
+ * entry instead of an event with its bytes. The arm stays until the socket closes, so the next
+ * responses on a keep-alive connection are counted from their first token. The entry is sent
+ * as one LLMSLO_EV_TOKENS record before the connection's next event, when full, when its span
+ * reaches LLMSLO_TOKENS_SPAN_NS, or when the socket closes. */
 #define LLMSLO_ARM_PREFIX_CAP 256
 #define LLMSLO_ARM_SUFFIX_CAP 128
 #define LLMSLO_TAKE_MAX 512     /* longest write judged */
@@ -151,14 +154,15 @@ struct llmslo_event {
 #define LLMSLO_TOKENS_SPAN_NS 1000000000ULL
 
 struct llmslo_stream_arm {
-	__u32 reads;      /* the connection's read events when userspace armed it: an arm made for
-			   * one request never applies to the next */
 	__u16 prefix_len; /* 8..LLMSLO_ARM_PREFIX_CAP */
 	__u16 suffix_len; /* 8..LLMSLO_ARM_SUFFIX_CAP */
 	__u32 chunked;    /* each event is one chunk of a chunked body */
-	__u32 pad;
 	__u8 prefix[LLMSLO_ARM_PREFIX_CAP];
 	__u8 suffix[LLMSLO_ARM_SUFFIX_CAP];
+	/* 0xff: the byte at the same place must be the template's; 0: it may vary (one that is
+	 * not a quote, a backslash or a control byte, so the event's JSON keeps its shape). */
+	__u8 prefix_fixed[LLMSLO_ARM_PREFIX_CAP];
+	__u8 suffix_fixed[LLMSLO_ARM_SUFFIX_CAP];
 };
 
 /* A connection's counted token writes; the payload of its LLMSLO_EV_TOKENS record is delta[0..n]

@@ -28,8 +28,8 @@ struct conn_info {
 	/* Read from the socket once, at the connection's first traced syscall: every later event
 	 * copies it instead of a dozen reads through the socket. */
 	struct conn_tuple tuple;
-	__u32 reads;          /* read events sent since accept (or since the entry was made) */
 	__u32 tokens_pending; /* an llmslo_tokens entry holds counted writes not yet sent */
+	__u32 pad;
 };
 
 /* Server sockets we have seen (accepted or used by a target), keyed by struct sock address. */

@@ -95,7 +95,7 @@ impl Conn {
                             deliver(&mut self.sse, &mut self.body_scan, front, st.data, io);
                         // One whole token event: what the next ones may look like.
                         if (events, tokens) == (1, 1) && between_events && self.sse.at_boundary() {
-                            let id = (self.ident.sock_id, self.reads, body.is_chunked());
+                            let id = (self.ident.sock_id, body.is_chunked());
                             consider_arm(&mut self.arm, st.data, id, sink);
                         }
                     }
@@ -163,11 +163,6 @@ impl Conn {
         }
     }
 
-    /// Whether the response in flight is the one armed at `reads` read events.
-    pub(crate) fn streaming_armed(&self, reads: u32) -> bool {
-        self.arm.done && self.reads == reads && matches!(self.resp, RespState::Body(_))
-    }
-
     /// Token writes the kernel counted (an armed stream): each was one whole token event, so
     /// they continue the response from an event boundary. Anywhere else they are a gap.
     pub(crate) fn on_tokens(&mut self, ev: &SockEvent<'_>, sink: &mut Sink<'_>) {
@@ -207,6 +202,9 @@ impl Conn {
                 return self.write_gap(bytes, &io, sink);
             }
         };
+        // The kernel's arm fits this response: none is made from its events (its last token,
+        // with the finish reason, would make one that fits no other).
+        self.arm.done = true;
         let mut last = ev.ts_enter;
         for t in starts {
             front.token(t, Inside::default());
@@ -227,10 +225,11 @@ impl Conn {
     }
 }
 
-/// A whole token event of the current response (`id`: the connection's sock id, its read
-/// events, whether the body is chunked): when it gives a template (arm.rs), the connection is
-/// armed for the rest of the response.
-fn consider_arm(st: &mut ArmState, event: &[u8], id: (u64, u32, bool), sink: &mut Sink<'_>) {
+/// A whole token event of the current response (`id`: the connection's sock id, whether the
+/// body is chunked): when it gives a template (arm.rs), the connection is armed for the rest of
+/// this response and for the later ones of the same shape. A response whose token writes the
+/// kernel counts from the start shows no whole token event here, and is not armed again.
+fn consider_arm(st: &mut ArmState, event: &[u8], id: (u64, bool), sink: &mut Sink<'_>) {
     /// Events tried per response before giving up on it.
     const TRIES: u8 = 4;
     let Some(arms) = sink.arms.as_deref_mut() else {
@@ -239,18 +238,12 @@ fn consider_arm(st: &mut ArmState, event: &[u8], id: (u64, u32, bool), sink: &mu
     if st.done || event.len() > TAKE_MAX || arms.len() >= ARMS_PENDING {
         return;
     }
-    let Some((p, s)) = super::super::arm::template(event) else {
+    let Some(t) = super::super::arm::template(event) else {
         st.tries += 1;
         st.done = st.tries >= TRIES;
         return;
     };
-    arms.push(StreamArm {
-        sock_id: id.0,
-        reads: id.1,
-        chunked: id.2,
-        prefix: event[..p].to_vec(),
-        suffix: event[event.len() - s..].to_vec(),
-    });
+    arms.push(StreamArm::new(id.0, id.1, event, t));
     sink.stats.streams_armed += 1;
     st.done = true;
 }
