@@ -76,6 +76,13 @@ fn the_first_whole_token_event_arms_the_connection_for_its_later_responses() {
     s.write(SOCK, &chunk(&role_event()));
     let c = chunk(&token_event("x"));
     let t0 = s.t;
+    // The record carries its first write's counters: they mark the first token.
+    let first = crate::event::Inside {
+        tid: 4242,
+        runq_ns: Some(31_000),
+        gpu: None,
+    };
+    s.inside = Some(first);
     tokens(&mut s, SOCK, &[t0, t0 + 1000], 2 * c.len() as u64);
     // A token event after counted ones (say, one the kernel left out) arms nothing either.
     s.write(SOCK, &chunk(&token_event("w")));

@@ -335,25 +335,32 @@ static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci,
  * paths, which every context switch of the node would pay. One hash lookup for the GPU
  * counters, for target processes' reads and writes only. fill_hdr has zeroed them and set the
  * cgroup id. */
+/* The counters into `o` (a header, or a token count's first-write fields: the same names),
+ * their llmslo_inside bits into its `inside`. */
+#define FILL_INSIDE(o, cgroup)                                                                 \
+	do {                                                                                   \
+		if (runq_on) {                                                                 \
+			struct task_struct *task_ = current_task();                            \
+			if (bpf_core_field_exists(task_->sched_info)) {                        \
+				(o)->runq_total_ns = task_->sched_info.run_delay;              \
+				(o)->inside |= LLMSLO_INSIDE_RUNQ;                             \
+			}                                                                      \
+		}                                                                              \
+		if (gpu_probed) {                                                              \
+			__u64 cg_ = (cgroup);                                                  \
+			struct llmslo_gpu_counts *g_ = bpf_map_lookup_elem(&gpu_counts, &cg_); \
+			if (g_) {                                                              \
+				(o)->gpu_launches = g_->launches;                              \
+				(o)->gpu_graph_launches = g_->graph_launches;                  \
+				(o)->gpu_sync_wait_ns = g_->sync_wait_ns;                      \
+				(o)->inside |= LLMSLO_INSIDE_GPU;                              \
+			}                                                                      \
+		}                                                                              \
+	} while (0)
+
 static __always_inline void fill_inside(struct llmslo_event_hdr *h)
 {
-	if (runq_on) {
-		struct task_struct *task = current_task();
-		if (bpf_core_field_exists(task->sched_info)) {
-			h->runq_total_ns = task->sched_info.run_delay;
-			h->inside |= LLMSLO_INSIDE_RUNQ;
-		}
-	}
-	if (!gpu_probed)
-		return;
-	__u64 cg = h->cgroup_id;
-	struct llmslo_gpu_counts *g = bpf_map_lookup_elem(&gpu_counts, &cg);
-	if (g) {
-		h->gpu_launches = g->launches;
-		h->gpu_graph_launches = g->graph_launches;
-		h->gpu_sync_wait_ns = g->sync_wait_ns;
-		h->inside |= LLMSLO_INSIDE_GPU;
-	}
+	FILL_INSIDE(h, h->cgroup_id);
 }
 
 static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_io *a, struct sock *sk,
@@ -783,6 +790,13 @@ static __always_inline int tokens_flush(__u64 key, const struct conn_tuple *t, s
 			fill_hdr(&e->hdr, &a, (struct sock *)key, t, acc->last_exit, acc->bytes);
 			e->hdr.head_len = n * 4;
 			e->hdr.tail_len = 0;
+			/* The first write's thread and counters, not the flushing task's. */
+			e->hdr.tid = acc->tid;
+			e->hdr.runq_total_ns = acc->runq_total_ns;
+			e->hdr.gpu_launches = acc->gpu_launches;
+			e->hdr.gpu_graph_launches = acc->gpu_graph_launches;
+			e->hdr.gpu_sync_wait_ns = acc->gpu_sync_wait_ns;
+			e->hdr.inside = acc->inside;
 			__builtin_memcpy(e->delta, acc->delta, sizeof(e->delta));
 			bpf_ringbuf_submit(e, wakeup_flag(size));
 			bump(LLMSLO_ST_EVENTS);
@@ -829,10 +843,19 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	if (!acc) {
 		/* The entry starts from bytes of the scratch beyond any copied payload. */
 		struct llmslo_tokens *fresh = (void *)&s->data[LLMSLO_HEAD_CAP];
+		struct task_struct *task = current_task();
 		fresh->first = enter;
 		fresh->last_exit = now;
 		fresh->bytes = 0;
 		fresh->n = 0;
+		fresh->tid = task->pid;
+		fresh->runq_total_ns = 0;
+		fresh->gpu_launches = 0;
+		fresh->gpu_graph_launches = 0;
+		fresh->gpu_sync_wait_ns = 0;
+		fresh->inside = 0;
+		fresh->pad = 0;
+		FILL_INSIDE(fresh, task_cgroup_id(task));
 		if (bpf_map_update_elem(&stream_tokens, &key, fresh, BPF_ANY))
 			return 0;
 		acc = bpf_map_lookup_elem(&stream_tokens, &key);
@@ -1073,15 +1096,16 @@ static __always_inline int exit_accept_common(long ret)
 		struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 		if (ci) {
 			ci->tuple = t;
-			/* Counts and the arm of the socket that was here (no close seen) are not
-			 * this connection's. */
+			/* Counts of the socket that was here (no close seen) are not this
+			 * connection's. */
 			if (ci->tokens_pending) {
 				bpf_map_delete_elem(&stream_tokens, &key);
 				ci->tokens_pending = 0;
 			}
-			bpf_map_delete_elem(&stream_arms, &key);
 		}
 	}
+	/* Nor is an arm left at this address (one written after its socket closed). */
+	bpf_map_delete_elem(&stream_arms, &key);
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);

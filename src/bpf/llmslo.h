@@ -166,12 +166,20 @@ struct llmslo_stream_arm {
 };
 
 /* A connection's counted token writes; the payload of its LLMSLO_EV_TOKENS record is delta[0..n]
- * (head_len = 4 n), the header's ts_enter is `first`, ts_exit `last_exit`, ret `bytes`. */
+ * (head_len = 4 n), the header's ts_enter is `first`, ts_exit `last_exit`, ret `bytes`, and its
+ * tid and inside counters are those of the first write (what that write's own event would have
+ * carried: a response's first token may be among them, and the stages it bounds need them). */
 struct llmslo_tokens {
 	__u64 first;     /* start stamp of the first write */
 	__u64 last_exit; /* when the last one returned */
 	__u64 bytes;     /* bytes of all of them */
 	__u32 n;
+	__u32 tid;       /* the thread of the first write */
+	__u64 runq_total_ns;      /* llmslo_event_hdr's counters as the first write returned */
+	__u64 gpu_launches;
+	__u64 gpu_graph_launches;
+	__u64 gpu_sync_wait_ns;
+	__u32 inside;
 	__u32 pad;
 	__u32 delta[LLMSLO_TOKENS_MAX]; /* each write's start - first, ns */
 };

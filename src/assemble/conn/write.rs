@@ -205,9 +205,11 @@ impl Conn {
         // The kernel's arm fits this response: none is made from its events (its last token,
         // with the finish reason, would make one that fits no other).
         self.arm.done = true;
+        // The record carries the counters of its first write: they mark the response's first
+        // token if it is that write (`token` keeps the first token's marks only).
         let mut last = ev.ts_enter;
-        for t in starts {
-            front.token(t, Inside::default());
+        for (i, t) in starts.enumerate() {
+            front.token(t, if i == 0 { ev.inside } else { Inside::default() });
             last = t;
         }
         front.rec.response_bytes = front.rec.response_bytes.saturating_add(bytes);
