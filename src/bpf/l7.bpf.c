@@ -335,8 +335,18 @@ static __always_inline void conn_tuple_of(struct sock *sk, struct conn_info *ci,
  * paths, which every context switch of the node would pay. One hash lookup for the GPU
  * counters, for target processes' reads and writes only. fill_hdr has zeroed them and set the
  * cgroup id. */
-/* The counters into `o` (a header, or a token count's first-write fields: the same names),
- * their llmslo_inside bits into its `inside`. */
+/* No counters in `o` (a header, or a token count's first-write fields: the same names). */
+#define CLEAR_INSIDE(o)                                                                        \
+	do {                                                                                   \
+		(o)->inside = 0;                                                               \
+		(o)->pad = 0;                                                                  \
+		(o)->runq_total_ns = 0;                                                        \
+		(o)->gpu_launches = 0;                                                         \
+		(o)->gpu_graph_launches = 0;                                                   \
+		(o)->gpu_sync_wait_ns = 0;                                                     \
+	} while (0)
+
+/* The counters into `o`, their llmslo_inside bits into its `inside` (cleared before). */
 #define FILL_INSIDE(o, cgroup)                                                                 \
 	do {                                                                                   \
 		if (runq_on) {                                                                 \
@@ -388,12 +398,7 @@ static __always_inline void fill_hdr(struct llmslo_event_hdr *h, struct active_i
 	__builtin_memcpy(h->comm, task->comm, sizeof(h->comm));
 	__builtin_memset(h->net_ts, 0, sizeof(h->net_ts));
 	/* Reads and writes fill these last (fill_inside), accepts and closes carry none. */
-	h->inside = 0;
-	h->pad = 0;
-	h->runq_total_ns = 0;
-	h->gpu_launches = 0;
-	h->gpu_graph_launches = 0;
-	h->gpu_sync_wait_ns = 0;
+	CLEAR_INSIDE(h);
 }
 
 /* Moves the packet-path stamps of this socket's flow into the event: request-side stamps are
@@ -849,12 +854,7 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 		fresh->bytes = 0;
 		fresh->n = 0;
 		fresh->tid = task->pid;
-		fresh->runq_total_ns = 0;
-		fresh->gpu_launches = 0;
-		fresh->gpu_graph_launches = 0;
-		fresh->gpu_sync_wait_ns = 0;
-		fresh->inside = 0;
-		fresh->pad = 0;
+		CLEAR_INSIDE(fresh);
 		FILL_INSIDE(fresh, task_cgroup_id(task));
 		if (bpf_map_update_elem(&stream_tokens, &key, fresh, BPF_ANY))
 			return 0;
