@@ -62,56 +62,85 @@ impl KeptBecause {
     }
 }
 
-/// Up to `per_kind` records per kind, each with the value it was kept for and when.
+/// One kept record: the value it was kept for, when, the record.
+type Kept = (f64, u64, Arc<RequestRecord>);
+
+fn least(v: &[Kept]) -> f64 {
+    v.iter().map(|k| k.0).fold(f64::INFINITY, f64::min)
+}
+
+/// Up to `per_kind` records per kind, each with the value it was kept for and when. Every
+/// finished request is offered, so a request that is not abnormal must cost little: a kind that
+/// is full keeps the least value it holds (`floor`), and anything at or below it is turned away
+/// without a look at the rest; the hour's expiry runs once a second, not once a request.
 pub struct Abnormal {
     per_kind: usize,
-    kept: Vec<(Kind, f64, u64, Arc<RequestRecord>)>,
+    kept: [Vec<Kept>; 4],
+    /// For a full slow kind: the least value it keeps (read only while it is full).
+    floor: [f64; 4],
+    /// The second of the last expiry sweep.
+    swept_at: Option<u64>,
 }
 
 impl Abnormal {
     pub fn new(per_kind: usize) -> Abnormal {
         Abnormal {
             per_kind,
-            kept: Vec::with_capacity(per_kind * Kind::ALL.len()),
+            kept: std::array::from_fn(|_| Vec::with_capacity(per_kind)),
+            floor: [f64::NEG_INFINITY; 4],
+            swept_at: None,
         }
     }
 
     fn offer(&mut self, kind: Kind, value: f64, now_s: u64, rec: &Arc<RequestRecord>) -> bool {
-        let mine = self.kept.iter().filter(|k| k.0 == kind).count();
-        if mine < self.per_kind {
-            self.kept.push((kind, value, now_s, rec.clone()));
+        let k = kind as usize;
+        let v = &mut self.kept[k];
+        if v.len() < self.per_kind {
+            v.push((value, now_s, rec.clone()));
+            if v.len() == self.per_kind {
+                self.floor[k] = least(v);
+            }
             return true;
         }
-        // Replace the least abnormal of this kind (for aborts and violations: the oldest).
-        let victim = self
-            .kept
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| k.0 == kind)
-            .min_by(|a, b| {
-                let key = |k: &(Kind, f64, u64, Arc<RequestRecord>)| {
-                    if kind.latest_first() {
-                        k.2 as f64
-                    } else {
-                        k.1
-                    }
-                };
-                key(a.1).total_cmp(&key(b.1))
-            })
-            .map(|(i, k)| (i, k.1));
-        if let Some((i, v)) = victim {
-            if kind.latest_first() || value > v {
-                self.kept[i] = (kind, value, now_s, rec.clone());
-                return true;
-            }
+        if v.is_empty() {
+            return false;
         }
-        false
+        // Replace the least abnormal of this kind (for aborts and violations: the oldest).
+        if !kind.latest_first() && value <= self.floor[k] {
+            return false;
+        }
+        let key = |x: &Kept| {
+            if kind.latest_first() {
+                x.1 as f64
+            } else {
+                x.0
+            }
+        };
+        let victim = (0..v.len())
+            .min_by(|&a, &b| key(&v[a]).total_cmp(&key(&v[b])))
+            .unwrap_or(0);
+        v[victim] = (value, now_s, rec.clone());
+        self.floor[k] = least(v);
+        true
+    }
+
+    /// Drops what is older than an hour; at most once a second.
+    fn sweep(&mut self, now_s: u64) {
+        if self.swept_at == Some(now_s) {
+            return;
+        }
+        self.swept_at = Some(now_s);
+        // A kind left with fewer than `per_kind` takes anything until full, when its floor is
+        // taken again: no floor to mend here.
+        for v in &mut self.kept {
+            v.retain(|k| now_s.saturating_sub(k.1) <= KEEP_S);
+        }
     }
 
     /// Offers a finished record (`violated`: it missed at least one SLO); answers the kinds it
     /// was kept for.
     pub fn record(&mut self, rec: &Arc<RequestRecord>, violated: bool, now_s: u64) -> KeptBecause {
-        self.kept.retain(|k| now_s.saturating_sub(k.2) <= KEEP_S);
+        self.sweep(now_s);
         let mut why = KeptBecause::default();
         if violated && self.offer(Kind::SloViolation, 0.0, now_s, rec) {
             why.add(Kind::SloViolation);
@@ -132,28 +161,35 @@ impl Abnormal {
         why
     }
 
+    /// Records kept, all kinds (one kept for two kinds counts twice).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.kept.iter().map(Vec::len).sum()
+    }
+
     /// The kept records of the last hour, slowest E2E first (a record kept for two reasons is
     /// listed once), each with its token write times (`token_ns`) for a full timeline.
     pub fn list(&self, now_s: u64, limit: usize) -> Vec<Value> {
-        let mut recs: Vec<&(Kind, f64, u64, Arc<RequestRecord>)> = self
-            .kept
+        let mut recs: Vec<(Kind, &Kept)> = Kind::ALL
             .iter()
-            .filter(|k| now_s.saturating_sub(k.2) <= KEEP_S)
+            .flat_map(|&kind| self.kept[kind as usize].iter().map(move |k| (kind, k)))
+            .filter(|(_, k)| now_s.saturating_sub(k.1) <= KEEP_S)
             .collect();
         recs.sort_by(|a, b| {
-            b.3.e2e_ms
+            b.1 .2
+                .e2e_ms
                 .unwrap_or(f64::INFINITY)
-                .total_cmp(&a.3.e2e_ms.unwrap_or(f64::INFINITY))
+                .total_cmp(&a.1 .2.e2e_ms.unwrap_or(f64::INFINITY))
         });
         let mut seen = std::collections::HashSet::new();
         recs.into_iter()
-            .filter(|k| seen.insert(k.3.id))
+            .filter(|(_, k)| seen.insert(k.2.id))
             .take(limit)
-            .map(|k| {
-                let mut v = serde_json::to_value(&*k.3).unwrap_or(Value::Null);
+            .map(|(kind, k)| {
+                let mut v = serde_json::to_value(&*k.2).unwrap_or(Value::Null);
                 if let Value::Object(m) = &mut v {
-                    m.insert("token_ns".into(), serde_json::json!(k.3.token_ns));
-                    m.insert("kept_because".into(), Value::from(k.0.name()));
+                    m.insert("token_ns".into(), serde_json::json!(k.2.token_ns));
+                    m.insert("kept_because".into(), Value::from(kind.name()));
                 }
                 v
             })
@@ -193,7 +229,7 @@ mod tests {
         );
         assert!(l.len() <= 9, "bounded");
         assert_eq!(l[0]["token_ns"], serde_json::json!([1, 2]));
-        assert!(a.kept.len() <= 9);
+        assert!(a.len() <= 9);
     }
 
     #[test]
@@ -246,6 +282,63 @@ mod tests {
         );
     }
 
+    /// The floor and the once-a-second sweep choose exactly what a scan of everything kept, on
+    /// every offer, would: checked against that scan over random requests spanning three hours.
+    #[test]
+    fn keeps_what_a_full_scan_would() {
+        // The scan: every record offered to every kind, the hour's expiry at each.
+        fn scan(kept: &mut Vec<(u8, f64, u64, u64)>, per: usize, k: u8, v: f64, now: u64, id: u64, latest: bool) {
+            kept.retain(|x| now.saturating_sub(x.2) <= KEEP_S);
+            let mine: Vec<usize> = (0..kept.len()).filter(|&i| kept[i].0 == k).collect();
+            if mine.len() < per {
+                kept.push((k, v, now, id));
+                return;
+            }
+            let key = |i: &usize| if latest { kept[*i].2 as f64 } else { kept[*i].1 };
+            let i = *mine.iter().min_by(|a, b| key(a).total_cmp(&key(b))).unwrap();
+            if latest || v > kept[i].1 {
+                kept[i] = (k, v, now, id);
+            }
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (per, mut a, mut reference) = (5, Abnormal::new(5), Vec::new());
+        let mut now = 0;
+        for id in 0..20_000u64 {
+            now += next() % 3; // 0-2 s apart: several offers within one second
+            let e2e = (next() % 100_000) as f64 / 10.0;
+            let (aborted, violated) = (next() % 50 == 0, next() % 40 == 0);
+            let r = rec(id, e2e, aborted);
+            a.record(&r, violated, now);
+            if violated {
+                scan(&mut reference, per, Kind::SloViolation as u8, 0.0, now, id, true);
+            }
+            if aborted {
+                scan(&mut reference, per, Kind::Aborted as u8, 0.0, now, id, true);
+            }
+            if let Some(e) = r.e2e_ms {
+                scan(&mut reference, per, Kind::SlowE2e as u8, e, now, id, false);
+            }
+            scan(&mut reference, per, Kind::SlowTtft as u8, r.ttft_ms.unwrap(), now, id, false);
+        }
+        for kind in Kind::ALL {
+            let mut want: Vec<u64> = reference
+                .iter()
+                .filter(|x| x.0 == kind as u8)
+                .map(|x| x.3)
+                .collect();
+            let mut got: Vec<u64> = a.kept[kind as usize].iter().map(|k| k.2.id).collect();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "{}", kind.name());
+        }
+    }
+
     #[test]
     fn forgets_after_an_hour() {
         let mut a = Abnormal::new(3);
@@ -254,7 +347,7 @@ mod tests {
         assert!(a.list(1001 + KEEP_S, 10).is_empty());
         a.record(&rec(2, 1.0, false), false, 1001 + KEEP_S);
         assert_eq!(
-            a.kept.len(),
+            a.len(),
             2,
             "one per kind for the new record; the old one is gone"
         );
