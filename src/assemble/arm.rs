@@ -68,6 +68,30 @@ impl StreamArm {
     }
 }
 
+#[cfg(test)]
+impl StreamArm {
+    /// The runs of bytes that may vary, in the prefix and in the suffix, each joined by ','.
+    pub(crate) fn varying_runs(&self) -> (String, String) {
+        let runs = |t: &[u8], f: &[u8]| {
+            let mut out: Vec<String> = Vec::new();
+            let mut open = false;
+            for (&c, &m) in t.iter().zip(f) {
+                match (m == 0, open) {
+                    (true, true) => out.last_mut().unwrap().push(c as char),
+                    (true, false) => out.push((c as char).to_string()),
+                    _ => {}
+                }
+                open = m == 0;
+            }
+            out.join(",")
+        };
+        (
+            runs(&self.prefix, &self.prefix_fixed),
+            runs(&self.suffix, &self.suffix_fixed),
+        )
+    }
+}
+
 /// Generated-text keys whose string value makes an event a token event (scan.rs `KEYS`),
 /// with their quotes and colon.
 const CONTENT_KEYS: [&[u8]; 4] = [
@@ -269,28 +293,14 @@ mod tests {
         assert!(template(b"data: {\"content\":\"a\",\"x\":1}\n\n").is_some());
     }
 
-    /// The bytes of the arm for `ev` that may vary, by part ('.' for each fixed byte).
+    /// The bytes of the arm for `ev` that may vary, by part.
     fn vary(ev: &[u8]) -> (String, String) {
         let a = StreamArm::new(7, false, ev, template(ev).unwrap());
         assert_eq!(
             (a.prefix_fixed.len(), a.suffix_fixed.len()),
             (a.prefix.len(), a.suffix.len())
         );
-        let show = |t: &[u8], f: &[u8]| {
-            let v: String = t
-                .iter()
-                .zip(f)
-                .map(|(&c, &m)| if m == 0 { c as char } else { '.' })
-                .collect();
-            v.split('.')
-                .filter(|x| !x.is_empty())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        (
-            show(&a.prefix, &a.prefix_fixed),
-            show(&a.suffix, &a.suffix_fixed),
-        )
+        a.varying_runs()
     }
 
     #[test]
