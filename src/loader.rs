@@ -140,10 +140,13 @@ impl StreamArms {
             a.prefix_fixed.len() == a.prefix.len() && a.suffix_fixed.len() == a.suffix.len(),
             "arm masks of another length than its template"
         );
+
         let mut v = types::llmslo_stream_arm {
             prefix_len: u16::try_from(a.prefix.len())?,
             suffix_len: u16::try_from(a.suffix.len())?,
             chunked: u32::from(a.chunked),
+            prefix_vary_n: u8::try_from(a.prefix_vary.len())?,
+            suffix_vary_n: u8::try_from(a.suffix_vary.len())?,
             ..Default::default()
         };
         for (to, from, what) in [
@@ -151,6 +154,8 @@ impl StreamArms {
             (&mut v.suffix[..], &a.suffix, "arm suffix too long"),
             (&mut v.prefix_fixed[..], &a.prefix_fixed, "arm prefix too long"),
             (&mut v.suffix_fixed[..], &a.suffix_fixed, "arm suffix too long"),
+            (&mut v.prefix_vary[..], &a.prefix_vary, "arm prefix varies too much"),
+            (&mut v.suffix_vary[..], &a.suffix_vary, "arm suffix varies too much"),
         ] {
             to.get_mut(..from.len())
                 .context(what)?

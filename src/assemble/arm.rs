@@ -24,6 +24,8 @@ pub const TAKE_MAX: usize = 512;
 pub const ARMS_PENDING: usize = 4096;
 /// The kernel compares eight bytes at a time and needs at least one word of each.
 const MIN_LEN: usize = 8;
+/// Compared words with bytes that may vary, per part, at most (LLMSLO_ARM_VARY_MAX).
+pub const VARY_MAX: usize = 6;
 
 /// A connection to arm: token events of its responses look like `prefix`, a JSON string body,
 /// `suffix`, where the bytes that `prefix_fixed` / `suffix_fixed` mark 0 may differ.
@@ -37,6 +39,27 @@ pub struct StreamArm {
     /// One byte per byte of `prefix` / `suffix`: 0xff must be the same, 0 may vary.
     pub prefix_fixed: Vec<u8>,
     pub suffix_fixed: Vec<u8>,
+    /// The compared words (`words`) of each part that hold bytes that may vary: the kernel checks
+    /// only those for bytes that would reshape the JSON.
+    pub prefix_vary: Vec<u8>,
+    pub suffix_vary: Vec<u8>,
+}
+
+/// Where the kernel compares the words of a template part of `len` bytes (8..=256): every
+/// eighth byte, then the word that ends where the part ends (it may overlap the one before).
+fn words(len: usize) -> impl Iterator<Item = usize> {
+    (0..len / 8)
+        .map(|i| i * 8)
+        .chain((!len.is_multiple_of(8)).then_some(len - 8))
+}
+
+/// The compared words of a part with a byte that may vary; None past `VARY_MAX`.
+fn vary_words(fixed: &[u8]) -> Option<Vec<u8>> {
+    let v: Vec<u8> = words(fixed.len())
+        .filter(|&o| fixed[o..o + 8].contains(&0))
+        .map(|o| o as u8)
+        .collect();
+    (v.len() <= VARY_MAX).then_some(v)
 }
 
 impl StreamArm {
@@ -57,6 +80,17 @@ impl StreamArm {
                 suffix_fixed[r.start - sfrom..r.end - sfrom].fill(0);
             }
         }
+        // Values too long to check in the kernel's few words stay as they are: the arm then
+        // fits this response's events only.
+        let (prefix_vary, suffix_vary) =
+            match (vary_words(&prefix_fixed), vary_words(&suffix_fixed)) {
+                (Some(p), Some(s)) => (p, s),
+                _ => {
+                    prefix_fixed.fill(0xff);
+                    suffix_fixed.fill(0xff);
+                    (Vec::new(), Vec::new())
+                }
+            };
         StreamArm {
             sock_id,
             chunked,
@@ -64,6 +98,8 @@ impl StreamArm {
             suffix: ev[sfrom..].to_vec(),
             prefix_fixed,
             suffix_fixed,
+            prefix_vary,
+            suffix_vary,
         }
     }
 }
@@ -322,6 +358,55 @@ mod tests {
 "#;
         assert_eq!(vary(t), (String::new(), String::new()));
         assert_eq!(vary(&ev("c1", "Hel", "null")), ("c1".into(), String::new()));
+    }
+
+    #[test]
+    fn the_kernel_checks_every_word_with_a_byte_that_may_vary_and_no_other() {
+        let v = br#"data: {"id":"chatcmpl-9f3a","object":"chat.completion.chunk","created":1733000000,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}
+
+"#;
+        let l = br#"data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"Hi"}}],"created": 1733000001,"id": "chatcmpl-Xy","model":"q","object":"chat.completion.chunk"}
+
+"#;
+        for ev in [&v[..], &l[..]] {
+            let a = StreamArm::new(7, false, ev, template(ev).unwrap());
+            for (fixed, vary) in [
+                (&a.prefix_fixed, &a.prefix_vary),
+                (&a.suffix_fixed, &a.suffix_vary),
+            ] {
+                // Each listed word is one the kernel compares and holds a varying byte; every
+                // varying byte lies in a listed word.
+                let compared: Vec<usize> = words(fixed.len()).collect();
+                for &o in vary.iter() {
+                    assert!(compared.contains(&(o as usize)));
+                    assert!(fixed[o as usize..o as usize + 8].contains(&0));
+                }
+                for (i, _) in fixed.iter().enumerate().filter(|x| *x.1 == 0) {
+                    assert!(
+                        vary.iter()
+                            .any(|&o| (o as usize..o as usize + 8).contains(&i)),
+                        "byte {i} unchecked"
+                    );
+                }
+            }
+            assert!(!a.prefix_vary.is_empty() || !a.suffix_vary.is_empty());
+        }
+        // A varying value too long for the kernel's few words: the arm is exact instead.
+        let long = format!(
+            "data: {{\"id\":\"{}\",\"object\":\"c\",\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}},\"finish_reason\":null}}]}}\n\n",
+            "x".repeat(60)
+        );
+        let a = StreamArm::new(
+            7,
+            false,
+            long.as_bytes(),
+            template(long.as_bytes()).unwrap(),
+        );
+        assert_eq!(a.varying_runs(), (String::new(), String::new()));
+        assert!(a.prefix_vary.is_empty() && a.suffix_vary.is_empty());
+        // Words of a part: every eighth byte, then the one ending the part.
+        assert_eq!(words(16).collect::<Vec<_>>(), [0, 8]);
+        assert_eq!(words(19).collect::<Vec<_>>(), [0, 8, 11]);
     }
 
     #[test]

@@ -212,6 +212,8 @@ pub fn assembler(data: &[u8]) {
             assert!((8..=super::arm::SUFFIX_CAP).contains(&arm.suffix.len()));
             assert_eq!(arm.prefix_fixed.len(), arm.prefix.len());
             assert_eq!(arm.suffix_fixed.len(), arm.suffix.len());
+            assert!(arm.prefix_vary.len() <= super::arm::VARY_MAX);
+            assert!(arm.suffix_vary.len() <= super::arm::VARY_MAX);
         }
         if op == 0xff {
             a.expire(t + 10_000_000_000, &mut |_| {});

@@ -636,7 +636,7 @@ static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
 /* ---- token writes counted in the kernel (llmslo.h: llmslo_stream_arm, llmslo_tokens) ---- */
 
 /* Written by userspace (one entry per armed connection), read here; close() and the socket's
- * TCP_CLOSE remove it, and so does an accept at the same address. 4096 entries of 776 bytes. */
+ * TCP_CLOSE remove it, and so does an accept at the same address. 4096 entries of 792 bytes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
@@ -672,16 +672,21 @@ static __always_inline __u64 load64(const void *p)
 #define SUFFIX_FIXED(arm, i) load64(&(arm)->suffix_fixed[clamp_to(i, LLMSLO_ARM_SUFFIX_CAP - 8)])
 
 /* Whether the payload word `w` differs from the template word `t` where `fixed` (0xff a byte)
- * says it must not, or has elsewhere a byte that would change the event's JSON: a quote, a
- * backslash, a control byte (each tested for all eight bytes at once, the fixed ones replaced by
- * 'A'; the zero-byte tests are exact for "some byte is"). No branch: the verifier walks one path. */
-static __always_inline __u64 word_misfit(__u64 w, __u64 t, __u64 fixed)
+ * says it must not. */
+static __always_inline __u64 word_differs(__u64 w, __u64 t, __u64 fixed)
+{
+	return (w ^ t) & fixed;
+}
+
+/* Whether the payload word `w` has, where `fixed` lets bytes vary, one that would change the
+ * event's JSON: a quote, a backslash, a control byte (each tested for all eight bytes at once, the
+ * fixed ones replaced by 'A'; the zero-byte tests are exact for "some byte is"). No branch. */
+static __always_inline __u64 varying_odd(__u64 w, __u64 fixed)
 {
 	const __u64 ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
 	__u64 v = (w & ~fixed) | (0x41 * ones & fixed);
 	__u64 q = v ^ (0x22 * ones), b = v ^ (0x5c * ones);
-	__u64 odd = ((q - ones) & ~q) | ((b - ones) & ~b) | ((v - 0x20 * ones) & ~v);
-	return ((w ^ t) & fixed) | (odd & highs);
+	return (((q - ones) & ~q) | ((b - ones) & ~b) | ((v - 0x20 * ones) & ~v)) & highs;
 }
 
 /* A token's text, `len` bytes of s->data from `from`: a non-empty JSON string body. Judged
@@ -720,24 +725,39 @@ __noinline int llmslo_token_event(struct scratch *s, struct llmslo_stream_arm *a
 	for (__u32 i = 0; i < LLMSLO_ARM_PREFIX_CAP / 8; i++) {
 		if (i >= plen / 8)
 			break;
-		if (word_misfit(WORD_AT(s, start + i * 8), PREFIX_WORD(arm, i * 8),
+		if (word_differs(WORD_AT(s, start + i * 8), PREFIX_WORD(arm, i * 8),
 			       PREFIX_FIXED(arm, i * 8)))
 			return 0;
 	}
-	if (word_misfit(WORD_AT(s, start + plen - 8), PREFIX_WORD(arm, plen - 8),
+	if (word_differs(WORD_AT(s, start + plen - 8), PREFIX_WORD(arm, plen - 8),
 		       PREFIX_FIXED(arm, plen - 8)))
 		return 0;
 	__u64 sfrom = end - slen;
 	for (__u32 i = 0; i < LLMSLO_ARM_SUFFIX_CAP / 8; i++) {
 		if (i >= slen / 8)
 			break;
-		if (word_misfit(WORD_AT(s, sfrom + i * 8), SUFFIX_WORD(arm, i * 8),
+		if (word_differs(WORD_AT(s, sfrom + i * 8), SUFFIX_WORD(arm, i * 8),
 			       SUFFIX_FIXED(arm, i * 8)))
 			return 0;
 	}
-	if (word_misfit(WORD_AT(s, end - 8), SUFFIX_WORD(arm, slen - 8),
+	if (word_differs(WORD_AT(s, end - 8), SUFFIX_WORD(arm, slen - 8),
 		       SUFFIX_FIXED(arm, slen - 8)))
 		return 0;
+	/* The few words with bytes that may vary: nothing in them that reshapes the JSON. */
+	for (__u32 i = 0; i < LLMSLO_ARM_VARY_MAX; i++) {
+		if (i >= arm->prefix_vary_n)
+			break;
+		__u64 off = arm->prefix_vary[i];
+		if (varying_odd(WORD_AT(s, start + off), PREFIX_FIXED(arm, off)))
+			return 0;
+	}
+	for (__u32 i = 0; i < LLMSLO_ARM_VARY_MAX; i++) {
+		if (i >= arm->suffix_vary_n)
+			break;
+		__u64 off = arm->suffix_vary[i];
+		if (varying_odd(WORD_AT(s, sfrom + off), SUFFIX_FIXED(arm, off)))
+			return 0;
+	}
 	return llmslo_token_text(s, start + plen, sfrom - start - plen);
 }
 

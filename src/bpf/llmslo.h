@@ -151,12 +151,21 @@ struct llmslo_event {
 #define LLMSLO_TAKE_MAX 512     /* longest write judged */
 #define LLMSLO_TOKEN_TEXT_MAX 128 /* longest token text (as escaped in JSON) */
 #define LLMSLO_TOKENS_MAX 64
+#define LLMSLO_ARM_VARY_MAX 6 /* template words with bytes that may vary, per part */
 #define LLMSLO_TOKENS_SPAN_NS 1000000000ULL
 
 struct llmslo_stream_arm {
 	__u16 prefix_len; /* 8..LLMSLO_ARM_PREFIX_CAP */
 	__u16 suffix_len; /* 8..LLMSLO_ARM_SUFFIX_CAP */
 	__u32 chunked;    /* each event is one chunk of a chunked body */
+	/* Where the words the kernel compares hold bytes that may vary (byte offsets into the
+	 * prefix / suffix, each the start of a compared word): only those are checked for bytes
+	 * that would change the event's JSON. */
+	__u8 prefix_vary_n;
+	__u8 suffix_vary_n;
+	__u8 prefix_vary[LLMSLO_ARM_VARY_MAX];
+	__u8 suffix_vary[LLMSLO_ARM_VARY_MAX];
+	__u8 pad[2];
 	__u8 prefix[LLMSLO_ARM_PREFIX_CAP];
 	__u8 suffix[LLMSLO_ARM_SUFFIX_CAP];
 	/* 0xff: the byte at the same place must be the template's; 0: it may vary (one that is
