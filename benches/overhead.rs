@@ -90,6 +90,14 @@ struct ProgStat {
     pids: Option<Vec<u32>>,
 }
 
+/// The packet programs, attached per interface: not in `/api/v1/targets`' `programs`.
+const TC_PROGS: [&str; 4] = [
+    "tc_pod_in",
+    "tc_pod_out",
+    "tc_node_ingress",
+    "tc_node_egress",
+];
+
 fn bpf_progs() -> Result<BTreeMap<u64, ProgStat>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
@@ -308,13 +316,19 @@ impl Run {
         };
         let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for (id, p1) in &progs1 {
-            // The agent's programs: held by its pid where bpftool can tell, loaded while it
-            // started (other agents on the machine load programs of the same names), and
-            // named as in its object.
-            if before.contains_key(id)
-                || p1.pids.as_ref().is_some_and(|p| !p.contains(&agent.pid()))
-                || (!names.is_empty() && !names.contains(&p1.name))
-            {
+            // The agent's programs: loaded while it started (other agents on the machine
+            // load programs of the same names) and held by its pid where bpftool can tell
+            // (the tc programs on the pod veths included: they run for every packet), else
+            // named as in its objects.
+            let ours = match &p1.pids {
+                Some(p) => p.contains(&agent.pid()),
+                None => {
+                    names.is_empty()
+                        || names.contains(&p1.name)
+                        || TC_PROGS.contains(&p1.name.as_str())
+                }
+            };
+            if before.contains_key(id) || !ours {
                 continue;
             }
             let Some(p0) = progs0.get(id) else { continue };
