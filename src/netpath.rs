@@ -107,7 +107,7 @@ const CHURN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 /// program sees one copy (the list matches `src/bpf/maps.h`).
 macro_rules! reuse_shared_maps {
     ($open:expr, $l7:expr) => {
-        reuse_shared_maps!(@each $open, $l7, conns, listen_ports, target_ports, flows, flow_by_client, pre2post, stats)
+        reuse_shared_maps!(@each $open, $l7, conns, listen_ports, target_ports, flows, flow_by_client, pre2post, send_begins, stats)
     };
     (@each $open:expr, $l7:expr, $($m:ident),+) => {
         $( $open.maps.$m.reuse_fd($l7.maps.$m.as_fd()).context(concat!("sharing map ", stringify!($m)))?; )+

@@ -85,6 +85,18 @@ fn check_path(recs: &[Value], client: &[ClientRecord], dnat: bool) -> Vec<String
         if r["origin"] != "node_in" {
             bad.push(format!("req {}: origin {}", c.request_id, r["origin"]));
         }
+        // The response's last packet left the pod after the server began its last write
+        // (stamped in the write's own send, or later from the flow map), and the node after.
+        let out: Vec<Option<u64>> = ["resp_last", "pod_out", "node_out"]
+            .iter()
+            .map(|n| ts(&r, n))
+            .collect();
+        if out.iter().any(Option::is_none) || out.windows(2).any(|w| w[0] > w[1]) {
+            bad.push(format!(
+                "req {}: resp_last, pod_out, node_out = {out:?}",
+                c.request_id
+            ));
+        }
         let st = r["stages"].as_object().unwrap();
         let mut want = vec![
             "container_network",

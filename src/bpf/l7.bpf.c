@@ -130,6 +130,7 @@ struct active_io {
 	__u64 ts_enter;
 	__u64 sk;
 	__u64 buf; /* flat buffer or struct iovec array */
+	__u64 pod_out; /* a write's last packet left the pod during it (the socket-layer set) */
 	__u32 fd;
 	__u32 iovcnt;
 	__u16 kind;    /* LLMSLO_EV_* */
@@ -442,7 +443,7 @@ static __always_inline bool copy_stamps(struct llmslo_event_hdr *h, struct llmsl
  * copied on writes, connection-setup ones on accept. A connection redirected inside the pod
  * also looks at the flow of the port its packets were addressed to. */
 static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const struct conn_tuple *t,
-					    __u16 kind)
+					    __u16 kind, __u64 pod_out)
 {
 	struct llmslo_flow_key k;
 	tuple_flow_key(t, &k);
@@ -462,7 +463,14 @@ static __always_inline void take_flow_stamps(struct llmslo_event_hdr *h, const s
 		return;
 	}
 	struct llmslo_flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (f && copy_stamps(h, f, from, n, take) && kind != LLMSLO_EV_ACCEPT)
+	bool any = f && copy_stamps(h, f, from, n, take);
+	/* The write's own packets, stamped in its send (tc_pod_out): the later of the two. */
+	if (pod_out) {
+		if (pod_out > h->net_ts[LLMSLO_NET_POD_OUT])
+			h->net_ts[LLMSLO_NET_POD_OUT] = pod_out;
+		any = true;
+	}
+	if (any && kind != LLMSLO_EV_ACCEPT)
 		return;
 	struct llmslo_flow *r = redirected_flow(&k);
 	if (r)
@@ -963,7 +971,7 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			bump(LLMSLO_ST_CONN_INSERT);
 	}
 	if (ret > 0) {
-		take_flow_stamps(&s->hdr, &t, a.kind);
+		take_flow_stamps(&s->hdr, &t, a.kind, a.pod_out);
 		s->hdr.net_ts[LLMSLO_NET_QUEUED_LAST] = queued_last;
 	}
 	/* Last: its branches then come after the copy loops, which the verifier walks once. */
@@ -1132,7 +1140,7 @@ static __always_inline int exit_accept_common(long ret)
 	__u32 port = lk.port;
 	bpf_map_update_elem(&target_ports, &port, &one, BPF_ANY);
 	__sync_fetch_and_or(&target_port_bits[(port & 0xffff) >> 6], 1ULL << (port & 63));
-	take_flow_stamps(&s->hdr, &t, LLMSLO_EV_ACCEPT);
+	take_flow_stamps(&s->hdr, &t, LLMSLO_EV_ACCEPT, 0);
 	return submit(s);
 }
 
@@ -1350,23 +1358,6 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
  * it (tcp/tcp_sendmsg_locked, before its packets leave: the egress stamps come after it).
  * accept and close keep their syscall tracepoints. */
 
-/* The send this CPU's thread began: tcp_sendmsg_locked fires once per segment-sized piece of a
- * send, the first sets it, sock_send_length takes it. A thread that slept in the send (socket
- * buffer full) and woke on another CPU finds no match there and is stamped when it ends. */
-struct send_begin {
-	__u64 sk;
-	__u64 ts;
-	__u32 tid;
-	__u32 pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct send_begin);
-} send_begins SEC(".maps");
-
 SEC("tp_btf/tcp_sendmsg_locked")
 int BPF_PROG(tcp_send_begin, const struct sock *sk, const struct msghdr *msg, const struct sk_buff *skb,
 	     int size_goal)
@@ -1380,21 +1371,29 @@ int BPF_PROG(tcp_send_begin, const struct sock *sk, const struct msghdr *msg, co
 	__u32 tid = current_task()->pid;
 	if (b->sk == (__u64)sk && b->tid == tid)
 		return 0; /* a later piece of the same send */
+	struct sock *s = bpf_core_cast(sk, struct sock);
 	b->sk = (__u64)sk;
 	b->tid = tid;
+	b->lport = s->__sk_common.skc_num;
+	b->rport = bpf_ntohs(s->__sk_common.skc_dport);
+	b->raddr_lo = s->__sk_common.skc_family == AF_INET
+			      ? s->__sk_common.skc_daddr
+			      : s->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+	b->pod_out = 0;
 	b->ts = bpf_ktime_get_ns();
 	return 0;
 }
 
 /* When the send of `sk` now ending began: the stamp tcp_send_begin left on this CPU (taken),
- * else 0. */
-static __always_inline __u64 send_take(__u64 sk, __u32 tid)
+ * else 0; and when its last packet left the pod meanwhile (tc_pod_out's stamp, else 0). */
+static __always_inline __u64 send_take(__u64 sk, __u32 tid, __u64 *pod_out)
 {
 	__u32 zero = 0;
 	struct send_begin *b = bpf_map_lookup_elem(&send_begins, &zero);
 	if (!b || b->sk != sk || b->tid != tid)
 		return 0;
 	b->sk = 0;
+	*pod_out = b->pod_out;
 	return b->ts;
 }
 
@@ -1406,7 +1405,9 @@ static __always_inline int sock_io(void *sk_arg, long ret, const __u16 kind)
 		return 0;
 	/* Taken first, whatever the syscall and its result (a sendfile, an EAGAIN), so that no
 	 * stamp stays to be taken for a later send. */
-	__u64 began = kind == LLMSLO_EV_WRITE ? send_take((__u64)sk_arg, current_task()->pid) : 0;
+	__u64 pod_out = 0;
+	__u64 began =
+		kind == LLMSLO_EV_WRITE ? send_take((__u64)sk_arg, current_task()->pid, &pod_out) : 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct pt_regs *regs = bpf_core_cast((void *)bpf_task_pt_regs(task), struct pt_regs);
 	if (compat_syscall(regs))
@@ -1428,6 +1429,7 @@ static __always_inline int sock_io(void *sk_arg, long ret, const __u16 kind)
 		.sk = (__u64)sk_arg,
 		.buf = regs->SYSCALL_ARG2,
 		.fd = regs->SYSCALL_ARG1,
+		.pod_out = pod_out,
 		.kind = kind,
 		.io = io,
 	};

@@ -97,6 +97,31 @@ struct {
 	__type(value, struct llmslo_flow_key);
 } pre2post SEC(".maps");
 
+/* The send this CPU's thread began (l7.bpf.c's tcp_send_begin, under the socket-layer hooks):
+ * tcp_sendmsg_locked fires once per segment-sized piece of a send, the first sets it,
+ * sock_send_length takes it. A thread that slept in the send (socket buffer full) and woke on
+ * another CPU finds no match there and is stamped when it ends. The packets a send puts on a
+ * pod's veth pass tc_pod_out on the same CPU before the send returns (the veth hands them to
+ * this CPU's backlog, run when the sender re-enables softirqs): tc_pod_out stamps those here,
+ * a per-CPU slot, not in the flow map (a hash lookup of a 40-byte key, half of its time). */
+struct send_begin {
+	__u64 sk;
+	__u64 ts;
+	__u64 pod_out; /* the send's last packet through tc_pod_out, 0: none yet */
+	__u32 tid;
+	__u16 lport;    /* the socket's ports (host order) and the low word of its peer's */
+	__u16 rport;    /* address: what tc_pod_out matches a packet's flow against */
+	__u32 raddr_lo;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct send_begin);
+} send_begins SEC(".maps");
+
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d) → plain IPv4, so packets and dual-stack sockets agree. */
 static __always_inline void normalize_key(struct llmslo_flow_key *k)
 {

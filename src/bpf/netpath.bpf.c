@@ -100,7 +100,21 @@ struct pkt {
 	}                                                                                        \
 	return -1;
 
-#define TC_LOAD(o, d, n) bpf_skb_load_bytes(skb, (o), (d), (n))
+/* `n` (a constant) bytes at `off` of the packet: straight from its linear part, where they lie
+ * (the headers of what a veth or a NIC's driver hands over), else through the helper (a call,
+ * and a copy through skb_header_pointer, for each of the parse's four reads). */
+static __always_inline int tc_load(struct __sk_buff *skb, __u32 off, void *dst, __u32 n)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (off <= 128 && data + off + n <= end) {
+		__builtin_memcpy(dst, data + off, n);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, dst, n);
+}
+
+#define TC_LOAD(o, d, n) tc_load(skb, (o), (d), (n))
 
 static __always_inline int parse_tc(struct __sk_buff *skb, struct pkt *p)
 {
@@ -109,7 +123,7 @@ static __always_inline int parse_tc(struct __sk_buff *skb, struct pkt *p)
 	__u32 total_len = skb->len;
 	p->encap = 0;
 	/* L2 devices (veth, NIC, vxlan) show the Ethernet header; L3 ones (ipip) do not. */
-	if (!bpf_skb_load_bytes(skb, 12, &ethertype, 2) && ethertype == skb->protocol)
+	if (!tc_load(skb, 12, &ethertype, 2) && ethertype == skb->protocol)
 		off = 14;
 	PARSE_BODY(TC_LOAD)
 }
@@ -148,17 +162,20 @@ static __always_inline struct llmslo_flow *flow_get(struct llmslo_flow_key *k)
 /* A request packet at `hop`: stamp `slot` with the first new payload since the last read. */
 static __always_inline void stamp_request(struct pkt *p, __u32 hop, __u32 slot, bool syn_too)
 {
+	bool syn = syn_too && (p->flags & TCP_FLAG_SYN) && !(p->flags & TCP_FLAG_ACK);
+	/* The client's bare ACKs, one for every response segment, leave before the flow's
+	 * lookup (a cache miss or two on a busy node: half of tc_pod_in's time) and the clock. */
+	if (!syn && !p->payload)
+		return;
 	struct llmslo_flow *f = flow_get(&p->key);
 	if (!f)
 		return;
 	__u64 now = bpf_ktime_get_ns();
-	if (syn_too && (p->flags & TCP_FLAG_SYN) && !(p->flags & TCP_FLAG_ACK)) {
+	if (syn) {
 		if (!f->ts[LLMSLO_NET_SYN])
 			f->ts[LLMSLO_NET_SYN] = now;
 		return;
 	}
-	if (!p->payload)
-		return;
 	if (hop >= LLMSLO_HOP_MAX || slot >= LLMSLO_NET_MAX)
 		return;
 	__u32 end = p->seq + p->payload;
@@ -238,16 +255,36 @@ int tc_pod_in(struct __sk_buff *skb)
 	return TC_PASS;
 }
 
-/* Host side of a pod's veth, ingress = out of the pod: pod_out of responses. */
+/* The low 32 bits of a flow's client address (send_begin's raddr_lo). */
+static __always_inline __u32 client_addr_lo(const struct llmslo_flow_key *k)
+{
+	__u32 w;
+	__builtin_memcpy(&w, k->family == AF_INET ? &k->saddr[0] : &k->saddr[12], 4);
+	return w;
+}
+
+/* Host side of a pod's veth, ingress = out of the pod: pod_out of responses. A packet of the
+ * send in progress on this CPU (its ports and client address match) is stamped in that send's
+ * slot, which the send takes as it returns; any other (sent later, from a softirq: an ACK
+ * opened the window) in the flow map. */
 SEC("tc")
 int tc_pod_out(struct __sk_buff *skb)
 {
 	struct pkt p;
 	if (parse_tc(skb, &p))
 		return TC_PASS;
+	if (!p.payload)
+		return TC_PASS;
 	reverse(&p.key);
 	if (!is_target_port(p.key.dport))
 		return TC_PASS;
+	__u32 zero = 0;
+	struct send_begin *b = bpf_map_lookup_elem(&send_begins, &zero);
+	if (b && b->sk && b->lport == p.key.dport && b->rport == p.key.sport &&
+	    b->raddr_lo == client_addr_lo(&p.key)) {
+		b->pod_out = bpf_ktime_get_ns();
+		return TC_PASS;
+	}
 	stamp_response(&p, LLMSLO_NET_POD_OUT);
 	return TC_PASS;
 }
