@@ -850,19 +850,58 @@ __noinline int llmslo_tokens_flush(__u64 key, struct conn_tuple *t, struct conn_
 	return tokens_flush(key, t, ci);
 }
 
-/* The write just copied into `s`, on an armed connection whose shape it has: counted in the
- * connection's entry (1); 0: send it as an event. Its socket, size, start and end are in s->hdr
- * (sock_id, ret, ts_enter, ts_exit): through memory, a socket's address that the verifier knows
- * as a pointer becomes the plain number a global function's scalar argument must be. */
-__noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct conn_tuple *t)
+/* Counts the write in s->hdr (sock_id, ret, ts_enter, ts_exit) in the open batch `acc`: its
+ * delta from the batch's first write, its bytes, its end. */
+static __always_inline void token_count(struct llmslo_tokens *acc, __u32 i, __u64 ret, __u64 enter,
+					__u64 now)
 {
-	if (!s || !ci || !t)
+	if (i >= LLMSLO_TOKENS_MAX)
+		return;
+	acc->delta[i] = enter > acc->first ? enter - acc->first : 0;
+	acc->n = i + 1;
+	acc->bytes += ret;
+	acc->last_exit = now;
+	bump(LLMSLO_ST_TOKEN_WRITES);
+}
+
+/* The write just copied into `s` (its socket, size, start and end in s->hdr: sock_id, ret,
+ * ts_enter, ts_exit): 0 when it is not one token event of its connection's armed shape (it goes
+ * out as an event); 1 when it is and was counted in the connection's open batch; 2 when it is
+ * but no batch can take it (none open, or the open one is full or a second old): the caller,
+ * which then has the connection's entry, opens one (llmslo_token_take). The common case, a
+ * token into an open batch, asks no more than the arm and the batch: not the connection's entry
+ * (through memory, a socket's address that the verifier knows as a pointer becomes the plain
+ * number a global function's scalar argument must be). */
+__noinline int llmslo_token_append(struct scratch *s)
+{
+	if (!s)
 		return 0;
 	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
 	if (ret > LLMSLO_TAKE_MAX || s->hdr.head_len != ret)
 		return 0;
 	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
 	if (!arm || !llmslo_token_judge(s, arm, ret))
+		return 0;
+	struct llmslo_tokens *acc = bpf_map_lookup_elem(&stream_tokens, &key);
+	if (!acc)
+		return 2;
+	__u32 i = acc->n;
+	/* The write that fills a batch sends it: the caller's, with the connection's tuple. */
+	if (i + 1 >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS)
+		return 2;
+	token_count(acc, i, ret, enter, now);
+	return 1;
+}
+
+/* The token write in `s` that llmslo_token_append could not count (it returned 2), on the
+ * connection `ci`: sends the batch it could not join, opens a new one and counts the write in
+ * it. 1: counted; 0: send it as an event. */
+__noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct conn_tuple *t)
+{
+	if (!s || !ci || !t)
+		return 0;
+	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
+	if (ret > LLMSLO_TAKE_MAX)
 		return 0;
 	struct llmslo_tokens *acc = NULL;
 	if (ci->tokens_pending) {
@@ -894,11 +933,7 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	__u32 i = acc->n;
 	if (i >= LLMSLO_TOKENS_MAX)
 		return 0;
-	acc->delta[i] = enter > acc->first ? enter - acc->first : 0;
-	acc->n = i + 1;
-	acc->bytes += ret;
-	acc->last_exit = now;
-	bump(LLMSLO_ST_TOKEN_WRITES);
+	token_count(acc, i, ret, enter, now);
 	if (i + 1 == LLMSLO_TOKENS_MAX)
 		llmslo_tokens_flush(key, t, ci);
 	return 1;
@@ -939,18 +974,22 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 			copy_flat(s, a.buf, ret);
 	}
 	__u64 key = a.sk;
+	s->hdr.sock_id = key;
+	int token = 0;
+	if (a.kind == LLMSLO_EV_WRITE && ret > 0) {
+		s->hdr.ret = ret;
+		s->hdr.ts_enter = a.ts_enter;
+		s->hdr.ts_exit = now;
+		token = llmslo_token_append(s);
+		if (token == 1)
+			return 0;
+	}
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	struct conn_tuple t;
 	conn_tuple_of(sk, ci, &t);
 	if (ci) {
-		s->hdr.sock_id = key;
-		if (a.kind == LLMSLO_EV_WRITE && ret > 0) {
-			s->hdr.ret = ret;
-			s->hdr.ts_enter = a.ts_enter;
-			s->hdr.ts_exit = now;
-			if (llmslo_token_take(s, ci, &t))
-				return 0;
-		}
+		if (token == 2 && llmslo_token_take(s, ci, &t))
+			return 0;
 		/* Counted writes go out before this event, in the order they happened. */
 		if (ci->tokens_pending)
 			llmslo_tokens_flush(*(volatile __u64 *)&s->hdr.sock_id, &t, ci);
