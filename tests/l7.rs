@@ -748,6 +748,25 @@ fn short_streams_on_a_keep_alive_connection_are_counted_from_their_first_token()
     );
 }
 
+/// Responses of three shapes on the same keep-alive connections (three models' names, taken in
+/// turn by the requests: two connections taking every other one still change shape): a
+/// write of the other shape goes out as an event and brings the connection a new arm, which the
+/// kernel takes at that connection's next write event, after sending the batch it was counting
+/// with the old one. No token is lost or misplaced in the swaps, and the kernel still counts
+/// part of the writes.
+#[test]
+fn responses_of_changing_shape_swap_arms_without_losing_a_token() {
+    if !kernel_tests_enabled("responses_of_changing_shape_swap_arms_without_losing_a_token") {
+        return;
+    }
+    let models = ["synth-llm", "synth-llm-lora-b", "lora-c"].map(String::from);
+    let (counted, tokens) = counted_token_writes_with("kswap", 2, 2, 60, 40, &models);
+    assert!(
+        counted >= 0.1 * tokens,
+        "the kernel counted {counted} of {tokens} token writes"
+    );
+}
+
 /// `requests` streamed requests of `max_tokens` tokens `decode_ms` apart over `conns`
 /// keep-alive connections to a synthetic server with the agent on it: every token is in its
 /// record, inside the server's window around its write; every write the kernel counted is
@@ -758,6 +777,18 @@ fn counted_token_writes(
     conns: usize,
     requests: usize,
     max_tokens: u32,
+) -> (f64, f64) {
+    counted_token_writes_with(name, decode_ms, conns, requests, max_tokens, &[])
+}
+
+/// [`counted_token_writes`], the requests taking `models` in turn (none: the default model).
+fn counted_token_writes_with(
+    name: &str,
+    decode_ms: u32,
+    conns: usize,
+    requests: usize,
+    max_tokens: u32,
+    models: &[String],
 ) -> (f64, f64) {
     let decode = decode_ms.to_string();
     let sp = server_pod(
@@ -773,6 +804,7 @@ fn counted_token_writes(
     cfg.streaming_ratio = 1.0;
     cfg.max_tokens = Some(max_tokens.into());
     cfg.marker = Some(MARKER.into());
+    cfg.models = models.to_vec();
     cfg.deadline = Duration::from_secs(60);
     let client = testbed::loadgen::run(&cfg).expect("load");
     assert!(client.iter().all(|c| c.status == 200 && c.error.is_none()));

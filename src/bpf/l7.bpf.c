@@ -643,23 +643,44 @@ static __always_inline int enter_traced_msg(__u32 fd, __u64 msgp, __u16 kind)
 
 /* ---- token writes counted in the kernel (llmslo.h: llmslo_stream_arm, llmslo_tokens) ---- */
 
-/* Written by userspace (one entry per armed connection), read here; close() and the socket's
- * TCP_CLOSE remove it, and so does an accept at the same address. 4096 entries of 792 bytes. */
+/* Arms written by userspace (one entry per connection to arm), taken by the kernel at the
+ * connection's next write event into `streams`; close() and the socket's TCP_CLOSE remove
+ * them, and so does an accept at the same address. 1024 entries of 792 bytes: an arm waits
+ * here for one write. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 1024);
 	__type(key, __u64);
 	__type(value, struct llmslo_stream_arm);
 } stream_arms SEC(".maps");
 
-/* Counted writes not yet sent, one entry per connection while it has some (a plain hash: an
- * entry is never evicted with counts in it; when it is full, writes go out as events). */
+/* The connections whose token writes the kernel counts: the arm and the open batch in one
+ * entry, so that a counted write asks one map (each lookup is a cache miss or two on a busy
+ * node: they were 40 % of sock_send's time). Written by the kernel only, so userspace's arm
+ * writes never land on a batch being counted. A plain hash: an entry is never evicted with
+ * counts in it; when it is full, writes go out as events. The socket's end removes its entry
+ * (close(), TCP_CLOSE, an accept at its address). 4096 entries of 1,120 bytes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u64);
-	__type(value, struct llmslo_tokens);
-} stream_tokens SEC(".maps");
+	__type(value, struct llmslo_stream);
+} streams SEC(".maps");
+
+/* Where an entry of `streams` is put together before its insert (larger than the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct llmslo_stream);
+} stream_build SEC(".maps");
+
+/* Drops the connection `key`'s arm and counting state (its batch already sent). */
+static __always_inline void stream_drop(__u64 key)
+{
+	bpf_map_delete_elem(&stream_arms, &key);
+	bpf_map_delete_elem(&streams, &key);
+}
 
 /* Byte `i` of the copied payload; the mask keeps every index provably inside data[]. */
 #define DATA_AT(s, i) ((s)->data[(i) & 1023])
@@ -802,14 +823,15 @@ __noinline int llmslo_token_judge(struct scratch *s, struct llmslo_stream_arm *a
 	return llmslo_token_event(s, arm, start, n - 2);
 }
 
-/* Sends the writes counted for the connection `key` as one LLMSLO_EV_TOKENS record, and drops
- * its entry. */
+/* Sends the writes counted for the connection `key` as one LLMSLO_EV_TOKENS record, and closes
+ * its batch. */
 static __always_inline int tokens_flush(__u64 key, const struct conn_tuple *t, struct conn_info *ci)
 {
 	ci->tokens_pending = 0;
-	struct llmslo_tokens *acc = bpf_map_lookup_elem(&stream_tokens, &key);
-	if (!acc)
+	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	if (!st)
 		return 0;
+	struct llmslo_tokens *acc = &st->acc;
 	__u32 n = acc->n;
 	if (n > LLMSLO_TOKENS_MAX)
 		n = LLMSLO_TOKENS_MAX;
@@ -836,7 +858,7 @@ static __always_inline int tokens_flush(__u64 key, const struct conn_tuple *t, s
 			bump(LLMSLO_ST_TOKEN_RECORDS);
 		}
 	}
-	bpf_map_delete_elem(&stream_tokens, &key);
+	acc->n = 0;
 	return 0;
 }
 
@@ -879,15 +901,14 @@ __noinline int llmslo_token_append(struct scratch *s)
 	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
 	if (ret > LLMSLO_TAKE_MAX || s->hdr.head_len != ret)
 		return 0;
-	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
-	if (!arm || !llmslo_token_judge(s, arm, ret))
+	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	if (!st || !llmslo_token_judge(s, &st->arm, ret))
 		return 0;
-	struct llmslo_tokens *acc = bpf_map_lookup_elem(&stream_tokens, &key);
-	if (!acc)
-		return 2;
+	struct llmslo_tokens *acc = &st->acc;
 	__u32 i = acc->n;
-	/* The write that fills a batch sends it: the caller's, with the connection's tuple. */
-	if (i + 1 >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS)
+	/* The write that opens a batch and the one that fills it (which sends it) are the
+	 * caller's, which has the connection's entry and tuple. */
+	if (i == 0 || i + 1 >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS)
 		return 2;
 	token_count(acc, i, ret, enter, now);
 	return 1;
@@ -903,31 +924,21 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
 	if (ret > LLMSLO_TAKE_MAX)
 		return 0;
-	struct llmslo_tokens *acc = NULL;
-	if (ci->tokens_pending) {
-		acc = bpf_map_lookup_elem(&stream_tokens, &key);
-		/* Deltas are 32-bit: a stream that has counted for a second sends what it has. */
-		if (acc && (acc->n >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS)) {
-			llmslo_tokens_flush(key, t, ci);
-			acc = NULL;
-		}
-	}
-	if (!acc) {
-		/* The entry starts from bytes of the scratch beyond any copied payload. */
-		struct llmslo_tokens *fresh = (void *)&s->data[LLMSLO_HEAD_CAP];
+	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	if (!st)
+		return 0;
+	struct llmslo_tokens *acc = &st->acc;
+	/* Deltas are 32-bit: a stream that has counted for a second sends what it has. */
+	if (acc->n && (acc->n >= LLMSLO_TOKENS_MAX || enter - acc->first >= LLMSLO_TOKENS_SPAN_NS))
+		llmslo_tokens_flush(key, t, ci);
+	if (!acc->n) {
 		struct task_struct *task = current_task();
-		fresh->first = enter;
-		fresh->last_exit = now;
-		fresh->bytes = 0;
-		fresh->n = 0;
-		fresh->tid = task->pid;
-		CLEAR_INSIDE(fresh);
-		FILL_INSIDE(fresh, task_cgroup_id(task));
-		if (bpf_map_update_elem(&stream_tokens, &key, fresh, BPF_ANY))
-			return 0;
-		acc = bpf_map_lookup_elem(&stream_tokens, &key);
-		if (!acc)
-			return 0;
+		acc->first = enter;
+		acc->last_exit = now;
+		acc->bytes = 0;
+		acc->tid = task->pid;
+		CLEAR_INSIDE(acc);
+		FILL_INSIDE(acc, task_cgroup_id(task));
 		ci->tokens_pending = 1;
 	}
 	__u32 i = acc->n;
@@ -936,6 +947,31 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	token_count(acc, i, ret, enter, now);
 	if (i + 1 == LLMSLO_TOKENS_MAX)
 		llmslo_tokens_flush(key, t, ci);
+	return 1;
+}
+
+/* The arm userspace wrote for the connection `key`, if there is one: moved into its `streams`
+ * entry (made when it has none), whose batch is closed. */
+__noinline int llmslo_stream_adopt(__u64 key)
+{
+	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
+	if (!arm)
+		return 0;
+	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	if (st) {
+		bpf_probe_read_kernel(&st->arm, sizeof(st->arm), arm);
+	} else {
+		__u32 zero = 0;
+		struct llmslo_stream *b = bpf_map_lookup_elem(&stream_build, &zero);
+		if (!b)
+			return 0;
+		b->acc.n = 0;
+		bpf_probe_read_kernel(&b->arm, sizeof(b->arm), arm);
+		/* Full: the arm stays where it is, and the writes go out as events. */
+		if (bpf_map_update_elem(&streams, &key, b, BPF_NOEXIST))
+			return 0;
+	}
+	bpf_map_delete_elem(&stream_arms, &key);
 	return 1;
 }
 
@@ -993,6 +1029,10 @@ static __always_inline int exit_traced(struct active_io *ap, long ret, const __u
 		/* Counted writes go out before this event, in the order they happened. */
 		if (ci->tokens_pending)
 			llmslo_tokens_flush(*(volatile __u64 *)&s->hdr.sock_id, &t, ci);
+		/* A write that goes out as an event takes the arm userspace left for it, if any:
+		 * its batch, if it had one, has just been sent. */
+		if (a.kind == LLMSLO_EV_WRITE)
+			llmslo_stream_adopt(*(volatile __u64 *)&s->hdr.sock_id);
 	}
 	fill_hdr(&s->hdr, &a, sk, &t, now, ret);
 	__u64 queued_last = 0;
@@ -1165,14 +1205,11 @@ static __always_inline int exit_accept_common(long ret)
 			ci->tuple = t;
 			/* Counts of the socket that was here (no close seen) are not this
 			 * connection's. */
-			if (ci->tokens_pending) {
-				bpf_map_delete_elem(&stream_tokens, &key);
-				ci->tokens_pending = 0;
-			}
+			ci->tokens_pending = 0;
 		}
 	}
 	/* Nor is an arm left at this address (one written after its socket closed). */
-	bpf_map_delete_elem(&stream_arms, &key);
+	stream_drop(key);
 	struct listen_key lk = listen_key_of(sk);
 	__u8 one = 1;
 	bpf_map_update_elem(&listen_ports, &lk, &one, BPF_ANY);
@@ -1220,7 +1257,7 @@ static __always_inline int close_common(__u32 fd)
 	conn_tuple_of(sk, ci, &t);
 	if (ci->tokens_pending)
 		tokens_flush(key, &t, ci);
-	bpf_map_delete_elem(&stream_arms, &key);
+	stream_drop(key);
 	if (bpf_map_delete_elem(&conns, &key))
 		return 0;
 	bump(LLMSLO_ST_CONN_DELETE);
@@ -1578,7 +1615,7 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci->queued_last_ts = 0;
 		ci->tuple.stale = 1;
 		/* The arm describes this connection's responses, not the next socket's here. */
-		bpf_map_delete_elem(&stream_arms, &key);
+		stream_drop(key);
 	}
 	return 0;
 }

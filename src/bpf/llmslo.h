@@ -193,6 +193,13 @@ struct llmslo_tokens {
 	__u32 delta[LLMSLO_TOKENS_MAX]; /* each write's start - first, ns */
 };
 
+/* A connection's token counting in the kernel (l7.bpf.c's `streams`): the open batch (acc.n > 0)
+ * and the arm it was adopted with from userspace's `stream_arms`. */
+struct llmslo_stream {
+	struct llmslo_tokens acc;
+	struct llmslo_stream_arm arm;
+};
+
 struct llmslo_tokens_event {
 	struct llmslo_event_hdr hdr;
 	__u32 delta[LLMSLO_TOKENS_MAX];

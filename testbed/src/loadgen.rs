@@ -50,6 +50,9 @@ pub struct LoadConfig {
     /// Ask for the usage chunk on streamed responses.
     pub include_usage: bool,
     pub model: String,
+    /// Models the requests take in turn (request i the i-th, modulo): each is echoed in the
+    /// response's events, so a keep-alive connection's responses change shape. Empty: `model`.
+    pub models: Vec<String>,
     pub route: Route,
     /// Close the socket after this many SSE events (any kind) have arrived ...
     pub abort_after_events: Option<usize>,
@@ -99,6 +102,7 @@ impl LoadConfig {
             max_tokens: Some(16),
             include_usage: true,
             model: "synth-llm".into(),
+            models: Vec::new(),
             route: Route::Chat,
             abort_after_events: None,
             abort_ratio: 0.1,
@@ -435,14 +439,18 @@ fn build_request(cfg: &LoadConfig, i: usize, plan: &Plan) -> Vec<u8> {
         cfg.seed.wrapping_add(i as u64),
         cfg.marker.as_deref(),
     );
+    let model = match cfg.models.len() {
+        0 => &cfg.model,
+        n => &cfg.models[i % n],
+    };
     let mut body = match cfg.route {
         Route::Chat => serde_json::json!({
-            "model": cfg.model,
+            "model": model,
             "messages": [{"role": "user", "content": text}],
             "stream": plan.streaming,
         }),
         Route::Completions => serde_json::json!({
-            "model": cfg.model, "prompt": text, "stream": plan.streaming,
+            "model": model, "prompt": text, "stream": plan.streaming,
         }),
     };
     if let Some(m) = cfg.max_tokens {
