@@ -1616,6 +1616,10 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		ci->tuple.stale = 1;
 		/* The arm describes this connection's responses, not the next socket's here. */
 		stream_drop(key);
+	} else if (port_bit(ctx->sport)) {
+		/* A target's connection whose entry the LRU evicted: its counting entry (a plain
+		 * hash, never evicted) would otherwise stay until the address is accepted again. */
+		stream_drop(key);
 	}
 	return 0;
 }
