@@ -891,8 +891,8 @@ static __always_inline void token_count(struct llmslo_tokens *acc, __u32 i, __u6
  * out as an event); 1 when it is and was counted in the connection's open batch; 2 when it is
  * but no batch can take it (none open, or the open one is full or a second old): the caller,
  * which then has the connection's entry, opens one (llmslo_token_take). The common case, a
- * token into an open batch, asks no more than the arm and the batch: not the connection's entry
- * (through memory, a socket's address that the verifier knows as a pointer becomes the plain
+ * token into an open batch, asks one map, `streams` (the arm and the batch), not the
+ * connection's entry (through memory, a socket's address that the verifier knows as a pointer becomes the plain
  * number a global function's scalar argument must be). */
 __noinline int llmslo_token_append(struct scratch *s)
 {
