@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use common::{
     env_or, machine, server_pod, sh, tree, write_doc, Agent, BpfStats, ServerPod, PORT, STOP,
 };
+use llm_slo_agent::netpath::TC_PROGRAMS;
 use testbed::{ClientRecord, LoadConfig};
 
 mod common;
@@ -89,14 +90,6 @@ struct ProgStat {
     /// Processes holding the program, when bpftool was built to tell.
     pids: Option<Vec<u32>>,
 }
-
-/// The packet programs, attached per interface: not in `/api/v1/targets`' `programs`.
-const TC_PROGS: [&str; 4] = [
-    "tc_pod_in",
-    "tc_pod_out",
-    "tc_node_ingress",
-    "tc_node_egress",
-];
 
 fn bpf_progs() -> Result<BTreeMap<u64, ProgStat>> {
     let out = Command::new("bpftool")
@@ -325,7 +318,7 @@ impl Run {
                 None => {
                     names.is_empty()
                         || names.contains(&p1.name)
-                        || TC_PROGS.contains(&p1.name.as_str())
+                        || TC_PROGRAMS.contains(&p1.name.as_str())
                 }
             };
             if before.contains_key(id) || !ours {

@@ -59,6 +59,9 @@ pub struct AttachedHook {
 pub const CLSACT_HANDLE: u32 = clsact::HANDLE;
 pub const CLSACT_PRIORITY: u32 = clsact::PRIORITY;
 pub use clsact::{DEFAULT_STATE_DIR, ENV_STATE_DIR};
+/// The packet programs, attached per interface (listed under `interfaces`, not `programs`, in
+/// `/api/v1/targets`).
+pub use clsact::OUR_PROGS as TC_PROGRAMS;
 
 /// `LLMSLO_TC_ATTACH=clsact` makes the agent use classic clsact filters even where the kernel
 /// has tcx (to test the clsact path, or to sit in the same chain as a CNI that uses clsact).

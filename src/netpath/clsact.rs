@@ -21,7 +21,7 @@ use super::tcdump::{self, Filter, PARENT_EGRESS, PARENT_INGRESS};
 pub const HANDLE: u32 = 0x11c5;
 pub const PRIORITY: u32 = 1;
 /// The programs we attach as clsact filters (libbpf names a filter "<prog name>:[<prog id>]").
-const OUR_PROGS: [&str; 4] = [
+pub const OUR_PROGS: [&str; 4] = [
     "tc_node_ingress",
     "tc_node_egress",
     "tc_pod_out",
