@@ -10,7 +10,10 @@
 //! (its threads' time on a CPU, /proc/<pid>/task/*/schedstat) per request and per event, and the BPF programs' own run
 //! time from `kernel.bpf_stats_enabled` + `bpftool prog show -j` during the open-loop blocks
 //! (the sysctl goes back to its previous value, normally 0, for the saturated blocks: its
-//! clock reads per program run are the measurement's cost, not the agent's).
+//! clock reads per program run are the measurement's cost, not the agent's). How much of a run
+//! those clock reads are: one more open-loop block, without the agent, with programs that do
+//! nothing (`src/bpf/floor.bpf.c`, one of each type the agent uses, on its hooks) attached;
+//! their ns a run is the floor set beside each of the agent's programs.
 //!
 //! Needs root (skips loudly otherwise). Prints a markdown report; with LLMSLO_BENCH_WRITE=1
 //! rewrites the results section of docs/BENCHMARKS.md. Knobs (env): LLMSLO_BENCH_PAIRS (4),
@@ -87,6 +90,8 @@ struct ProgStat {
     name: String,
     run_time_ns: u64,
     run_cnt: u64,
+    /// bpftool's program type: tracing, tracepoint, raw_tracepoint, sched_cls, netfilter, ….
+    kind: String,
     /// Processes holding the program, when bpftool was built to tell.
     pids: Option<Vec<u32>>,
 }
@@ -110,6 +115,7 @@ fn bpf_progs() -> Result<BTreeMap<u64, ProgStat>> {
                             name: p["name"].as_str().unwrap_or("?").to_string(),
                             run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
                             run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                            kind: prog_type(&p["type"]),
                             pids: p["pids"].as_array().map(|a| {
                                 a.iter()
                                     .filter_map(|x| x["pid"].as_u64().map(|v| v as u32))
@@ -121,6 +127,17 @@ fn bpf_progs() -> Result<BTreeMap<u64, ProgStat>> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// bpftool's name for a program type; an older bpftool gives the number of a type newer than
+/// itself (netfilter is 32).
+fn prog_type(v: &serde_json::Value) -> String {
+    match (v.as_str(), v.as_u64()) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(32)) => "netfilter".into(),
+        (None, Some(n)) => format!("type {n}"),
+        (None, None) => "?".into(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -157,6 +174,26 @@ struct Cost {
     clean_exit: bool,
     /// Per program name: (run_time_ns, run_cnt) deltas.
     progs: BTreeMap<String, (u64, u64)>,
+    /// Per program name: its type (bpftool's).
+    kinds: BTreeMap<String, String>,
+}
+
+/// The run-time accounting's floor: what programs that do nothing reported, by program type,
+/// over a block of the same load without the agent.
+#[derive(Debug, Clone, Default)]
+struct Floor {
+    /// Per program type: (run_time_ns, run_cnt) deltas.
+    by_kind: BTreeMap<String, (u64, u64)>,
+    /// Hooks the floor programs could not attach to.
+    errors: Vec<String>,
+}
+
+impl Floor {
+    /// ns a run of an empty program of `kind`, if one ran.
+    fn ns_per_run(&self, kind: &str) -> Option<f64> {
+        let &(ns, cnt) = self.by_kind.get(kind)?;
+        (cnt > 0).then(|| ns as f64 / cnt as f64)
+    }
 }
 
 impl Block {
@@ -308,6 +345,7 @@ impl Run {
                 .sum()
         };
         let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut kinds: BTreeMap<String, String> = BTreeMap::new();
         for (id, p1) in &progs1 {
             // The agent's programs: loaded while it started (other agents on the machine
             // load programs of the same names) and held by its pid where bpftool can tell
@@ -328,6 +366,7 @@ impl Run {
             let e = progs.entry(p1.name.clone()).or_default();
             e.0 += p1.run_time_ns.saturating_sub(p0.run_time_ns);
             e.1 += p1.run_cnt.saturating_sub(p0.run_cnt);
+            kinds.insert(p1.name.clone(), p1.kind.clone());
         }
         let mut b = Block::from_records(true, &recs);
         b.cost = Some(Cost {
@@ -343,8 +382,30 @@ impl Run {
                 - sum_prefix(&m0, "llmslo_agent_requests_unparsed_total"),
             clean_exit,
             progs,
+            kinds,
         });
         Ok(b)
+    }
+
+    /// One block of the load without the agent, with `src/bpf/floor.bpf.c`'s empty programs on
+    /// its hooks (the pod's veth both ways, the socket hooks, the DNAT hook).
+    fn floor_block(&self, cfg: &LoadConfig) -> Result<Floor> {
+        let veth = self.sp.pod.host_ifindex()? as i32;
+        let attached = llm_slo_agent::floor::Floor::attach(&[(veth, self.sp.pod.host_veth())])?;
+        let runs0 = attached.runs()?;
+        testbed::loadgen::run(cfg)?;
+        let runs1 = attached.runs()?;
+        let mut f = Floor {
+            errors: attached.errors.clone(),
+            ..Default::default()
+        };
+        for (a, b) in runs0.iter().zip(&runs1) {
+            let e = f.by_kind.entry(b.kind.to_string()).or_default();
+            e.0 += b.run_time_ns.saturating_sub(a.run_time_ns);
+            e.1 += b.run_cnt.saturating_sub(a.run_cnt);
+        }
+        f.by_kind.retain(|_, v| v.1 > 0);
+        Ok(f)
     }
 }
 
@@ -439,6 +500,23 @@ fn run(t0: Instant) -> Result<String> {
         open.push((off, on));
     }
 
+    // The accounting's own share of those run times: empty programs on the same hooks, under
+    // the same load, without the agent.
+    let mut floor = None;
+    if !STOP.load(Ordering::SeqCst)
+        && r.left() > Duration::from_secs_f64(s.block_s + 4.0) + sat_cost
+    {
+        eprintln!(
+            "[overhead] the run-time accounting's floor: empty programs on the agent's hooks"
+        );
+        match r.floor_block(&open_cfg) {
+            Ok(f) => floor = Some(f),
+            Err(e) => r
+                .notes
+                .push(format!("the accounting's floor was not measured: {e:#}")),
+        }
+    }
+
     // Saturated throughput, off and on, interleaved, with the kernel's run-time accounting
     // back as it was (off, unless someone had it on): bpf_stats adds two clock reads to every
     // program run, a cost of this measurement that no production node pays, and the open-loop
@@ -470,6 +548,7 @@ fn run(t0: Instant) -> Result<String> {
         (&sat, rate),
         &open,
         (&satp, sat_bpf_stats),
+        floor.as_ref(),
         &load_before,
         &load_after,
     );
@@ -493,6 +572,7 @@ fn report(
     (sat, rate): (&Block, f64),
     open: &[(Block, Block)],
     (satp, sat_bpf_stats): (&[(Block, Block)], bool),
+    floor: Option<&Floor>,
     load_before: &str,
     load_after: &str,
 ) -> String {
@@ -669,6 +749,7 @@ fn report(
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut all_progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, String> = BTreeMap::new();
     let on_blocks: Vec<(&str, usize, &Block)> = open
         .iter()
         .enumerate()
@@ -689,6 +770,7 @@ fn report(
                 e.0 += v.0;
                 e.1 += v.1;
             }
+            kinds.extend(c.kinds.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         let _ = writeln!(
             o,
@@ -716,29 +798,87 @@ fn report(
     );
     let _ = writeln!(
         o,
-        "| program | runs | ns / run | runs / request | ns / request |"
+        "| program | type | runs | ns / run | runs / request | ns / request | ns / run above an empty program | ns / request above |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
-    let (mut tns, mut tcnt) = (0u64, 0u64);
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let per_req = |v: f64| v / open_ok.max(1) as f64;
+    let (mut tns, mut tcnt, mut tfloor, mut floored) = (0u64, 0u64, 0f64, true);
     let mut rows: Vec<_> = all_progs.iter().collect();
     rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.0));
-    for (name, (ns, cnt)) in rows {
+    for (name, &(ns, cnt)) in rows {
         tns += ns;
         tcnt += cnt;
+        let kind = kinds.get(name).map_or("?", String::as_str);
+        // Below the floor (a rarely run program, a noisy block): nothing above it.
+        let fl = floor.and_then(|f| f.ns_per_run(kind));
+        let (above_run, above_req) = match fl {
+            Some(f) if cnt > 0 => {
+                let run = (ns as f64 / cnt as f64 - f).max(0.0);
+                tfloor += f.min(ns as f64 / cnt as f64) * cnt as f64;
+                (
+                    format!("{run:.0}"),
+                    format!("{:.0}", per_req(run * cnt as f64)),
+                )
+            }
+            _ if cnt == 0 => ("—".into(), "0".into()),
+            _ => {
+                floored = false;
+                ("?".into(), "?".into())
+            }
+        };
         let _ = writeln!(
             o,
-            "| {name} | {cnt} | {:.0} | {:.1} | {:.0} |",
-            *ns as f64 / (*cnt).max(1) as f64,
-            *cnt as f64 / open_ok.max(1) as f64,
-            *ns as f64 / open_ok.max(1) as f64
+            "| {name} | {kind} | {cnt} | {:.0} | {:.1} | {:.0} | {above_run} | {above_req} |",
+            ns as f64 / cnt.max(1) as f64,
+            per_req(cnt as f64),
+            per_req(ns as f64),
         );
     }
+    let above_all = if floored && floor.is_some() {
+        format!("**{:.0}**", per_req(tns as f64 - tfloor))
+    } else {
+        "?".into()
+    };
     let _ = writeln!(
         o,
-        "| **all** | {tcnt} | {:.0} | {:.1} | **{:.0}** |",
+        "| **all** | | {tcnt} | {:.0} | {:.1} | **{:.0}** | | {above_all} |",
         tns as f64 / tcnt.max(1) as f64,
-        tcnt as f64 / open_ok.max(1) as f64,
-        tns as f64 / open_ok.max(1) as f64
+        per_req(tcnt as f64),
+        per_req(tns as f64)
     );
+    match floor {
+        Some(f) => {
+            let _ = writeln!(
+                o,
+                "\nThe run-time accounting's floor: with `kernel.bpf_stats_enabled` every run is timed by two clock reads, part of which lands in the time it reports. Programs that do nothing (`src/bpf/floor.bpf.c`: one of each type, on the agent's hooks: tp_btf, raw_tp and tracepoint at the socket layer, tcx both ways on the pod's veth, netfilter at the DNAT hook), in one more block of the same open-loop load without the agent:\n"
+            );
+            let _ = writeln!(
+                o,
+                "| program type | empty runs | ns / run |\n|---|---:|---:|"
+            );
+            for (kind, &(ns, cnt)) in &f.by_kind {
+                let _ = writeln!(
+                    o,
+                    "| {kind} | {cnt} | {:.0} |",
+                    ns as f64 / cnt.max(1) as f64
+                );
+            }
+            for e in &f.errors {
+                let _ = writeln!(o, "\n- not attached: {e}");
+            }
+            let _ = writeln!(
+                o,
+                "\nThe agent's programs' time less that floor, a run for a run (what they cost a node with the accounting off, as production nodes run): {} ns a request of the {:.0} measured. The goals are read against the measured figure.",
+                above_all.trim_matches('*'),
+                per_req(tns as f64)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "\nThe run-time accounting's floor was not measured in this run."
+            );
+        }
+    }
     o
 }

@@ -25,6 +25,7 @@ agent_only! {
     pub mod crosscheck;
     pub mod demo;
     pub mod discovery;
+    pub mod floor;
     pub mod gpu;
     pub mod loader;
     pub mod netpath;

@@ -23,6 +23,36 @@ use crate::skel::l7::L7Skel;
 use crate::skel::netpath::{NetpathSkel, NetpathSkelBuilder};
 use crate::skel::tcp::{TcpSkel, TcpSkelBuilder};
 
+/// Attaches `prog` (its attach type tcx ingress or egress) to `ifindex` as a tcx link, first in
+/// the chain: it returns TCX_NEXT, so programs already there (Cilium's) still see every packet
+/// and decide its fate. Closing the link detaches it.
+pub fn attach_tcx(prog: &libbpf_rs::Program<'_>, ifindex: i32, ifname: &str) -> Result<Link> {
+    let opts = libbpf_rs::libbpf_sys::bpf_tcx_opts {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tcx_opts>() as _,
+        flags: libbpf_rs::libbpf_sys::BPF_F_BEFORE,
+        ..Default::default()
+    };
+    // SAFETY: a loaded program, a valid opts struct that outlives the call; the returned
+    // pointer is checked before use.
+    let ptr = unsafe {
+        libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
+            prog.as_libbpf_object().as_ptr(),
+            ifindex,
+            &opts,
+        )
+    };
+    let ptr = NonNull::new(ptr)
+        .filter(|p| (p.as_ptr() as isize) > 0 || (p.as_ptr() as isize) < -4095)
+        .with_context(|| {
+            format!(
+                "tcx attach on {ifname} failed: {}",
+                std::io::Error::last_os_error()
+            )
+        })?;
+    // SAFETY: the pointer came from libbpf and is a valid, owned bpf_link.
+    Ok(unsafe { Link::from_ptr(ptr) })
+}
+
 /// Where on the path an interface sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -315,36 +345,10 @@ impl NetPath {
         };
         let ifindex = h.ifindex as i32;
         if self.tcx {
-            let mut links = Vec::new();
-            for prog in [ingress, egress] {
-                let opts = libbpf_rs::libbpf_sys::bpf_tcx_opts {
-                    sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tcx_opts>() as _,
-                    // First in the chain, returning TCX_NEXT: programs already there (Cilium's)
-                    // still see every packet and decide its fate.
-                    flags: libbpf_rs::libbpf_sys::BPF_F_BEFORE,
-                    ..Default::default()
-                };
-                // SAFETY: a loaded program of this skeleton, a valid opts struct that outlives
-                // the call; the returned pointer is checked before use.
-                let ptr = unsafe {
-                    libbpf_rs::libbpf_sys::bpf_program__attach_tcx(
-                        prog.as_libbpf_object().as_ptr(),
-                        ifindex,
-                        &opts,
-                    )
-                };
-                let ptr = NonNull::new(ptr)
-                    .filter(|p| (p.as_ptr() as isize) > 0 || (p.as_ptr() as isize) < -4095)
-                    .with_context(|| {
-                        format!(
-                            "tcx attach on {} failed: {}",
-                            h.ifname,
-                            std::io::Error::last_os_error()
-                        )
-                    })?;
-                // SAFETY: the pointer came from libbpf and is a valid, owned bpf_link.
-                links.push(unsafe { Link::from_ptr(ptr) });
-            }
+            let links = [ingress, egress]
+                .into_iter()
+                .map(|prog| attach_tcx(prog, ifindex, &h.ifname))
+                .collect::<Result<Vec<_>>>()?;
             Ok(Attachment::Links(links))
         } else {
             self.ledger

@@ -23,4 +23,5 @@ skeleton! {
     netpath => "netpath.skel.rs",
     gpu => "gpu.skel.rs",
     exec => "exec.skel.rs",
+    floor => "floor.skel.rs",
 }

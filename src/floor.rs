@@ -1,0 +1,144 @@
+//! The kernel's run-time accounting's own cost, for the overhead benchmark. With
+//! `kernel.bpf_stats_enabled` every program run is timed by two clock reads around it, and part
+//! of them lands in the run time it reports: a program that does nothing still shows tens of
+//! nanoseconds a run. `bpf/floor.bpf.c`'s programs do nothing; [`Floor::attach`] puts one of
+//! each program type the agent uses on the hooks where the agent's run, so that a block of
+//! load with them (and without the agent) measures that floor on the same machine, under the
+//! same traffic. The agent never loads them.
+
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::libbpf_sys;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, NetfilterOpts, OpenObject};
+
+use crate::skel::floor::{FloorSkel, FloorSkelBuilder};
+
+/// What one floor program has reported so far (run time counts only while the accounting is
+/// on: `kernel.bpf_stats_enabled`, or a [`stats_on`] handle held).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runs {
+    pub name: &'static str,
+    /// The program's type as bpftool names it (the agent's programs are matched to a floor by it).
+    pub kind: &'static str,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// Turns the kernel's run-time accounting on for as long as the returned fd stays open
+/// (BPF_ENABLE_STATS), whatever the sysctl says.
+pub fn stats_on() -> Result<std::os::fd::OwnedFd> {
+    // SAFETY: a plain syscall wrapper; a non-negative return is a new fd we then own.
+    let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: the fd was just returned to us and nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The floor programs, attached; dropping it detaches them.
+pub struct Floor {
+    _links: Vec<Link>,
+    _skel: FloorSkel<'static>,
+    /// Names of the programs attached (the others failed: see `errors`).
+    pub attached: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl Floor {
+    /// Loads the programs and attaches each: the tracing, raw tracepoint and tracepoint ones to
+    /// the socket hooks the agent's `sock` set uses, the tc ones both ways on every interface of
+    /// `veths` (tcx, as the agent attaches on kernels that have it), the netfilter one at the
+    /// agent's DNAT hook (IPv4 pre-routing, priority -99). A hook that fails is listed in
+    /// `errors`; only a load failure is an error.
+    pub fn attach(veths: &[(i32, &str)]) -> Result<Floor> {
+        let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let open = FloorSkelBuilder::default()
+            .open(obj)
+            .context("opening floor.bpf.o")?;
+        let skel = open.load().context("loading floor.bpf.o")?;
+        let mut f = Floor {
+            _links: Vec::new(),
+            _skel: skel,
+            attached: Vec::new(),
+            errors: Vec::new(),
+        };
+        let mut links = Vec::new();
+        let mut note = |name: &str, r: Result<Link>| match r {
+            Ok(l) => {
+                links.push(l);
+                f.attached.push(name.to_string());
+            }
+            Err(e) => f.errors.push(format!("{name}: {e:#}")),
+        };
+        let p = &f._skel.progs;
+        for (name, prog) in [
+            ("floor_tracing", &p.floor_tracing),
+            ("floor_raw_tp", &p.floor_raw_tp),
+            ("floor_tracepoint", &p.floor_tracepoint),
+        ] {
+            note(name, prog.attach().map_err(Into::into));
+        }
+        for &(ifindex, ifname) in veths {
+            note(
+                "floor_tc_out",
+                crate::netpath::attach_tcx(&p.floor_tc_out, ifindex, ifname),
+            );
+            note(
+                "floor_tc_in",
+                crate::netpath::attach_tcx(&p.floor_tc_in, ifindex, ifname),
+            );
+        }
+        let opts = NetfilterOpts {
+            protocol_family: libc::NFPROTO_IPV4,
+            hooknum: 0,
+            priority: -99,
+            ..Default::default()
+        };
+        note(
+            "floor_nf",
+            p.floor_nf.attach_netfilter_with_opts(opts).map_err(Into::into),
+        );
+        f._links = links;
+        Ok(f)
+    }
+
+    /// Every floor program's run time and run count so far (attached or not).
+    pub fn runs(&self) -> Result<Vec<Runs>> {
+        let p = &self._skel.progs;
+        [
+            ("floor_tracing", "tracing", &p.floor_tracing),
+            ("floor_raw_tp", "raw_tracepoint", &p.floor_raw_tp),
+            ("floor_tracepoint", "tracepoint", &p.floor_tracepoint),
+            ("floor_tc_out", "sched_cls", &p.floor_tc_out),
+            ("floor_tc_in", "sched_cls", &p.floor_tc_in),
+            ("floor_nf", "netfilter", &p.floor_nf),
+        ]
+        .into_iter()
+        .map(|(name, kind, prog)| {
+            let mut info = libbpf_sys::bpf_prog_info::default();
+            let mut len = std::mem::size_of_val(&info) as u32;
+            // SAFETY: a loaded program's fd, an info struct and its size, both outliving the call.
+            let rc = unsafe {
+                libbpf_sys::bpf_prog_get_info_by_fd(
+                    prog.as_fd().as_raw_fd(),
+                    &mut info,
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                bail!("{name}: BPF_OBJ_GET_INFO_BY_FD failed ({rc})");
+            }
+            Ok(Runs {
+                name,
+                kind,
+                run_time_ns: info.run_time_ns,
+                run_cnt: info.run_cnt,
+            })
+        })
+        .collect()
+    }
+}
