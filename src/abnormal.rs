@@ -97,7 +97,7 @@ impl Abnormal {
         let v = &mut self.kept[k];
         if v.len() < self.per_kind {
             v.push((value, now_s, rec.clone()));
-            if v.len() == self.per_kind {
+            if v.len() == self.per_kind && !kind.latest_first() {
                 self.floor[k] = least(v);
             }
             return true;
@@ -120,7 +120,10 @@ impl Abnormal {
             .min_by(|&a, &b| key(&v[a]).total_cmp(&key(&v[b])))
             .unwrap_or(0);
         v[victim] = (value, now_s, rec.clone());
-        self.floor[k] = least(v);
+        // Only the slow kinds read a floor: the latest-first ones take every offer.
+        if !kind.latest_first() {
+            self.floor[k] = least(v);
+        }
         true
     }
 
