@@ -718,6 +718,22 @@ static __always_inline __u64 varying_odd(__u64 w, __u64 fixed)
 	return (((q - ones) & ~q) | ((b - ones) & ~b) | ((v - 0x20 * ones) & ~v)) & highs;
 }
 
+/* Whether one of a template part's `n` listed words with varying bytes (offsets `vary` into the
+ * part; the part at `from` in the payload, its masks `fixed`, `last` its last word's offset) holds
+ * a byte that would change the event's JSON (varying_odd). */
+static __always_inline bool part_varies_oddly(struct scratch *s, __u64 from, const __u8 *vary,
+					      __u8 n, const __u8 *fixed, const __u64 last)
+{
+	for (__u32 i = 0; i < LLMSLO_ARM_VARY_MAX; i++) {
+		if (i >= n)
+			break;
+		__u64 off = vary[i];
+		if (varying_odd(WORD_AT(s, from + off), load64(&fixed[clamp_to(off, last)])))
+			return true;
+	}
+	return false;
+}
+
 /* A token's text, `len` bytes of s->data from `from`: a non-empty JSON string body. Judged
  * conservatively, so that the loop keeps no state for the verifier to fork on: no control byte,
  * no quote at all (an escaped one sends the write as an event), not ending in a backslash (no
@@ -773,20 +789,11 @@ __noinline int llmslo_token_event(struct scratch *s, struct llmslo_stream_arm *a
 		       SUFFIX_FIXED(arm, slen - 8)))
 		return 0;
 	/* The few words with bytes that may vary: nothing in them that reshapes the JSON. */
-	for (__u32 i = 0; i < LLMSLO_ARM_VARY_MAX; i++) {
-		if (i >= arm->prefix_vary_n)
-			break;
-		__u64 off = arm->prefix_vary[i];
-		if (varying_odd(WORD_AT(s, start + off), PREFIX_FIXED(arm, off)))
-			return 0;
-	}
-	for (__u32 i = 0; i < LLMSLO_ARM_VARY_MAX; i++) {
-		if (i >= arm->suffix_vary_n)
-			break;
-		__u64 off = arm->suffix_vary[i];
-		if (varying_odd(WORD_AT(s, sfrom + off), SUFFIX_FIXED(arm, off)))
-			return 0;
-	}
+	if (part_varies_oddly(s, start, arm->prefix_vary, arm->prefix_vary_n, arm->prefix_fixed,
+			      LLMSLO_ARM_PREFIX_CAP - 8) ||
+	    part_varies_oddly(s, sfrom, arm->suffix_vary, arm->suffix_vary_n, arm->suffix_fixed,
+			      LLMSLO_ARM_SUFFIX_CAP - 8))
+		return 0;
 	return llmslo_token_text(s, start + plen, sfrom - start - plen);
 }
 
