@@ -181,14 +181,14 @@ struct Cost {
 /// The run-time accounting's floor: what programs that do nothing reported, by program type,
 /// over a block of the same load without the agent.
 #[derive(Debug, Clone, Default)]
-struct Floor {
+struct FloorBlock {
     /// Per program type: (run_time_ns, run_cnt) deltas.
     by_kind: BTreeMap<String, (u64, u64)>,
     /// Hooks the floor programs could not attach to.
     errors: Vec<String>,
 }
 
-impl Floor {
+impl FloorBlock {
     /// ns a run of an empty program of `kind`, if one ran.
     fn ns_per_run(&self, kind: &str) -> Option<f64> {
         let &(ns, cnt) = self.by_kind.get(kind)?;
@@ -389,13 +389,13 @@ impl Run {
 
     /// One block of the load without the agent, with `src/bpf/floor.bpf.c`'s empty programs on
     /// its hooks (the pod's veth both ways, the socket hooks, the DNAT hook).
-    fn floor_block(&self, cfg: &LoadConfig) -> Result<Floor> {
+    fn floor_block(&self, cfg: &LoadConfig) -> Result<FloorBlock> {
         let veth = self.sp.pod.host_ifindex()? as i32;
         let attached = llm_slo_agent::floor::Floor::attach(&[(veth, self.sp.pod.host_veth())])?;
         let runs0 = attached.runs()?;
         testbed::loadgen::run(cfg)?;
         let runs1 = attached.runs()?;
-        let mut f = Floor {
+        let mut f = FloorBlock {
             errors: attached.errors.clone(),
             ..Default::default()
         };
@@ -572,7 +572,7 @@ fn report(
     (sat, rate): (&Block, f64),
     open: &[(Block, Block)],
     (satp, sat_bpf_stats): (&[(Block, Block)], bool),
-    floor: Option<&Floor>,
+    floor: Option<&FloorBlock>,
     load_before: &str,
     load_after: &str,
 ) -> String {

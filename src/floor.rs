@@ -39,10 +39,10 @@ pub fn stats_on() -> Result<std::os::fd::OwnedFd> {
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
-/// The floor programs, attached; dropping it detaches them.
+/// The floor programs, attached; dropping it detaches them (the links go before the object).
 pub struct Floor {
     _links: Vec<Link>,
-    _skel: FloorSkel<'static>,
+    skel: FloorSkel<'static>,
     /// Names of the programs attached (the others failed: see `errors`).
     pub attached: Vec<String>,
     pub errors: Vec<String>,
@@ -52,29 +52,24 @@ impl Floor {
     /// Loads the programs and attaches each: the tracing, raw tracepoint and tracepoint ones to
     /// the socket hooks the agent's `sock` set uses, the tc ones both ways on every interface of
     /// `veths` (tcx, as the agent attaches on kernels that have it), the netfilter one at the
-    /// agent's DNAT hook (IPv4 pre-routing, priority -99). A hook that fails is listed in
-    /// `errors`; only a load failure is an error.
+    /// agent's DNAT hook (IPv4 pre-routing, `netpath::NF_PRIORITY`). A hook that fails is listed
+    /// in `errors`; only a load failure is an error.
     pub fn attach(veths: &[(i32, &str)]) -> Result<Floor> {
         let obj: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = FloorSkelBuilder::default()
+        let skel = FloorSkelBuilder::default()
             .open(obj)
-            .context("opening floor.bpf.o")?;
-        let skel = open.load().context("loading floor.bpf.o")?;
-        let mut f = Floor {
-            _links: Vec::new(),
-            _skel: skel,
-            attached: Vec::new(),
-            errors: Vec::new(),
-        };
-        let mut links = Vec::new();
+            .context("opening floor.bpf.o")?
+            .load()
+            .context("loading floor.bpf.o")?;
+        let (mut links, mut attached, mut errors) = (Vec::new(), Vec::new(), Vec::new());
         let mut note = |name: &str, r: Result<Link>| match r {
             Ok(l) => {
                 links.push(l);
-                f.attached.push(name.to_string());
+                attached.push(name.to_string());
             }
-            Err(e) => f.errors.push(format!("{name}: {e:#}")),
+            Err(e) => errors.push(format!("{name}: {e:#}")),
         };
-        let p = &f._skel.progs;
+        let p = &skel.progs;
         for (name, prog) in [
             ("floor_tracing", &p.floor_tracing),
             ("floor_raw_tp", &p.floor_raw_tp),
@@ -95,20 +90,24 @@ impl Floor {
         let opts = NetfilterOpts {
             protocol_family: libc::NFPROTO_IPV4,
             hooknum: 0,
-            priority: -99,
+            priority: crate::netpath::NF_PRIORITY,
             ..Default::default()
         };
         note(
             "floor_nf",
             p.floor_nf.attach_netfilter_with_opts(opts).map_err(Into::into),
         );
-        f._links = links;
-        Ok(f)
+        Ok(Floor {
+            _links: links,
+            skel,
+            attached,
+            errors,
+        })
     }
 
     /// Every floor program's run time and run count so far (attached or not).
     pub fn runs(&self) -> Result<Vec<Runs>> {
-        let p = &self._skel.progs;
+        let p = &self.skel.progs;
         [
             ("floor_tracing", "tracing", &p.floor_tracing),
             ("floor_raw_tp", "raw_tracepoint", &p.floor_raw_tp),

@@ -23,6 +23,10 @@ use crate::skel::l7::L7Skel;
 use crate::skel::netpath::{NetpathSkel, NetpathSkelBuilder};
 use crate::skel::tcp::{TcpSkel, TcpSkelBuilder};
 
+/// The netfilter hooks' priority: NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100, so the
+/// DNAT hook's program runs just after the NAT table has rewritten the destination.
+pub const NF_PRIORITY: i32 = -99;
+
 /// Attaches `prog` (its attach type tcx ingress or egress) to `ifindex` as a tcx link, first in
 /// the chain: it returns TCX_NEXT, so programs already there (Cilium's) still see every packet
 /// and decide its fate. Closing the link detaches it.
@@ -201,19 +205,17 @@ impl NetPath {
         verifier.extend(crate::loader::verifier_stats(net.object(), "netpath"));
         let mut nf_links = Vec::new();
         if netfilter {
-            // NF_IP_PRI_NAT_DST and NF_IP6_PRI_NAT_DST are -100: one hook just after it, for
-            // IPv4 and IPv6 (kube-proxy DNATs both families the same way); the address before
-            // DNAT comes from the packet's conntrack entry.
-            const PRIO: i32 = -99;
+            // One hook just after DNAT, for IPv4 and IPv6 (kube-proxy DNATs both families the
+            // same way); the address before DNAT comes from the packet's conntrack entry.
             let (prog, name) = (&net.progs.nf_post_dnat, "nf_post_dnat");
             for (family, fam) in [(libc::NFPROTO_IPV4, "ipv4"), (libc::NFPROTO_IPV6, "ipv6")] {
                 let opts = NetfilterOpts {
                     protocol_family: family,
                     hooknum: 0,
-                    priority: PRIO,
+                    priority: NF_PRIORITY,
                     ..Default::default()
                 };
-                let section = format!("netfilter/{fam}/prerouting/{PRIO}");
+                let section = format!("netfilter/{fam}/prerouting/{NF_PRIORITY}");
                 let (attached, error) = match prog.attach_netfilter_with_opts(opts) {
                     Ok(l) => {
                         nf_links.push(l);
