@@ -172,10 +172,16 @@ struct Cost {
     lost: f64,
     unparsed: f64,
     clean_exit: bool,
-    /// Per program name: (run_time_ns, run_cnt) deltas.
-    progs: BTreeMap<String, (u64, u64)>,
-    /// Per program name: its type (bpftool's).
-    kinds: BTreeMap<String, String>,
+    /// Per program name: its run time and runs over the block, and its type.
+    progs: BTreeMap<String, ProgRuns>,
+}
+
+/// One program's run time and run count (deltas), and its type as bpftool names it.
+#[derive(Debug, Clone, Default)]
+struct ProgRuns {
+    ns: u64,
+    cnt: u64,
+    kind: String,
 }
 
 /// The run-time accounting's floor: what programs that do nothing reported, by program type,
@@ -344,8 +350,7 @@ impl Run {
                 .map(|(_, v)| v)
                 .sum()
         };
-        let mut progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        let mut kinds: BTreeMap<String, String> = BTreeMap::new();
+        let mut progs: BTreeMap<String, ProgRuns> = BTreeMap::new();
         for (id, p1) in &progs1 {
             // The agent's programs: loaded while it started (other agents on the machine
             // load programs of the same names) and held by its pid where bpftool can tell
@@ -364,9 +369,9 @@ impl Run {
             }
             let Some(p0) = progs0.get(id) else { continue };
             let e = progs.entry(p1.name.clone()).or_default();
-            e.0 += p1.run_time_ns.saturating_sub(p0.run_time_ns);
-            e.1 += p1.run_cnt.saturating_sub(p0.run_cnt);
-            kinds.insert(p1.name.clone(), p1.kind.clone());
+            e.ns += p1.run_time_ns.saturating_sub(p0.run_time_ns);
+            e.cnt += p1.run_cnt.saturating_sub(p0.run_cnt);
+            e.kind.clone_from(&p1.kind);
         }
         let mut b = Block::from_records(true, &recs);
         b.cost = Some(Cost {
@@ -382,7 +387,6 @@ impl Run {
                 - sum_prefix(&m0, "llmslo_agent_requests_unparsed_total"),
             clean_exit,
             progs,
-            kinds,
         });
         Ok(b)
     }
@@ -748,8 +752,7 @@ fn report(
         o,
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
-    let mut all_progs: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    let mut kinds: BTreeMap<String, String> = BTreeMap::new();
+    let mut all_progs: BTreeMap<String, ProgRuns> = BTreeMap::new();
     let on_blocks: Vec<(&str, usize, &Block)> = open
         .iter()
         .enumerate()
@@ -758,7 +761,7 @@ fn report(
         .collect();
     for (kind, i, b) in &on_blocks {
         let Some(c) = &b.cost else { continue };
-        let bpf_ns: u64 = c.progs.values().map(|v| v.0).sum();
+        let bpf_ns: u64 = c.progs.values().map(|v| v.ns).sum();
         let bpf = if *kind == "open" || sat_bpf_stats {
             format!("{:.0}", bpf_ns as f64 / b.ok.max(1) as f64)
         } else {
@@ -767,10 +770,10 @@ fn report(
         if *kind == "open" {
             for (k, v) in &c.progs {
                 let e = all_progs.entry(k.clone()).or_default();
-                e.0 += v.0;
-                e.1 += v.1;
+                e.ns += v.ns;
+                e.cnt += v.cnt;
+                e.kind.clone_from(&v.kind);
             }
-            kinds.extend(c.kinds.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         let _ = writeln!(
             o,
@@ -804,11 +807,11 @@ fn report(
     let per_req = |v: f64| v / open_ok.max(1) as f64;
     let (mut tns, mut tcnt, mut tfloor, mut floored) = (0u64, 0u64, 0f64, true);
     let mut rows: Vec<_> = all_progs.iter().collect();
-    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.0));
-    for (name, &(ns, cnt)) in rows {
+    rows.sort_by_key(|(_, v)| std::cmp::Reverse(v.ns));
+    for (name, v) in rows {
+        let (ns, cnt, kind) = (v.ns, v.cnt, v.kind.as_str());
         tns += ns;
         tcnt += cnt;
-        let kind = kinds.get(name).map_or("?", String::as_str);
         // Below the floor (a rarely run program, a noisy block): nothing above it.
         let fl = floor.and_then(|f| f.ns_per_run(kind));
         let (above_run, above_req) = match fl {
