@@ -134,6 +134,11 @@ pub struct ServerRecord {
     /// When a generation request got its slot (after the queue delay and the FIFO wait).
     #[serde(default)]
     pub scheduled_ns: Option<u64>,
+    /// When decoding began (after prefill): content event `i` is scheduled `i` ×
+    /// `--decode-ms` after it, so cadence checks measure from here rather than from the
+    /// first token's write, which may itself leave late.
+    #[serde(default)]
+    pub decode_start_ns: Option<u64>,
     /// Before the write carrying the response's last byte; None when aborted.
     pub resp_last_ns: Option<u64>,
     pub status: u16,

@@ -323,6 +323,8 @@ async fn generate(
     let prefill_us = args.prefill_us_per_kb * req.body.len() as f64 / 1024.0;
     sleep_until(Instant::now() + Duration::from_secs_f64(prefill_us / 1e6)).await;
 
+    // Read before `t0`, so every write scheduled at `t0 + at` leaves ≥ `at` after it.
+    rec.decode_start_ns = Some(mono_ns());
     let t0 = Instant::now();
     let decode = Duration::from_secs_f64(args.decode_ms / 1e3);
     let n = srv.next_id.fetch_add(1, Ordering::Relaxed);
