@@ -760,7 +760,7 @@ fn responses_of_changing_shape_swap_arms_without_losing_a_token() {
         return;
     }
     let models = ["synth-llm", "synth-llm-lora-b", "lora-c"].map(String::from);
-    let (counted, tokens) = counted_token_writes_with("kswap", 2, 2, 60, 40, &models);
+    let (counted, tokens, _) = counted_token_writes_with("kswap", 2, 2, 60, 40, &models, &[]);
     assert!(
         counted >= 0.1 * tokens,
         "the kernel counted {counted} of {tokens} token writes"
@@ -778,10 +778,51 @@ fn counted_token_writes(
     requests: usize,
     max_tokens: u32,
 ) -> (f64, f64) {
-    counted_token_writes_with(name, decode_ms, conns, requests, max_tokens, &[])
+    let (counted, tokens, _) =
+        counted_token_writes_with(name, decode_ms, conns, requests, max_tokens, &[], &[]);
+    (counted, tokens)
 }
 
-/// [`counted_token_writes`], the requests taking `models` in turn (none: the default model).
+/// Ids whose varying bytes hold a quote or a backslash (`--escaped-ids`: three responses in
+/// four, ids of one length, so the arm made from any response fits the others in every fixed
+/// byte): the kernel checks each word of a write holding bytes that may vary, and sends a write
+/// with a quote, a backslash or a control byte there as an event, since such a byte can move
+/// where a JSON string ends. Only the plain ids' token writes may be counted in the kernel —
+/// all but their last, which carries the finish reason — and every token of every response
+/// still reaches its record.
+#[test]
+fn token_writes_whose_varying_bytes_hold_a_quote_or_backslash_come_as_events() {
+    if !kernel_tests_enabled(
+        "token_writes_whose_varying_bytes_hold_a_quote_or_backslash_come_as_events",
+    ) {
+        return;
+    }
+    let (counted, tokens, server) =
+        counted_token_writes_with("kesc", 2, 2, 100, 8, &[], &["--escaped-ids"]);
+    let plain: Vec<&testbed::ServerRecord> = server
+        .values()
+        .filter(|s| !s.completion_id.as_deref().unwrap_or("\\").contains('\\'))
+        .collect();
+    let escaped = server.len() - plain.len();
+    assert!(
+        escaped >= 70,
+        "{escaped} of {} responses had escaped ids",
+        server.len()
+    );
+    let plain_counted_at_most: u64 = plain.iter().map(|s| s.tokens.saturating_sub(1)).sum();
+    assert!(
+        counted <= plain_counted_at_most as f64,
+        "the kernel counted {counted} token writes; the {} plain-id responses had {plain_counted_at_most} it may count",
+        plain.len()
+    );
+    assert!(
+        counted >= 0.3 * plain_counted_at_most as f64,
+        "the kernel counted {counted} of the plain-id responses' {plain_counted_at_most} (of {tokens} in all)"
+    );
+}
+
+/// [`counted_token_writes`], the requests taking `models` in turn (none: the default model),
+/// the server given `server_args` too; also returns the server's log by request id.
 fn counted_token_writes_with(
     name: &str,
     decode_ms: u32,
@@ -789,13 +830,14 @@ fn counted_token_writes_with(
     requests: usize,
     max_tokens: u32,
     models: &[String],
-) -> (f64, f64) {
+    server_args: &[&str],
+) -> (f64, f64, BTreeMap<String, testbed::ServerRecord>) {
     let decode = decode_ms.to_string();
     let sp = server_pod(
         name,
         CgroupDriver::Systemd,
         "llmslo-synth-server",
-        &["--decode-ms", &decode],
+        &[&["--decode-ms", &decode][..], server_args].concat(),
     );
     let agent = agent_for(&sp);
     let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
@@ -882,5 +924,5 @@ fn counted_token_writes_with(
         ),
         Some(0.0)
     );
-    (counted, tokens)
+    (counted, tokens, server)
 }

@@ -87,6 +87,10 @@ pub struct SynthArgs {
     /// peeked bytes are read again by the read that follows.
     #[arg(long)]
     pub peek: bool,
+    /// Ids of equal length, three in four with a JSON escape (`\"`, `\\`) where the others
+    /// have digits: responses whose varying bytes hold a quote or a backslash.
+    #[arg(long)]
+    pub escaped_ids: bool,
     /// Model name reported when the request names none.
     #[arg(long, default_value = "synth-llm")]
     pub model: String,
@@ -139,6 +143,9 @@ pub struct ServerRecord {
     /// first token's write, which may itself leave late.
     #[serde(default)]
     pub decode_start_ns: Option<u64>,
+    /// The response's `"id"` as written (its JSON string body, escapes included).
+    #[serde(default)]
+    pub completion_id: Option<String>,
     /// Before the write carrying the response's last byte; None when aborted.
     pub resp_last_ns: Option<u64>,
     pub status: u16,

@@ -330,11 +330,13 @@ async fn generate(
     let n = srv.next_id.fetch_add(1, Ordering::Relaxed);
     let ctx = synth_plan::GenContext {
         id: n,
+        escaped_ids: args.escaped_ids,
         model: &model,
         route,
         tokens,
         prompt_tokens: rec.prompt_tokens,
     };
+    rec.completion_id = Some(ctx.completion_id());
 
     if !params.stream {
         sleep_until(t0 + decode * tokens as u32).await;

@@ -86,6 +86,8 @@ fn text_len(v: &Value) -> u64 {
 /// What one generation needs to render its output.
 pub struct GenContext<'a> {
     pub id: u64,
+    /// `--escaped-ids`: see [`GenContext::completion_id`].
+    pub escaped_ids: bool,
     pub model: &'a str,
     pub route: RouteKind,
     pub tokens: u64,
@@ -93,13 +95,31 @@ pub struct GenContext<'a> {
 }
 
 impl GenContext<'_> {
+    /// The id's JSON string body, as written: `chatcmpl-<n>` (`cmpl-` for completions). With
+    /// `escaped_ids`, four bytes after the dash of equal length whatever `n`: `n % 4 == 0`
+    /// gives `n`'s last four digits, the others put a JSON escape (`\"`, `\\`, both) where
+    /// digits would be — bytes a kernel-counted template must not take for varying digits.
+    pub fn completion_id(&self) -> String {
+        let base = match self.route {
+            RouteKind::Chat => "chatcmpl-",
+            RouteKind::Completions => "cmpl-",
+        };
+        let n = self.id;
+        if !self.escaped_ids {
+            return format!("{base}{n}");
+        }
+        match n % 4 {
+            0 => format!("{base}{:04}", n % 10_000),
+            1 => format!("{base}\\\"{:02}", n % 100),
+            2 => format!("{base}\\\\{:02}", n % 100),
+            _ => format!("{base}\\\"\\\\"),
+        }
+    }
+
     /// The fields every body and chunk starts with, in vLLM's order (serde_json
     /// would sort keys; a real server's field order is what the agent should see).
     fn prefix(&self, object: &str) -> String {
-        let id = match self.route {
-            RouteKind::Chat => format!("chatcmpl-{}", self.id),
-            RouteKind::Completions => format!("cmpl-{}", self.id),
-        };
+        let id = self.completion_id();
         format!(
             r#"{{"id":"{id}","object":"{object}","created":{},"model":{}"#,
             created(),
@@ -294,6 +314,7 @@ mod tests {
     fn ctx(route: RouteKind, tokens: u64) -> GenContext<'static> {
         GenContext {
             id: 7,
+            escaped_ids: false,
             model: "m1",
             route,
             tokens,
@@ -384,5 +405,38 @@ mod tests {
         assert_eq!(body["choices"][0]["text"], " the model");
         assert_eq!(body["usage"]["completion_tokens"], 2);
         assert_eq!(body["model"], "m1");
+    }
+
+    #[test]
+    fn escaped_ids_are_valid_json_of_one_length() {
+        let mut seen = Vec::new();
+        for id in [0, 1, 2, 3, 4, 97, 12_345] {
+            let c = GenContext {
+                id,
+                escaped_ids: true,
+                ..ctx(RouteKind::Chat, 2)
+            };
+            let raw = c.completion_id();
+            assert_eq!(raw.len(), "chatcmpl-".len() + 4, "{raw}");
+            let ev = &stream_events(&c, false, Duration::ZERO)[1];
+            let v: Value = serde_json::from_slice(&ev.data[6..]).unwrap();
+            let id_value = v["id"].as_str().unwrap().to_string();
+            assert_eq!(id_value.contains(['"', '\\']), id % 4 != 0, "{raw}");
+            seen.push(id_value);
+        }
+        assert_eq!(
+            seen[..4],
+            [
+                "chatcmpl-0000",
+                "chatcmpl-\"01",
+                "chatcmpl-\\02",
+                "chatcmpl-\"\\"
+            ]
+        );
+        let plain = GenContext {
+            id: 12_345,
+            ..ctx(RouteKind::Completions, 1)
+        };
+        assert_eq!(plain.completion_id(), "cmpl-12345");
     }
 }
