@@ -274,8 +274,10 @@ impl Shared {
         }))
     }
 
-    /// Labels a finished record from discovery and stores it.
-    fn accept(&self, mut recs: Vec<RequestRecord>) {
+    /// Labels the finished records from discovery and stores them, leaving `recs` empty with
+    /// its capacity (the reader's batch, reused every drain: taken by value it was grown from
+    /// nothing, a realloc and a copy of every record so far at each doubling).
+    fn accept(&self, recs: &mut Vec<RequestRecord>) {
         // The agent's own scrapes of a server's /metrics are no one's latency.
         if let Some(x) = &self.crosscheck {
             recs.retain(|r| !x.is_own(r));
@@ -285,7 +287,7 @@ impl Shared {
         }
         {
             let snap = self.snapshot.read().expect("snapshot lock");
-            for r in &mut recs {
+            for r in recs.iter_mut() {
                 if let Some(m) = snap.meta(r.pid, r.cgroup_id) {
                     r.namespace.clone_from(&m.namespace);
                     r.pod.clone_from(&m.pod);
@@ -297,7 +299,7 @@ impl Shared {
         }
         let now = unix_now();
         let mut store = self.store.lock().expect("store lock");
-        for r in recs {
+        for r in recs.drain(..) {
             let (rec, why) = store.push(r, now);
             if let Some(x) = &self.otlp {
                 x.offer(&rec, why);
@@ -514,7 +516,7 @@ fn bpf_thread(
                 tracing::debug!(error = %e, "could not arm a stream");
             }
         }
-        shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+        shared.accept(&mut pending.borrow_mut());
         shared
             .listen_changes
             .store(l7.targets.listen_changes(), Ordering::Release);
@@ -540,7 +542,7 @@ fn bpf_thread(
             }
             asm.borrow_mut()
                 .expire(mono_ns(), &mut |r| pending.borrow_mut().push(r));
-            shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+            shared.accept(&mut pending.borrow_mut());
             let (read, bad) = *counters.borrow();
             let counters = l7.stats.read();
             if last_trim.elapsed() >= TRIM_EVERY {
@@ -570,7 +572,7 @@ fn bpf_thread(
     }
     // Drain what is left so nothing read is dropped on shutdown.
     let _ = rb.consume();
-    shared.accept(std::mem::take(&mut *pending.borrow_mut()));
+    shared.accept(&mut pending.borrow_mut());
     drop(netpath);
     drop(gpu);
     tracing::info!("BPF thread stopped; detaching programs");
