@@ -240,8 +240,14 @@ pub struct TargetMaps {
     n_cgroups: &'static mut u32,
     /// `target_tgid_bits` in the same .bss: the syscall programs' one-load target test.
     tgid_bits: &'static mut [u8],
-    /// `target_cgroup_bits`: the same by cgroup id (ids beyond it: `target_cgroups` only).
+    /// `target_cgroup_bits`: the same by cgroup id, over the window `cgroup_base` says
+    /// (targets outside it: `target_cgroups` only, counted in `cgroup_outside`).
     cgroup_bits: &'static mut [u8],
+    /// `target_cgroup_base` and `n_cgroup_outside` in the same .bss.
+    cgroup_base: &'static mut u64,
+    cgroup_outside: &'static mut u32,
+    /// The window (`cgroup_window`, set before load) at its base now.
+    window: CgroupWindow,
     /// `target_port_bits`: `target_ports` again, one bit a port, for the socket programs.
     port_bits: &'static mut [u64],
     /// `gpu_probed` in the same .bss: events carry GPU counters once it is set.
@@ -290,6 +296,17 @@ impl L7 {
             n_cgroups: &mut bss.n_cgroup_targets,
             tgid_bits: &mut bss.target_tgid_bits[..],
             cgroup_bits: &mut bss.target_cgroup_bits[..],
+            cgroup_base: &mut bss.target_cgroup_base,
+            cgroup_outside: &mut bss.n_cgroup_outside,
+            window: CgroupWindow {
+                base: 0,
+                width: u64::from(
+                    skel.maps
+                        .rodata_data
+                        .context("BPF object has no .rodata")?
+                        .cgroup_window,
+                ),
+            },
             port_bits: &mut bss.target_port_bits[..],
             gpu_probed: &mut bss.gpu_probed,
             listen_changes: &bss.listen_changes,
@@ -336,15 +353,17 @@ impl L7 {
             .conns
             .set_max_entries(conn_entries)
             .context("sizing the connection map")?;
+        let rodata = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .context("BPF object has no .rodata")?;
         if runq {
             // Events then carry their thread's run-queue wait (`runq_total_ns`, the
             // scheduler's own sched_info.run_delay).
-            open.maps
-                .rodata_data
-                .as_deref_mut()
-                .context("BPF object has no .rodata")?
-                .runq_on = 1;
+            rodata.runq_on = 1;
         }
+        rodata.cgroup_window = cgroup_window_from_env()?;
         for mut prog in open.open_object_mut().progs_mut() {
             let section = prog.section().to_string_lossy().into_owned();
             if let Some(load) = hooks.loads(&section) {
@@ -392,6 +411,24 @@ const SOCK_LAYER_TRACEPOINTS: [&str; 3] =
 /// elsewhere) or `raw` (the raw `sys_enter`/`sys_exit` tracepoints). Measured in
 /// docs/BENCHMARKS.md (`scripts/syscall-cost.sh`, the overhead bench).
 pub const ENV_SYSCALL_HOOKS: &str = "LLMSLO_SYSCALL_HOOKS";
+
+/// Narrows the window of cgroup ids the kernel's target bitmap covers (`cgroup_window` in
+/// l7.bpf.c; default and most: [`CGROUP_WINDOW_MAX`]). For tests, which need a target outside
+/// the window without making millions of cgroups.
+pub const ENV_CGROUP_WINDOW: &str = "LLMSLO_CGROUP_WINDOW";
+
+/// `CGROUP_BITS` in l7.bpf.c: the bitmap's size in bits.
+pub const CGROUP_WINDOW_MAX: u32 = 4 * 1024 * 1024;
+
+fn cgroup_window_from_env() -> Result<u32> {
+    match std::env::var(ENV_CGROUP_WINDOW).ok().as_deref() {
+        None | Some("") => Ok(CGROUP_WINDOW_MAX),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=CGROUP_WINDOW_MAX).contains(&n) => Ok(n),
+            _ => anyhow::bail!("{ENV_CGROUP_WINDOW}={v}: expected 1 to {CGROUP_WINDOW_MAX}"),
+        },
+    }
+}
 
 /// How the read/write/accept/close syscalls are hooked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -498,18 +535,48 @@ impl TargetMaps {
                 tracing::warn!(tgid = t, "tgid beyond the kernel's pid limit: not traced");
             }
         }
-        // The map first when adding and last when removing: a program that finds a bit also
-        // finds the entry (ids beyond the bitmap are only in the map).
-        for c in self.applied.cgroups.difference(&want.cgroups) {
-            set_bit(self.cgroup_bits, *c, false);
-            let _ = self.cgroups.delete(&c.to_ne_bytes());
-        }
+        // The map first when adding and last when removing: a program finds every target in
+        // the map while it may not find its bit (cgroup_is_target: the bitmap only says yes).
         for c in want.cgroups.difference(&self.applied.cgroups) {
             self.cgroups
                 .update(&c.to_ne_bytes(), &[1], MapFlags::ANY)
                 .with_context(|| format!("adding target cgroup {c}"))?;
-            set_bit(self.cgroup_bits, *c, true);
         }
+        for c in self.applied.cgroups.difference(&want.cgroups) {
+            if let Some(i) = self.window.index(*c) {
+                set_bit(self.cgroup_bits, i, false);
+            }
+            let _ = self.cgroups.delete(&c.to_ne_bytes());
+        }
+        let kept: BTreeSet<u64> = self
+            .applied
+            .cgroups
+            .intersection(&want.cgroups)
+            .copied()
+            .collect();
+        if let Some(base) = self.window.rebase(&kept, &want.cgroups) {
+            // The bitmap holds no bit now, so no id finds a stale one at the new base; every
+            // target is in the map, asked meanwhile (the outside count covers them all).
+            // SAFETY: aligned words of the mmapped .bss, each stored whole.
+            unsafe {
+                std::ptr::write_volatile(self.cgroup_outside, want.cgroups.len() as u32);
+                std::ptr::write_volatile(self.cgroup_base, base);
+            }
+            self.window.base = base;
+            tracing::debug!(base, "target cgroup window moved");
+        }
+        for c in &want.cgroups {
+            if let Some(i) = self.window.index(*c) {
+                set_bit(self.cgroup_bits, i, true);
+            }
+        }
+        let outside = want
+            .cgroups
+            .iter()
+            .filter(|c| self.window.index(**c).is_none())
+            .count();
+        // SAFETY: an aligned u32 of the mmapped .bss, stored whole; after the bits.
+        unsafe { std::ptr::write_volatile(self.cgroup_outside, outside as u32) };
         // Listening ports are only added: the kernel also learns them at accept(), and the LRU
         // map forgets stale ones by itself.
         for (netns, port) in want.listen.difference(&self.applied.listen) {
@@ -533,12 +600,40 @@ impl TargetMaps {
     }
 }
 
+/// The cgroup ids `target_cgroup_bits` covers: `[base, base + width)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CgroupWindow {
+    base: u64,
+    width: u64,
+}
+
+impl CgroupWindow {
+    /// `id`'s bit, if the window covers it.
+    fn index(&self, id: u64) -> Option<u64> {
+        let rel = id.wrapping_sub(self.base);
+        (rel < self.width).then_some(rel)
+    }
+
+    /// Where the window goes for the targets `want`, of which `kept` were targets already: at
+    /// the oldest target (cgroup ids only grow, so later pods land in it), but only when it holds
+    /// none of `kept` (no bit is set then: moving it cannot make a stale bit name another
+    /// cgroup) and misses one of `want`. None: it stays.
+    fn rebase(&self, kept: &BTreeSet<u64>, want: &BTreeSet<u64>) -> Option<u64> {
+        if kept.iter().any(|c| self.index(*c).is_some())
+            || want.iter().all(|c| self.index(*c).is_some())
+        {
+            return None;
+        }
+        want.first().copied()
+    }
+}
+
 /// Sets or clears bit `idx` of one of the kernel's target bitmaps (`target_tgid_bits` by
 /// tgid, `target_cgroup_bits` by cgroup id: byte `idx / 8`, bit `idx % 8`, as
 /// `tgid_is_target` and `cgroup_is_target` in l7.bpf.c read them). The agent's BPF thread is
 /// the only writer; each byte is stored whole, so a program never sees it torn. False when
-/// `idx` is beyond the bitmap (a tgid cannot be: the kernel's pid limit is 4M; a cgroup id
-/// can, and is then found in the map).
+/// `idx` is beyond the bitmap (a tgid cannot be: the kernel's pid limit is 4M; a cgroup's index
+/// is within its window).
 fn set_bit(bits: &mut [u8], idx: u64, on: bool) -> bool {
     let Some(byte) = usize::try_from(idx / 8).ok().and_then(|i| bits.get_mut(i)) else {
         return false;
@@ -637,6 +732,43 @@ fn bump_memlock_rlimit() {
 
 #[cfg(test)]
 mod tests {
+    use super::CgroupWindow;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn the_cgroup_window_moves_to_the_oldest_target_only_when_it_holds_none() {
+        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        let w = CgroupWindow {
+            base: 0,
+            width: 4 << 20,
+        };
+        assert_eq!(w.index(0), Some(0));
+        assert_eq!(w.index((4 << 20) - 1), Some((4 << 20) - 1));
+        assert_eq!(w.index(4 << 20), None);
+        // A fresh node: every target in the window from 0, which stays.
+        assert_eq!(w.rebase(&set(&[]), &set(&[9_000, 12_000])), None);
+        // A node up for long: the window goes to the oldest target.
+        let want = set(&[5_638_978, 5_700_001]);
+        assert_eq!(w.rebase(&set(&[]), &want), Some(5_638_978));
+        let w = CgroupWindow {
+            base: 5_638_978,
+            ..w
+        };
+        assert_eq!(w.index(5_700_001), Some(5_700_001 - 5_638_978));
+        assert_eq!(w.index(5_638_977), None, "below the base");
+        // A later pod beyond the window while an earlier one is kept: it stays (that pod is
+        // asked in the map).
+        let later = 5_638_978 + (4 << 20) + 7;
+        assert_eq!(w.rebase(&set(&[5_700_001]), &set(&[5_700_001, later])), None);
+        // Once the window's targets are gone, it moves to the oldest of the rest.
+        assert_eq!(w.rebase(&set(&[later]), &set(&[later, later + 50])), Some(later));
+        // No target: nothing to move to.
+        assert_eq!(w.rebase(&set(&[]), &set(&[])), None);
+        // A width-1 window (LLMSLO_CGROUP_WINDOW=1) covers its base alone.
+        let one = CgroupWindow { base: 70, width: 1 };
+        assert_eq!((one.index(70), one.index(71), one.index(69)), (Some(0), None, None));
+    }
+
     #[test]
     fn each_hook_set_loads_its_own_read_write_programs() {
         use super::SyscallHooks::{Raw, Sock, Tracepoints};

@@ -420,6 +420,79 @@ fn non_streaming_pipelined_aborted_large_and_untargeted() {
     );
 }
 
+/// Target cgroups outside the window of ids the kernel's bitmap covers are found in its map
+/// (`cgroup_is_target`; the window starts at the oldest target, so on a node up for long the
+/// targets' ids — this VM's reach 5.6M after a day of testbeds — are in it, not beyond a fixed
+/// range). Narrowed to one id (`LLMSLO_CGROUP_WINDOW=1`): of two target pods the older is in
+/// the window and the newer only in the map; every request to either is recorded, with its
+/// tokens, and none to an untargeted third pod, whose cgroup is outside the window too (asked
+/// in the map and not found).
+#[test]
+fn target_cgroups_outside_the_bitmap_window_are_traced_through_the_map() {
+    if !kernel_tests_enabled("target_cgroups_outside_the_bitmap_window_are_traced_through_the_map")
+    {
+        return;
+    }
+    let pods = ["kwina", "kwinb", "kwinc"].map(|n| {
+        server_pod(
+            n,
+            CgroupDriver::Systemd,
+            "llmslo-synth-server",
+            &["--decode-ms", "1"],
+        )
+    });
+    let [a, b, other] = &pods;
+    assert!(
+        a.cg.id() < b.cg.id() && b.cg.id() < other.cg.id(),
+        "cgroup ids {} {} {}",
+        a.cg.id(),
+        b.cg.id(),
+        other.cg.id()
+    );
+    let agent = Agent::start_env(
+        &[
+            "--no-auto",
+            "--target-cgroup",
+            a.cg.cgroup_path(),
+            "--target-cgroup",
+            b.cg.cgroup_path(),
+        ],
+        &[("LLMSLO_CGROUP_WINDOW", "1")],
+    );
+    let load = |sp: &ServerPod, base: u64| {
+        let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+        cfg.connections = 2;
+        cfg.requests = 12;
+        cfg.streaming_ratio = 1.0;
+        cfg.max_tokens = Some(6);
+        cfg.request_id_base = base;
+        cfg.deadline = Duration::from_secs(30);
+        let c = testbed::loadgen::run(&cfg).expect("load");
+        assert!(c.iter().all(|c| c.status == 200 && c.error.is_none()));
+        c
+    };
+    let (ca, cb) = (load(a, 0), load(b, 1000));
+    load(other, 2000);
+    let recs = agent.wait_requests(Duration::from_secs(20), |r| r.len() >= ca.len() + cb.len());
+    for (name, sp, client) in [("in the window", a, &ca), ("outside it", b, &cb)] {
+        let by_port = records_by_port(&recs, sp);
+        for (c, r) in pair(client, &by_port) {
+            let r = r.unwrap_or_else(|| panic!("{name}: req {} not recorded", c.request_id));
+            assert_eq!(
+                r["output_events"].as_u64(),
+                Some(c.content_times().len() as u64),
+                "{name}: req {}: {r}",
+                c.request_id
+            );
+        }
+    }
+    let other_dst = format!("{}:{PORT}", other.pod.ip());
+    assert!(
+        !recs.iter().any(|r| r["dst"] == other_dst.as_str()),
+        "an untargeted server was recorded"
+    );
+}
+
 /// Issue 7: a target's TCP I/O is followed only where one end of the connection is a target's
 /// server port: its server side, and its client side toward such a port (a sidecar's upstream,
 /// the one client side the assembler uses). A target's connection to a port no target serves
