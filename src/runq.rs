@@ -24,11 +24,13 @@ use crate::podtotals::{PodLabels, PodTotals};
 pub const EVERY: Duration = Duration::from_secs(2);
 /// Threads read per process at most: a process with more has its first ones counted.
 const MAX_THREADS: usize = 4096;
-/// Threads' `schedstat` files kept open and read again at offset 0 (one `pread` instead of
-/// open, read and close: 1.5–1.9 µs against 9–10 here). Each open one holds a page of the
-/// kernel's seq_file buffer: past this many, files are opened for each reading. At most a
-/// quarter of the agent's open-file limit (`RLIMIT_NOFILE`'s soft value, often 1,024): the
-/// rest stays for everything else it opens.
+/// Threads' `schedstat` files open at once, at most: they are kept open and read again at
+/// offset 0 (one `pread` instead of open, read and close: 1.5–1.9 µs against 9–10 here). Each
+/// open one holds a page of the kernel's seq_file buffer: past this many, files are opened for
+/// each reading. The count takes in, during a reading, the files kept from the last one not yet
+/// read again (those of threads that ended since are among them) and the one just opened to be
+/// read. At most a quarter of the agent's open-file limit (`RLIMIT_NOFILE`'s soft value, often
+/// 1,024): the rest stays for everything else it opens.
 const KEEP_OPEN: usize = 512;
 
 /// How many files to keep open under an open-file limit of `nofile`.
@@ -114,8 +116,12 @@ pub struct RunQueue {
     /// Open `schedstat` files by tid (tids are unique in the pid namespace), those of the
     /// threads found at the last reading only.
     files: HashMap<u32, std::fs::File>,
-    /// How many of them may stay open ([`keep_open`]).
+    /// How many may be open at once ([`keep_open`]).
     keep_open: usize,
+    /// The most files held open at once so far (those of `files`, those kept at the reading
+    /// under way and the one in hand).
+    #[cfg(test)]
+    peak_open: usize,
 }
 
 impl RunQueue {
@@ -128,6 +134,8 @@ impl RunQueue {
             last: None,
             files: HashMap::new(),
             keep_open: keep_open(nofile_limit()),
+            #[cfg(test)]
+            peak_open: 0,
         }
     }
 
@@ -183,7 +191,10 @@ impl RunQueue {
     }
 
     /// The counters of `tgid`'s threads; None when the process is gone. Each thread's file is
-    /// taken from the open ones (else opened) and, read, moved to `kept` while it has room.
+    /// taken from the open ones (else opened) and, read, moved to `kept` while the files held
+    /// (the open ones not taken yet, `kept`, and one more to be opened) stay within
+    /// `keep_open`: a reading after the threads changed holds the ended threads' files until its
+    /// end, so the new threads' files are kept from the next one.
     fn threads(
         &mut self,
         tgid: u32,
@@ -216,9 +227,13 @@ impl RunQueue {
                 };
                 got = read(&f, &mut buf).map(|c| (c, f));
             }
+            #[cfg(test)]
+            {
+                self.peak_open = self.peak_open.max(self.files.len() + kept.len() + 1);
+            }
             let Some((c, f)) = got else { continue };
             out.push((tid, c));
-            if kept.len() < self.keep_open {
+            if self.files.len() + kept.len() + 1 < self.keep_open {
                 kept.insert(tid, f);
             }
         }
@@ -310,6 +325,46 @@ mod tests {
         assert_eq!(keep_open(libc::RLIM_INFINITY), KEEP_OPEN);
         assert_eq!(keep_open(3), 0);
         assert!(nofile_limit() > 0);
+    }
+
+    #[test]
+    fn files_held_open_stay_within_the_bound_when_every_thread_is_replaced() {
+        let root = std::env::temp_dir().join(format!("llmslo-runq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let threads = |tids: &[u32], wait: u64| {
+            for &t in tids {
+                let d = root.join("1/task").join(t.to_string());
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("schedstat"), format!("1 {wait} {t}\n")).unwrap();
+            }
+        };
+        let mut snap = Snapshot::default();
+        snap.set.tgids.insert(1);
+        let mut rq = RunQueue::new(&root, Duration::from_secs(30));
+        rq.keep_open = 4;
+        let read = |rq: &mut RunQueue| {
+            rq.last = None;
+            rq.refresh(&snap).expect("a reading");
+        };
+        threads(&[10, 11, 12, 13, 14], 100);
+        read(&mut rq);
+        assert_eq!(rq.files.len(), 3, "one under the bound: room for one to be read");
+        assert_eq!(rq.peak_open, 4);
+        // Every thread ends and as many new ones start: the ended threads' files are still
+        // open while the new ones are read, so none of these is kept this time.
+        std::fs::remove_dir_all(root.join("1/task")).unwrap();
+        threads(&[20, 21, 22, 23, 24, 25], 200);
+        read(&mut rq);
+        assert_eq!(rq.peak_open, 4, "3 ended threads' files and one read");
+        assert!(rq.files.is_empty(), "{:?}", rq.files.keys());
+        read(&mut rq);
+        assert_eq!(rq.files.len(), 3, "the new threads' kept from the next reading");
+        assert!(rq.files.keys().all(|t| (20..26).contains(t)));
+        assert_eq!(rq.peak_open, 4);
+        // Read again through the kept files: still within the bound.
+        read(&mut rq);
+        assert_eq!((rq.files.len(), rq.peak_open), (3, 4));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
