@@ -300,9 +300,15 @@ fn fifo_queue_delay_and_prefill() {
             start >= r.scheduled_ns.unwrap() && start <= r.token_ns[0],
             "{r:?}"
         );
-        assert!(r.token_ns[4] - start >= 8_000_000, "{r:?}");
-        // ... and the tokens are spread over the schedule, not sent in one burst.
-        assert!(r.token_ns[4] - r.token_ns[0] >= 3_000_000, "{r:?}");
+        for (i, t) in r.token_ns.iter().enumerate() {
+            assert!(t - start >= 2_000_000 * i as u64, "token {i}: {r:?}");
+        }
+        // ... and the tokens are spread over the schedule, not sent in one burst: asked when
+        // the first left on time (a first write late by 5 ms or more on a busy machine has the
+        // next ones, already due, follow right behind it).
+        if r.token_ns[0] - start < 1_000_000 {
+            assert!(r.token_ns[4] - r.token_ns[0] >= 3_000_000, "{r:?}");
+        }
     }
     // One slot: each request starts decoding after the previous one finished.
     for w in log.windows(2) {
