@@ -227,13 +227,14 @@ impl RunQueue {
                 };
                 got = read(&f, &mut buf).map(|c| (c, f));
             }
+            let held = self.files.len() + kept.len() + 1;
             #[cfg(test)]
             {
-                self.peak_open = self.peak_open.max(self.files.len() + kept.len() + 1);
+                self.peak_open = self.peak_open.max(held);
             }
             let Some((c, f)) = got else { continue };
             out.push((tid, c));
-            if self.files.len() + kept.len() + 1 < self.keep_open {
+            if held < self.keep_open {
                 kept.insert(tid, f);
             }
         }

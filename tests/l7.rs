@@ -56,14 +56,6 @@ fn pair<'a>(
         .collect()
 }
 
-/// The server's own log of its requests, by request id.
-fn server_log_by_id(sp: &ServerPod) -> BTreeMap<String, testbed::ServerRecord> {
-    sp.server_log()
-        .into_iter()
-        .filter_map(|s| s.request_id.clone().map(|id| (id, s)))
-        .collect()
-}
-
 fn ms(v: &Value) -> Option<f64> {
     v.as_f64()
 }
@@ -122,7 +114,7 @@ fn streaming_accuracy_against_both_ends_of_the_wire() {
     assert_eq!(captured, 2000, "every request captured, none extra");
     assert_eq!(by_port.len(), 20, "20 keep-alive connections");
 
-    let server = server_log_by_id(&sp);
+    let server = sp.server_log_by_id();
     let mut bad = Vec::new();
     let mut ttft_diff = Vec::new();
     for (c, r) in pair(&client, &by_port) {
@@ -925,7 +917,7 @@ fn counted_token_writes_with(
     assert!(client.iter().all(|c| c.status == 200 && c.error.is_none()));
     let recs = agent.wait_requests(Duration::from_secs(20), |r| r.len() >= requests);
     let by_port = records_by_port(&recs, &sp);
-    let server = server_log_by_id(&sp);
+    let server = sp.server_log_by_id();
     let mut bad = Vec::new();
     for (c, r) in pair(&client, &by_port) {
         let r = r.expect("paired record");

@@ -445,11 +445,7 @@ fn a_slow_pod_link_shows_in_container_network_not_in_the_server() {
     // in it. That wait is no constant on a busy machine (one CI run: 0.309 ms median unshaped,
     // 2.811 shaped), so it is compared request by request. The kernel's ends lie outside the
     // server's (the read's end before its return, the write's start after the server's stamp).
-    let server: std::collections::BTreeMap<String, testbed::ServerRecord> = sp
-        .server_log()
-        .into_iter()
-        .filter_map(|s| Some((s.request_id.clone()?, s)))
-        .collect();
+    let server = sp.server_log_by_id();
     let mut gaps: Vec<f64> = after
         .iter()
         .map(|c| {

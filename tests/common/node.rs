@@ -104,4 +104,12 @@ impl ServerPod {
     pub fn server_log(&self) -> Vec<ServerRecord> {
         testbed::read_server_log(&self.log).expect("reading server log")
     }
+
+    /// The server's own log of its requests, by request id (those that sent one).
+    pub fn server_log_by_id(&self) -> std::collections::BTreeMap<String, ServerRecord> {
+        self.server_log()
+            .into_iter()
+            .filter_map(|s| Some((s.request_id.clone()?, s)))
+            .collect()
+    }
 }
