@@ -40,7 +40,7 @@ fn entry(agent: &Agent, sp: &ServerPod) -> Option<Value> {
         .cloned()
 }
 
-fn wait_for(within: Duration, mut f: impl FnMut() -> Option<Value>) -> Option<Value> {
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -184,14 +184,24 @@ fn agrees_with_vllm_format_metrics() {
         e["pod"].as_str().unwrap_or(""),
         recs[0]["pod"].as_str().unwrap_or("")
     );
-    let served_metrics = sp
-        .server_log()
-        .iter()
-        .filter(|r| r.path == "/metrics")
-        .count();
-    let exp = agent.get("/metrics");
+    // The agent's count read before the server's log: a scrape is logged by the server before
+    // its record completes in the agent, never after; one in flight between the two reads is
+    // allowed for (a second's interval), and the reads are repeated while one may be in flight.
+    let read = || {
+        let exp = agent.get("/metrics");
+        let own = metric(&exp, "llmslo_crosscheck_own_requests_total").unwrap();
+        let served = sp
+            .server_log()
+            .iter()
+            .filter(|r| r.path == "/metrics")
+            .count();
+        (exp, own, served)
+    };
+    let (exp, own, served_metrics) = wait_for(Duration::from_secs(5), || {
+        Some(read()).filter(|(_, own, served)| *own >= *served as f64 - 1.0)
+    })
+    .unwrap_or_else(read);
     promtool_check(&exp);
-    let own = metric(&exp, "llmslo_crosscheck_own_requests_total").unwrap();
     let ok = metric(&exp, "llmslo_crosscheck_scrapes_total{result=\"ok\"}").unwrap();
     eprintln!(
         "server answered {served_metrics} scrapes; agent: {ok} ok, {own} own requests dropped"
@@ -355,14 +365,26 @@ fn a_server_in_the_agents_network_namespace_is_scraped_on_loopback() {
         (am - sm).abs() <= 5.0,
         "e2e mean: agent {am:.2} ms, server {sm:.2} ms"
     );
+    // The scrape that brought the server's counts is assembled (and counted as the agent's own)
+    // only when its connection's record completes, after the scrape thread has read the answer:
+    // wait for two of them (one a second), then ask that none reached the records.
+    let own = wait_for(Duration::from_secs(10), || {
+        metric(
+            &agent.get("/metrics"),
+            "llmslo_crosscheck_own_requests_total",
+        )
+        .filter(|&o| o >= 2.0)
+    });
+    assert!(
+        own.is_some(),
+        "own scrapes traced and left out: {:?}",
+        metric(
+            &agent.get("/metrics"),
+            "llmslo_crosscheck_own_requests_total"
+        )
+    );
     let recs = agent.wait_requests(Duration::from_secs(3), |r| r.len() >= N);
     assert_eq!(recs.len(), N, "the load's requests only, no scrape");
-    let own = metric(
-        &agent.get("/metrics"),
-        "llmslo_crosscheck_own_requests_total",
-    )
-    .unwrap();
-    assert!(own >= 2.0, "{own} own requests");
     let _ = server.kill();
     let _ = server.wait();
 }
