@@ -144,6 +144,10 @@ pub struct Shared {
     /// The kernel's count of TCP sockets that started or stopped listening, copied from the
     /// L7 object every tick of the BPF thread ([`UNKNOWN`] until it is loaded).
     pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// `listen()` calls the process watcher has seen (it wakes discovery at once, before the
+    /// BPF thread's next copy of `listen_changes`): a scan re-reads the listener tables when
+    /// either count moved.
+    pub listens_seen: Arc<std::sync::atomic::AtomicU64>,
     pub health: Mutex<Health>,
     pub snapshot: RwLock<Snapshot>,
     pub probe: ProbeReport,
@@ -248,6 +252,7 @@ impl Shared {
             exec_wakes: Default::default(),
             execs: Default::default(),
             listen_changes: Arc::new(std::sync::atomic::AtomicU64::new(UNKNOWN)),
+            listens_seen: Default::default(),
             health: Mutex::new(Health::default()),
             snapshot: RwLock::new(Snapshot::default()),
             probe,
@@ -742,10 +747,11 @@ pub struct DiscoveryLoop {
     pub node: Option<String>,
     /// What one pass keeps for the next: which processes of targets' cgroups map libcuda;
     /// the namespaces' listening sockets, while no TCP socket of the node started or stopped
-    /// listening (`Shared::listen_changes`); each process's command-line verdict, until it
+    /// listening (`Shared::listen_changes`, `Shared::listens_seen`); each process's command-line verdict, until it
     /// exec's (`Shared::execs`); the node's interfaces, until rtnetlink announces a change.
     pub cache: std::sync::Mutex<discovery::ScanCache>,
     pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
+    pub listens_seen: Arc<std::sync::atomic::AtomicU64>,
     pub execs: Arc<discovery::procs::Execs>,
 }
 
@@ -753,10 +759,12 @@ impl DiscoveryLoop {
     /// One scan, labelled from the Kubernetes index.
     pub fn scan(&self, k8s: &K8sState) -> Snapshot {
         let mut cache = self.cache.lock().expect("scan cache lock");
+        // Both counts only grow, so their sum moves whenever either does.
         let changes = self.listen_changes.load(Ordering::Acquire);
+        let seen = self.listens_seen.load(Ordering::Acquire);
         cache
             .listeners
-            .begin_scan((changes != UNKNOWN).then_some(changes));
+            .begin_scan((changes != UNKNOWN).then(|| changes.wrapping_add(seen)));
         cache
             .procs
             .begin_scan(&self.cfg.proc_root, self.execs.take());
@@ -954,6 +962,7 @@ pub fn start(cfg: &Config) -> Result<Arc<Shared>> {
         node: node.filter(|_| k8s_on),
         cache: Default::default(),
         listen_changes: shared.listen_changes.clone(),
+        listens_seen: shared.listens_seen.clone(),
         execs: shared.execs.clone(),
     };
     // The first scan runs before the programs attach, so targets are in place from the start.

@@ -464,7 +464,7 @@ fn render_health(s: &Shared, out: &mut String) {
     write_counter(
         out,
         "llmslo_agent_discovery_wakeups_total",
-        "Rescans started early by a server exec or a target's exit (sched_process_exec/exit).",
+        "Rescans started early by a server exec, a listen() of a server or target, or a target's exit.",
         &[(&[], s.exec_wakes.load(Ordering::Relaxed) as f64)],
     );
     write_gauge(

@@ -1,7 +1,10 @@
-//! Wakes the discovery loop when a process exec's with an inference server's command line or
-//! a traced process exits (`sched/sched_process_exec`, `sched/sched_process_exit`), so a new
-//! server is traced within milliseconds of starting and a dead one's targets go at once,
-//! instead of at the next poll.
+//! Wakes the discovery loop when a process exec's with an inference server's command line, a
+//! traced process (or one that could be: an inference server's command line, a process in a pod
+//! under port selection) opens a listening TCP socket, or a traced process exits
+//! (`sched/sched_process_exec`, `sock/inet_sock_set_state` to `TCP_LISTEN`,
+//! `sched/sched_process_exit`), so a new server is traced within milliseconds of starting, its
+//! listening sockets are in the maps within milliseconds of its `listen()` (however long its
+//! start-up takes), and a dead one's targets go at once, instead of at the next poll.
 
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use crate::skel::exec::ExecSkelBuilder;
 pub enum ProcEvent {
     Exec(u32),
     Exit(u32),
+    Listen(u32),
 }
 
 /// Decodes one ring buffer record (`struct llmslo_proc_event` in llmslo.h).
@@ -32,20 +36,31 @@ pub fn decode(data: &[u8]) -> Option<ProcEvent> {
     match kind {
         1 => Some(ProcEvent::Exec(tgid)),
         2 => Some(ProcEvent::Exit(tgid)),
+        3 => Some(ProcEvent::Listen(tgid)),
         _ => None,
     }
 }
 
-/// Does this event call for a rescan? An exec whose command line (read from `proc_root`)
-/// matches a signature; an exit of a pid the snapshot traces.
+/// Does this event call for a rescan? With discovery on (`auto` or `select`), an exec whose
+/// command line (read from `proc_root`) matches a signature; a listen of a pid the snapshot
+/// traces, or of one such an exec would pick; an exit of a pid the snapshot traces.
 fn wants_rescan(
     ev: ProcEvent,
     proc_root: &std::path::Path,
     sigs: &[String],
-    select: bool,
+    (auto, select): (bool, bool),
     shared: &Shared,
 ) -> bool {
+    let traced = |pid: u32| {
+        shared
+            .snapshot
+            .read()
+            .expect("snapshot lock")
+            .by_tgid
+            .contains_key(&pid)
+    };
     match ev {
+        ProcEvent::Exec(_) if !(auto || select) => false,
         // With `discovery.select`, any new process in a pod may be one (its listening socket
         // decides, at the rescans that follow).
         ProcEvent::Exec(pid)
@@ -68,16 +83,15 @@ fn wants_rescan(
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             match_signature(&refs, sigs).is_some()
         }
-        ProcEvent::Exit(pid) => shared
-            .snapshot
-            .read()
-            .expect("snapshot lock")
-            .by_tgid
-            .contains_key(&pid),
+        ProcEvent::Listen(pid) => {
+            traced(pid)
+                || wants_rescan(ProcEvent::Exec(pid), proc_root, sigs, (auto, select), shared)
+        }
+        ProcEvent::Exit(pid) => traced(pid),
     }
 }
 
-/// Loads and attaches the two tracepoints and starts the thread that reads their events.
+/// Loads and attaches the three tracepoints and starts the thread that reads their events.
 /// Returns the attached programs (for `/api/v1/targets`) and the thread, which detaches them
 /// once `shared.stop` is set.
 pub fn spawn(
@@ -127,12 +141,16 @@ fn run(
     let mut builder = RingBufferBuilder::new();
     builder.add(&skel.maps.proc_events, |data: &[u8]| {
         if let Some(ev) = decode(data) {
-            let exec = matches!(ev, ProcEvent::Exec(_));
-            // Before any wake-up: the scan it causes reads this command line again.
-            if let ProcEvent::Exec(pid) = ev {
-                shared.execs.exec(pid);
+            // Before any wake-up: the scan it causes reads this command line again, or the
+            // listener tables (the kernel's own count reaches discovery a tick later).
+            match ev {
+                ProcEvent::Exec(pid) => shared.execs.exec(pid),
+                ProcEvent::Listen(_) => {
+                    shared.listens_seen.fetch_add(1, Ordering::Release);
+                }
+                ProcEvent::Exit(_) => {}
             }
-            if (!exec || auto || select) && wants_rescan(ev, proc_root, sigs, select, shared) {
+            if wants_rescan(ev, proc_root, sigs, (auto, select), shared) {
                 tracing::debug!(?ev, "process event: rescanning");
                 shared.exec_wakes.fetch_add(1, Ordering::Relaxed);
                 shared.wake.wake();
@@ -186,6 +204,10 @@ mod tests {
         assert_eq!(decode(&b), Some(ProcEvent::Exec(4242)));
         b[4..].copy_from_slice(&2u32.to_ne_bytes());
         assert_eq!(decode(&b), Some(ProcEvent::Exit(4242)));
+        b[4..].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(decode(&b), Some(ProcEvent::Listen(4242)));
+        b[4..].copy_from_slice(&9u32.to_ne_bytes());
+        assert_eq!(decode(&b), None);
         assert_eq!(decode(&b[..6]), None);
     }
 }

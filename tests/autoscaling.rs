@@ -262,6 +262,7 @@ fn autoscaling_queries_follow_the_servers_queueing_in_a_real_prometheus() {
     agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 180);
     std::thread::sleep(Duration::from_secs(3));
     prom.wait_scraped(Duration::from_secs(10));
+    prom.wait_caught_up(&agent.get("/metrics"), Duration::from_secs(10));
     eprintln!("load and scrapes took {:.1?}", t0.elapsed());
 
     let exported = exposition_names(&agent.get("/metrics"));

@@ -111,13 +111,21 @@ fn hostile_traffic_is_counted_and_good_requests_still_recorded() {
         .iter()
         .all(|r| r["model"] == "synth-llm" && r["path"] == "/v1/chat/completions"));
 
-    let m = agent.get("/metrics");
-    let un = |reason: &str| {
+    // The parse counters are read every 500 ms, apart from the records: wait for a reading
+    // that has them all (a missing one never comes, and fails below).
+    let un_in = |m: &str, reason: &str| {
         metric(
-            &m,
+            m,
             &format!("llmslo_agent_requests_unparsed_total{{reason=\"{reason}\"}}"),
         )
     };
+    let m = agent.wait_metrics(Duration::from_secs(10), |m| {
+        ["http2", "tls", "not_http"]
+            .iter()
+            .all(|r| un_in(m, r) >= 1.0)
+            && un_in(m, "header_too_large") + un_in(m, "truncated") >= 1.0
+    });
+    let un = |reason: &str| un_in(&m, reason);
     assert!(
         un("http2") >= 1.0,
         "HTTP/2 preface counted:\n{}",

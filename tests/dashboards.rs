@@ -500,6 +500,7 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     // A few more scrapes so the last round is in every rate window.
     std::thread::sleep(Duration::from_secs(3));
     prom.wait_scraped(Duration::from_secs(10));
+    prom.wait_caught_up(&agent.get("/metrics"), Duration::from_secs(10));
 
     // Every metric an expr selects is one the agent exports (or Prometheus adds per target).
     let exposition = agent.get("/metrics");

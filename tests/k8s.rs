@@ -8,6 +8,9 @@
 //!   from the API and never traces the third; a pod started later is traced within 2 s; a
 //!   deleted pod's series go within 60 s while an idle pod's stay; with the API gone the agent
 //!   keeps tracing with node-local names.
+//! - `pods_selected_by_label_or_port` (kernel): `discovery.select` by pod label or by port.
+//! - `a_server_that_listens_late_is_traced_from_its_listen` (kernel): a server that listens
+//!   5 s after its exec has its port traced at its `listen()`, not at the next poll.
 
 mod common;
 
@@ -680,4 +683,98 @@ fn pods_selected_by_label_or_port() {
         records_to(&recs, &web.dst()).is_empty(),
         "the web pod's requests are not traced"
     );
+}
+
+/// A server that loads its model before it listens (5 s here, minutes for vLLM): found at its
+/// exec by its command line, its listening socket goes into the maps at its `listen()` (the
+/// `inet_sock_set_state` tracepoint wakes discovery), not at the next poll (60 s here; the
+/// rescans that follow the exec end 4.5 s after it). Its requests are traced.
+#[test]
+fn a_server_that_listens_late_is_traced_from_its_listen() {
+    if !kernel_tests_enabled("a_server_that_listens_late_is_traced_from_its_listen") {
+        return;
+    }
+    const DELAY_MS: u64 = 5000;
+    let me = std::process::id();
+    let sig = format!("llmslo-late-{me}");
+    let (pod, cg) = pod_with_cgroup("k8slate", CgroupDriver::Systemd);
+    let agent = Agent::start_with_config(
+        &format!(
+            "discovery:\n  extra_signatures: [{sig}]\n  interval_ms: 60000\n\
+             network:\n  enabled: false\n"
+        ),
+        &[],
+    );
+    let wakes = |agent: &Agent| {
+        metric(
+            &agent.get("/metrics"),
+            "llmslo_agent_discovery_wakeups_total",
+        )
+        .unwrap_or(0.0)
+    };
+    let wakes0 = wakes(&agent);
+    let mut cmd = Command::new(common::agent_bin());
+    cmd.arg0(&sig)
+        .arg("synth-server")
+        .args(["--listen", &format!("0.0.0.0:{PORT}"), "--decode-ms", "1"])
+        .args(["--startup-delay-ms", &DELAY_MS.to_string()])
+        .env("HOSTNAME", "k8slate")
+        .stdout(std::process::Stdio::null());
+    let t0 = Instant::now();
+    let server = pod.spawn(cmd, Some(&cg)).expect("spawning the server");
+    let pid = server.pid();
+    let listed = |ports: bool| {
+        targets(&agent).into_iter().find(|x| {
+            x["pid"] == pid
+                && (!ports
+                    || x["listening"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p == PORT)))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(false).is_some()).is_some(),
+        "found at its exec: {:#?}",
+        targets(&agent)
+    );
+    assert!(
+        listed(true).is_none(),
+        "no listening port before the server binds it"
+    );
+    pod.wait_for_port(PORT, Duration::from_secs(DELAY_MS / 1000 + 10))
+        .expect("server listening");
+    let listening = t0.elapsed();
+    let since_listen = Instant::now();
+    let found = wait_until(Duration::from_secs(10), || listed(true).is_some());
+    eprintln!(
+        "exec -> listening {listening:?}; listening -> its port in the targets {found:?}; \
+         discovery wake-ups {}",
+        wakes(&agent) - wakes0
+    );
+    assert!(
+        listening >= Duration::from_millis(DELAY_MS),
+        "the server listened after its delay"
+    );
+    assert!(
+        found.is_some_and(|d| d < Duration::from_secs(2)),
+        "its port traced at its listen, not at the next poll ({:?} after): {:#?}",
+        since_listen.elapsed(),
+        targets(&agent)
+    );
+    assert!(
+        wakes(&agent) - wakes0 >= 2.0,
+        "woken by the exec and by the listen"
+    );
+    let mut cfg = LoadConfig::new(pod.addr(PORT));
+    cfg.connections = 1;
+    cfg.requests = 3;
+    cfg.max_tokens = Some(4);
+    let res = testbed::loadgen::run(&cfg).expect("load");
+    assert!(res.iter().all(|c| c.status == 200), "requests answered");
+    let dst = format!("{}:{PORT}", pod.ip());
+    let recs = agent.wait_requests(Duration::from_secs(10), |r| records_to(r, &dst).len() >= 3);
+    let recs = records_to(&recs, &dst);
+    assert_eq!(recs.len(), 3, "the three requests traced");
+    assert!(recs.iter().all(|r| r["pid"] == pid), "{recs:#?}");
+    drop(server);
 }

@@ -969,8 +969,13 @@ fn counted_token_writes_with(
         )
         .unwrap_or(0.0)
     };
-    let m = agent.wait_metrics(Duration::from_secs(5), |m| {
-        stat(m, "token_writes_counted") > 0.0 && applied(m) == stat(m, "token_writes_counted")
+    // The figures are read every 500 ms: one taken after the last record was assembled covers
+    // the whole load (a reading taken mid-load can have applied == counted too).
+    let m = agent.wait_metrics(Duration::from_secs(10), |m| {
+        common::metric(m, "llmslo_agent_requests_assembled_total")
+            .is_some_and(|n| n >= requests as f64)
+            && stat(m, "token_writes_counted") > 0.0
+            && applied(m) == stat(m, "token_writes_counted")
     });
     let (counted, tokens) = (
         stat(&m, "token_writes_counted"),

@@ -79,12 +79,21 @@ fn ring_buffer_overflow_is_accounted_exactly() {
     load.requests = 200;
     load.max_tokens = Some(64);
     testbed::loadgen::run(&load).unwrap();
-    std::thread::sleep(Duration::from_millis(1500)); // health is refreshed every 500 ms
-    let m = agent.get("/metrics");
-    let submitted = metric(&m, "llmslo_agent_bpf_stat_total{stat=\"events\"}");
-    let full = metric(&m, "llmslo_agent_bpf_stat_total{stat=\"ringbuf_full\"}");
-    let read = metric(&m, "llmslo_agent_events_read_total");
-    let lost = metric(&m, "llmslo_agent_events_lost_total{cause=\"ringbuf_full\"}");
+    // The figures are refreshed every 500 ms: read and submitted agree once a refresh comes
+    // after the burst (during it, events are submitted between the drain and the reading).
+    let figures = |m: &str| {
+        (
+            metric(m, "llmslo_agent_bpf_stat_total{stat=\"events\"}"),
+            metric(m, "llmslo_agent_bpf_stat_total{stat=\"ringbuf_full\"}"),
+            metric(m, "llmslo_agent_events_read_total"),
+            metric(m, "llmslo_agent_events_lost_total{cause=\"ringbuf_full\"}"),
+        )
+    };
+    let m = agent.wait_metrics(Duration::from_secs(10), |m| {
+        let (submitted, full, read, lost) = figures(m);
+        full > 0.0 && read == submitted && lost == full
+    });
+    let (submitted, full, read, lost) = figures(&m);
     eprintln!("submitted {submitted} read {read} ringbuf_full {full}");
     assert!(full > 0.0, "the burst overflowed the ring");
     assert_eq!(read, submitted, "everything submitted was read");
@@ -148,16 +157,27 @@ fn full_connection_map_evictions_are_counted_exactly() {
     let stat =
         |m: &str, s: &str| metric(m, &format!("llmslo_agent_bpf_stat_total{{stat=\"{s}\"}}"));
     let figures = |what: &str| {
-        // The map is walked every 5 s: wait for a walk after the last change.
-        std::thread::sleep(Duration::from_millis(5600));
-        let m = agent.get("/metrics");
-        let f = (
-            stat(&m, "conn_map_inserts"),
-            stat(&m, "conn_map_deletes"),
-            metric(&m, "llmslo_agent_bpf_map_entries{map=\"conns\"}"),
-            metric(&m, "llmslo_agent_bpf_map_evictions_total{map=\"conns\"}"),
-            conn_map_entries(CAP) as f64,
-        );
+        // The map is walked every 5 s (the counters are read every 0.5 s): wait for a walk
+        // after the last change, when the figures agree with each other and with bpftool; on a
+        // busy machine the walk can come later than 5 s after the change.
+        let t0 = Instant::now();
+        let f = loop {
+            let m = agent.get("/metrics");
+            let f = (
+                stat(&m, "conn_map_inserts"),
+                stat(&m, "conn_map_deletes"),
+                metric(&m, "llmslo_agent_bpf_map_entries{map=\"conns\"}"),
+                metric(&m, "llmslo_agent_bpf_map_evictions_total{map=\"conns\"}"),
+                conn_map_entries(CAP) as f64,
+            );
+            let settled = f.2 == f.4 && f.3 == f.0 - f.1 - f.2;
+            if (settled && t0.elapsed() > Duration::from_millis(600))
+                || t0.elapsed() > Duration::from_secs(20)
+            {
+                break f;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
         eprintln!(
             "{what}: inserts {}, deletes {}, live {} (bpftool {}), evicted {}",
             f.0, f.1, f.2, f.4, f.3

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-/* Process starts and exits, so discovery rescans the moment a server exec's (instead of at its
- * next poll) and drops a target whose process is gone. Userspace decides what matters: an exec
- * whose command line matches a signature, an exit of a traced pid. Events are 8 bytes. */
+/* Process starts, exits and listens, so discovery rescans the moment a server exec's (instead
+ * of at its next poll), puts its listening sockets in the maps the moment it opens them, and
+ * drops a target whose process is gone. Userspace decides what matters: an exec or a listen of
+ * a process whose command line matches a signature (or that is in a pod, with port selection),
+ * a listen or an exit of a traced pid. Events are 8 bytes. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include "llmslo.h"
@@ -45,5 +47,16 @@ int proc_exit(void *ctx)
 	if ((__u32)id != (__u32)(id >> 32))
 		return 0;
 	emit(PROC_EXIT);
+	return 0;
+}
+
+/* listen(2) on a TCP socket: inet_csk_listen_start sets TCP_LISTEN in the caller's context.
+ * Rare (a server's start-up), so no filter beyond the state. */
+SEC("tracepoint/sock/inet_sock_set_state")
+int proc_listen(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP || ctx->newstate != TCP_LISTEN)
+		return 0;
+	emit(PROC_LISTEN);
 	return 0;
 }

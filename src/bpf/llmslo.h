@@ -205,8 +205,9 @@ struct llmslo_tokens_event {
 	__u32 delta[LLMSLO_TOKENS_MAX];
 };
 
-/* exec.bpf.c -> discovery: a process started (exec) or ended (its leader exited). */
-enum llmslo_proc_kind { PROC_EXEC = 1, PROC_EXIT = 2 };
+/* exec.bpf.c -> discovery: a process started (exec), ended (its leader exited) or opened a
+ * listening TCP socket. */
+enum llmslo_proc_kind { PROC_EXEC = 1, PROC_EXIT = 2, PROC_LISTEN = 3 };
 
 struct llmslo_proc_event {
 	__u32 tgid;

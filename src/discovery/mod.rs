@@ -112,6 +112,10 @@ pub struct Target {
     /// The container's ports, from the Kubernetes API.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// The TCP ports its processes listen on, as the last scan found them (the kernel is told
+    /// them so a connection's handshake is stamped from its first SYN).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<u16>,
     /// Where the names come from: "kubernetes" (the API knew the pod) or "node" (cgroup path
     /// and the container's HOSTNAME).
     pub labels_from: &'static str,
@@ -141,8 +145,16 @@ impl Target {
             owner: None,
             labels: BTreeMap::new(),
             ports: Vec::new(),
+            listening: Vec::new(),
             labels_from: "node",
         }
+    }
+
+    /// With the ports of these (netns, port) listening sockets.
+    fn listening_on(mut self, sockets: &BTreeSet<(u32, u16)>) -> Target {
+        let ports: BTreeSet<u16> = sockets.iter().map(|&(_, port)| port).collect();
+        self.listening = ports.into_iter().collect();
+        self
     }
 }
 
@@ -564,7 +576,8 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, cache: &mut ScanCache) -
             _ => None,
         };
         snap.set.tgids.insert(pid);
-        snap.set.listen.extend(listeners.ports(&cfg.proc_root, pid));
+        let listening = listeners.ports(&cfg.proc_root, pid);
+        snap.set.listen.extend(listening.iter().copied());
         snap.by_tgid.insert(pid, meta.clone());
         // A server in a pod is also targeted by its container's cgroup: that covers its worker
         // processes, and works where our /proc's pids are not the kernel's (a node that is
@@ -587,14 +600,17 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, cache: &mut ScanCache) -
             }
             snap.by_cgroup.entry(id).or_insert_with(|| meta.clone());
         }
-        snap.targets.push(Target::node_local(
-            Some(pid),
-            read_comm(&cfg.proc_root, pid),
-            reason,
-            (cg_path, cg_id),
-            kube.as_ref(),
-            meta,
-        ));
+        snap.targets.push(
+            Target::node_local(
+                Some(pid),
+                read_comm(&cfg.proc_root, pid),
+                reason,
+                (cg_path, cg_id),
+                kube.as_ref(),
+                meta,
+            )
+            .listening_on(&listening),
+        );
     }
     if let Some(m) = &cg_mount {
         let pods: BTreeSet<String> = snap
@@ -633,8 +649,9 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, cache: &mut ScanCache) -
         // Listed here already: not again below.
         snap.set.gpu_cgroups.insert(id);
         gpu_dirs.remove(&id);
+        let mut listening = BTreeSet::new();
         for (i, pid) in cgroup_pids(&full).into_iter().enumerate() {
-            snap.set.listen.extend(listeners.ports(&cfg.proc_root, pid));
+            listening.extend(listeners.ports(&cfg.proc_root, pid));
             cgroup_targets.push(pid);
             snap.cgroup_members.insert(pid, id);
             if i < crate::gpu::MAX_CGROUP_PROCS {
@@ -642,14 +659,18 @@ pub fn scan(cfg: &DiscoveryConfig, k8s: &k8s::K8sState, cache: &mut ScanCache) -
             }
         }
         snap.by_cgroup.insert(id, meta.clone());
-        snap.targets.push(Target::node_local(
-            None,
-            None,
-            "cgroup".into(),
-            (Some(rel), Some(id)),
-            kube.as_ref(),
-            meta,
-        ));
+        snap.set.listen.extend(listening.iter().copied());
+        snap.targets.push(
+            Target::node_local(
+                None,
+                None,
+                "cgroup".into(),
+                (Some(rel), Some(id)),
+                kube.as_ref(),
+                meta,
+            )
+            .listening_on(&listening),
+        );
     }
     for (id, dir) in gpu_dirs {
         snap.set.gpu_cgroups.insert(id);
@@ -740,19 +761,24 @@ fn add_sidecars(
         let meta = meta_for(kube.as_ref(), pod_name_from_env(&cfg.proc_root, pid));
         snap.set.cgroups.insert(id);
         snap.by_cgroup.insert(id, meta.clone());
+        let mut listening = BTreeSet::new();
         for &p in &pids {
             snap.set.tgids.insert(p);
             snap.by_tgid.insert(p, meta.clone());
-            snap.set.listen.extend(listeners.ports(&cfg.proc_root, p));
+            listening.extend(listeners.ports(&cfg.proc_root, p));
         }
-        snap.targets.push(Target::node_local(
-            Some(pid),
-            read_comm(&cfg.proc_root, pid),
-            format!("sidecar:{name}"),
-            (Some(rel), Some(id)),
-            kube.as_ref(),
-            meta,
-        ));
+        snap.set.listen.extend(listening.iter().copied());
+        snap.targets.push(
+            Target::node_local(
+                Some(pid),
+                read_comm(&cfg.proc_root, pid),
+                format!("sidecar:{name}"),
+                (Some(rel), Some(id)),
+                kube.as_ref(),
+                meta,
+            )
+            .listening_on(&listening),
+        );
     }
 }
 

@@ -107,6 +107,10 @@ pub struct SynthArgs {
     /// Exit by itself after this many seconds (a safety net for demos).
     #[arg(long)]
     pub max_runtime_s: Option<f64>,
+    /// Wait this long before binding the listening socket, like a server that loads its model
+    /// first (vLLM listens only once its weights are in GPU memory).
+    #[arg(long, default_value_t = 0.0)]
+    pub startup_delay_ms: f64,
 }
 
 /// One line of the ground-truth log. Every `*_ns` is CLOCK_MONOTONIC; write times are
@@ -190,6 +194,9 @@ pub fn synth_main(args: Vec<String>) -> Result<()> {
 
 /// Bind `args.listen` and serve (forever, or until `max_runtime_s`).
 pub async fn serve(args: SynthArgs) -> Result<()> {
+    if args.startup_delay_ms > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(args.startup_delay_ms / 1e3)).await;
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;

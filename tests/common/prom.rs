@@ -251,6 +251,28 @@ impl Prometheus {
         self.get_json(&format!("/api/v1/query?query={}", urlencode(expr)))
     }
 
+    /// Waits until Prometheus holds the requests the agent has counted (`sum` of
+    /// `llmslo_requests_total` in the agent's exposition, read now): a scrape after the load.
+    pub fn wait_caught_up(&self, agent_exposition: &str, within: Duration) {
+        let want = super::family_sum(agent_exposition, "llmslo_requests_total");
+        let t0 = Instant::now();
+        loop {
+            let v = self.query("sum(llmslo_requests_total)");
+            let have = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if have >= want {
+                return;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "prometheus has {have} requests, the agent {want}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Waits until Prometheus reports the agent's target healthy (scraped, up).
     pub fn wait_scraped(&self, within: Duration) {
         let t0 = Instant::now();
