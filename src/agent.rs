@@ -747,8 +747,9 @@ pub struct DiscoveryLoop {
     pub node: Option<String>,
     /// What one pass keeps for the next: which processes of targets' cgroups map libcuda;
     /// the namespaces' listening sockets, while no TCP socket of the node started or stopped
-    /// listening (`Shared::listen_changes`, `Shared::listens_seen`); each process's command-line verdict, until it
-    /// exec's (`Shared::execs`); the node's interfaces, until rtnetlink announces a change.
+    /// listening (`Shared::listen_changes`, `Shared::listens_seen`); each process's
+    /// command-line verdict, until it exec's (`Shared::execs`); the node's interfaces, until
+    /// rtnetlink announces a change.
     pub cache: std::sync::Mutex<discovery::ScanCache>,
     pub listen_changes: Arc<std::sync::atomic::AtomicU64>,
     pub listens_seen: Arc<std::sync::atomic::AtomicU64>,
