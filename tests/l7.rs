@@ -554,6 +554,10 @@ fn only_connections_to_a_target_port_are_followed() {
     let after_other = events();
     load(sp.pod.addr(PORT));
     let recs = agent.wait_requests(Duration::from_secs(10), |r| r.len() >= 40);
+    // A reading of the counters taken after the 40 were assembled has every event they took.
+    agent.wait_metrics(Duration::from_secs(10), |m| {
+        common::metric(m, "llmslo_agent_requests_assembled_total").is_some_and(|n| n >= 40.0)
+    });
     let after_target = events();
     let (d_other, d_target) = (after_other - before, after_target - after_other);
     eprintln!(
