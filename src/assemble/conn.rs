@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::event::{EventKind, Inside, NetStamps, SockEvent};
-use crate::record::{RequestRecord, Ts};
+use crate::record::{RequestRecord, TokenTimes, Ts};
 
 use super::arm::StreamArm;
 use super::body::Body;
@@ -24,6 +24,9 @@ const FIFO_MAX: usize = 64;
 /// Token timestamps kept per record (the count and the last one are kept regardless).
 const TOKENS_MAX: usize = 1 << 17;
 const PATH_MAX: usize = 256;
+/// The most packed token-time bytes reserved for a request from its connection's last
+/// response (~5,000 tokens): longer ones grow their vector past it.
+const TOKEN_BYTES_KEPT: usize = 16 * 1024;
 /// Reads of a connection that predates us which may be skipped as mid-request before its
 /// traffic is declared not HTTP.
 const RESYNC_READS: u8 = 32;
@@ -159,6 +162,12 @@ pub(crate) struct Conn {
     /// Requests before this index were handed to the joiner.
     noted_seq: u64,
     arm: ArmState,
+    /// The packed size of the token times of the last response this slot completed (its
+    /// connection's, or on a reused slot the previous connection's, likely to the same
+    /// server): a request's are reserved when it starts, so that like responses grow no
+    /// vector token by token. Capped (TOKEN_BYTES_KEPT); `finish` trims what a shorter one
+    /// leaves unused.
+    token_bytes: usize,
 }
 
 /// Arming the kernel for the current response (arm.rs).
@@ -218,6 +227,7 @@ impl Conn {
             fp: Fingerprint::default(),
             noted_seq: 0,
             arm: ArmState::default(),
+            token_bytes: 0,
         }
     }
 
@@ -333,6 +343,7 @@ impl Conn {
             method,
             path,
             request_bytes: st.bytes,
+            token_ns: TokenTimes::with_capacity(self.token_bytes),
             ..Default::default()
         };
         rec.timestamps.set(Ts::ReadFirst, st.read_first);

@@ -24,6 +24,20 @@ impl TokenTimes {
         TokenTimes::default()
     }
 
+    /// Room for `bytes` of packed differences (`packed_bytes` of a like request's times), so
+    /// that pushing them allocates nothing.
+    pub fn with_capacity(bytes: usize) -> TokenTimes {
+        TokenTimes {
+            deltas: Vec::with_capacity(bytes),
+            ..TokenTimes::default()
+        }
+    }
+
+    /// Bytes the packed differences take.
+    pub fn packed_bytes(&self) -> usize {
+        self.deltas.len()
+    }
+
     pub fn push(&mut self, t: u64) {
         if self.len == 0 {
             self.first = t;

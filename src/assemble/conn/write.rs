@@ -8,7 +8,9 @@ use super::super::http::{self, HeadStep};
 use super::super::scan::{Hit, KeyScan};
 use super::super::sse::{Sse, SseItem};
 use super::super::{AssemblerConfig, UnparsedReason};
-use super::{emit, set_resp_last, ArmState, Conn, Io, Mode, Pending, RespState, Sink};
+use super::{
+    emit, set_resp_last, ArmState, Conn, Io, Mode, Pending, RespState, Sink, TOKEN_BYTES_KEPT,
+};
 use crate::event::{Inside, SockEvent};
 use crate::record::Ts;
 
@@ -222,6 +224,7 @@ impl Conn {
     fn complete_front(&mut self, sink: &mut Sink<'_>) {
         self.reset_response();
         if let Some(p) = self.fifo.pop_front() {
+            self.token_bytes = p.rec.token_ns.packed_bytes().min(TOKEN_BYTES_KEPT);
             emit(&self.ident, p, false, sink);
         }
     }
