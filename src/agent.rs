@@ -165,6 +165,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
     pub started: Instant,
+    /// The kernel's run-time accounting, held on for the agent's life (`bpf_stats: true`).
+    pub bpf_stats: Option<std::os::fd::OwnedFd>,
     /// OTLP trace export, when configured.
     pub otlp: Option<crate::otlp::Otlp>,
     /// Cross-check against the servers' own metrics, when enabled.
@@ -266,6 +268,15 @@ impl Shared {
             ready: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             started: Instant::now(),
+            bpf_stats: cfg
+                .bpf_stats
+                .then(|| {
+                    crate::selfcost::stats_on()
+                        .inspect(|_| tracing::info!("bpf_stats: the kernel counts BPF program run time while the agent runs"))
+                        .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "bpf_stats: the kernel's run-time accounting could not be turned on (BPF_ENABLE_STATS needs CAP_SYS_ADMIN, which the DaemonSet does not add: set kernel.bpf_stats_enabled=1 on the node instead)"))
+                        .ok()
+                })
+                .flatten(),
             otlp: crate::otlp::Otlp::start_if_enabled(&cfg.otlp)?,
             crosscheck: cfg.crosscheck.enabled.then(|| {
                 Arc::new(crate::crosscheck::Crosscheck::new(
@@ -428,7 +439,12 @@ fn bpf_thread(
     };
     let mut runq = runq.map(|root| crate::runq::RunQueue::new(&root, shared.forget_after));
     *shared.programs.write().expect("programs lock") = progs;
-    *shared.verifier.write().expect("verifier lock") = verifier;
+    // The exec watcher adds its programs' too.
+    shared
+        .verifier
+        .write()
+        .expect("verifier lock")
+        .extend(verifier);
     *shared.syscall_hooks.write().expect("syscall hooks lock") = l7.hooks.name();
     let asm = RefCell::new(Assembler::new(asm_cfg));
     let pending: RefCell<Vec<RequestRecord>> = RefCell::new(Vec::with_capacity(256));

@@ -365,6 +365,12 @@ fn render_health(s: &Shared, out: &mut String) {
         "Instructions the kernel's verifier processed per loaded BPF program.",
         &rows,
     );
+    crate::selfcost::render_programs(&verifier, s.bpf_stats.is_some(), out);
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(s.started.elapsed());
+    crate::selfcost::render_process(&crate::selfcost::process(), start.as_secs_f64(), out);
     let j = &h.assembler.sidecar;
     write_counter(
         out,

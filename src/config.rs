@@ -41,6 +41,11 @@ pub struct Config {
     /// Let the kernel count a streamed response's token writes (start stamp and size each)
     /// once two token events have shown their shape, instead of sending each write's bytes.
     pub kernel_token_counting: bool,
+    /// Turn the kernel's BPF run-time accounting on while the agent runs, so that
+    /// `llmslo_agent_bpf_program_run_seconds_total` counts (every BPF program run on the node
+    /// then pays two clock reads). Needs CAP_SYS_ADMIN (not in the DaemonSet: a warning, and
+    /// the counters stay still); `kernel.bpf_stats_enabled=1` on the node does the same.
+    pub bpf_stats: bool,
     pub network: NetworkCfg,
     /// Service-level objectives (see README "SLOs").
     pub slos: Vec<crate::slo::SloSpec>,
@@ -190,6 +195,7 @@ impl Default for Config {
             cpu_runqueue: true,
             gpu_uprobes: true,
             kernel_token_counting: true,
+            bpf_stats: false,
             network: NetworkCfg::default(),
             slos: Vec::new(),
             api: crate::serve::ApiCfg::default(),

@@ -7,10 +7,9 @@
 //! same traffic. The agent never loads them.
 
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, NetfilterOpts, OpenObject};
 
@@ -27,17 +26,7 @@ pub struct Runs {
     pub run_cnt: u64,
 }
 
-/// Turns the kernel's run-time accounting on for as long as the returned fd stays open
-/// (BPF_ENABLE_STATS), whatever the sysctl says.
-pub fn stats_on() -> Result<std::os::fd::OwnedFd> {
-    // SAFETY: a plain syscall wrapper; a non-negative return is a new fd we then own.
-    let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
-    if fd < 0 {
-        bail!("BPF_ENABLE_STATS: {}", std::io::Error::from_raw_os_error(-fd));
-    }
-    // SAFETY: the fd was just returned to us and nothing else owns it.
-    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-}
+pub use crate::selfcost::stats_on;
 
 /// The floor programs, attached; dropping it detaches them (the links go before the object).
 pub struct Floor {
@@ -118,19 +107,9 @@ impl Floor {
         ]
         .into_iter()
         .map(|(name, kind, prog)| {
-            let mut info = libbpf_sys::bpf_prog_info::default();
-            let mut len = std::mem::size_of_val(&info) as u32;
-            // SAFETY: a loaded program's fd, an info struct and its size, both outliving the call.
-            let rc = unsafe {
-                libbpf_sys::bpf_prog_get_info_by_fd(
-                    prog.as_fd().as_raw_fd(),
-                    &mut info,
-                    &mut len,
-                )
+            let Some(info) = crate::selfcost::prog_info(prog.as_fd()) else {
+                bail!("{name}: BPF_OBJ_GET_INFO_BY_FD failed");
             };
-            if rc != 0 {
-                bail!("{name}: BPF_OBJ_GET_INFO_BY_FD failed ({rc})");
-            }
             Ok(Runs {
                 name,
                 kind,

@@ -36,6 +36,7 @@ agent_only! {
     pub mod ringbuf;
     pub mod rtnl;
     pub mod runq;
+    pub mod selfcost;
     pub mod serve;
     pub mod skel;
     pub mod slo;

@@ -61,28 +61,27 @@ pub struct VerifierStats {
     /// Size after verification (BPF instructions) and after JIT (bytes).
     pub xlated_insns: u32,
     pub jited_bytes: u32,
+    /// A handle on the program for its run counters (`selfcost`: `/metrics`).
+    #[serde(skip)]
+    pub fd: Option<crate::selfcost::ProgFd>,
 }
 
-/// The verifier statistics of every loaded program of `obj`.
+/// The verifier statistics of every loaded program of `obj`, each with a handle on it.
 pub fn verifier_stats(obj: &libbpf_rs::Object, object: &'static str) -> Vec<VerifierStats> {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsFd;
     obj.progs()
         .filter_map(|p| {
             if !p.autoload() {
                 return None; // not loaded: no fd
             }
-            let fd = p.as_fd().as_raw_fd();
-            let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
-            let mut len = std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_prog_info>() as u32;
-            // SAFETY: `info` is a bpf_prog_info of `len` bytes; the kernel fills at most that.
-            let rc =
-                unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
-            (rc == 0).then(|| VerifierStats {
+            let info = crate::selfcost::prog_info(p.as_fd())?;
+            Some(VerifierStats {
                 object,
                 program: p.name().to_string_lossy().into_owned(),
                 verified_insns: info.verified_insns,
                 xlated_insns: info.xlated_prog_len / 8,
                 jited_bytes: info.jited_prog_len,
+                fd: crate::selfcost::ProgFd::dup(p.as_fd()),
             })
         })
         .collect()

@@ -132,6 +132,11 @@ fn run(
         .load()
         .map_err(|e| crate::caps::explain_load_error("process exec/exit programs", &e))?;
     let (links, progs) = attach_all(skel.object(), "exec", |_| true)?;
+    shared
+        .verifier
+        .write()
+        .expect("verifier lock")
+        .extend(crate::loader::verifier_stats(skel.object(), "exec"));
     let lost_count: &u64 = &skel
         .maps
         .bss_data
