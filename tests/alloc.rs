@@ -5,9 +5,6 @@
 //! one assembler and store: the first pass warms them, the second is counted.
 //! No kernel needed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use llm_slo_agent::agent::Store;
 use llm_slo_agent::assemble::{Assembler, AssemblerConfig};
 use llm_slo_agent::config::Config;
@@ -21,35 +18,8 @@ use workload::{workload, Shape};
 #[path = "../benches/workload/mod.rs"]
 mod workload;
 
-thread_local!(static ALLOCS: Cell<u64> = const { Cell::new(0) });
-
-/// This thread's allocations and reallocations so far (tests run on several threads).
-fn allocs() -> u64 {
-    ALLOCS.with(|n| n.get())
-}
-
-struct Counting;
-
-// SAFETY: every method forwards to the system allocator with the caller's arguments.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
-        // SAFETY: forwarded contract.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, s: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|n| n.set(n.get() + 1));
-        // SAFETY: forwarded contract.
-        unsafe { System.realloc(p, l, s) }
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
 
 /// What the counted pass allocated.
 #[derive(Debug, Default)]
@@ -104,9 +74,9 @@ fn run(shape: Shape) -> Counts {
             EventKind::Write => is_token(ev.head) && reads.get(&ev.sock_id) > Some(&1),
             _ => false,
         };
-        let before = allocs();
+        let before = alloc_count::get();
         asm.on_event(&ev, &mut |r| done.push(r));
-        let n = allocs() - before;
+        let n = alloc_count::get() - before;
         if warm {
             c.warm_tokens += 1;
             c.warm_token_allocs += n;
@@ -115,9 +85,9 @@ fn run(shape: Shape) -> Counts {
             c.other_allocs += n;
         }
         c.requests += done.len() as u64;
-        let before = allocs();
+        let before = alloc_count::get();
         push(&mut done, &mut store);
-        c.push_allocs += allocs() - before;
+        c.push_allocs += alloc_count::get() - before;
     }
     assert_eq!(
         c.requests,
