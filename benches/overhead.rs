@@ -174,6 +174,11 @@ struct Cost {
     clean_exit: bool,
     /// Per program name: its run time and runs over the block, and its type.
     progs: BTreeMap<String, ProgRuns>,
+    /// What the agent itself reported over the block on /metrics: its process's CPU
+    /// (`process_cpu_seconds_total`) and its programs' run time
+    /// (`llmslo_agent_bpf_program_run_seconds_total`, summed), both seconds.
+    own_cpu_s: f64,
+    own_bpf_s: f64,
 }
 
 /// One program's run time and run count (deltas), and its type as bpftool names it.
@@ -387,6 +392,9 @@ impl Run {
                 - sum_prefix(&m0, "llmslo_agent_requests_unparsed_total"),
             clean_exit,
             progs,
+            own_cpu_s: d("process_cpu_seconds_total"),
+            own_bpf_s: sum_prefix(&m1, "llmslo_agent_bpf_program_run_seconds_total")
+                - sum_prefix(&m0, "llmslo_agent_bpf_program_run_seconds_total"),
         });
         Ok(b)
     }
@@ -742,15 +750,15 @@ fn report(
     let _ = writeln!(o, "#### Agent cost\n");
     let _ = writeln!(
         o,
-        "Userspace: the agent's threads' time on a CPU (schedstat, ns) over the block (load + 1.2 s drain), per request the client completed (and the same less the agent's fixed cost: its CPU a second over {IDLE:?} with no load just before the block, times the block's length) and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine.\n"
+        "Userspace: the agent's threads' time on a CPU (schedstat, ns) over the block (load + 1.2 s drain), per request the client completed (and the same less the agent's fixed cost: its CPU a second over {IDLE:?} with no load just before the block, times the block's length) and per ring-buffer event the agent read. Kernel: the BPF programs' run time (bpf_stats), which is charged to whichever task made the syscall — the server, the load generator, anything on the machine. The last two columns are the agent's own report of the same over the block, from its /metrics (`process_cpu_seconds_total`, and `llmslo_agent_bpf_program_run_seconds_total` summed over its programs).\n"
     );
     let _ = writeln!(
         o,
-        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | idle agent CPU ms / s | µs CPU / request | µs CPU / request above idle | ns CPU / event | agent wake-ups / event | BPF ns / request |"
+        "| block | requests (client ok) | agent assembled | events read | lost | unparsed | clean exit | agent CPU % of a core | idle agent CPU ms / s | µs CPU / request | µs CPU / request above idle | ns CPU / event | agent wake-ups / event | BPF ns / request | agent's own: µs CPU / request | agent's own: BPF ns / request |"
     );
     let _ = writeln!(
         o,
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut all_progs: BTreeMap<String, ProgRuns> = BTreeMap::new();
     let on_blocks: Vec<(&str, usize, &Block)> = open
@@ -762,10 +770,13 @@ fn report(
     for (kind, i, b) in &on_blocks {
         let Some(c) = &b.cost else { continue };
         let bpf_ns: u64 = c.progs.values().map(|v| v.ns).sum();
-        let bpf = if *kind == "open" || sat_bpf_stats {
-            format!("{:.0}", bpf_ns as f64 / b.ok.max(1) as f64)
+        let (bpf, own_bpf) = if *kind == "open" || sat_bpf_stats {
+            (
+                format!("{:.0}", bpf_ns as f64 / b.ok.max(1) as f64),
+                format!("{:.0}", c.own_bpf_s * 1e9 / b.ok.max(1) as f64),
+            )
         } else {
-            "— (stats off)".to_string()
+            ("— (stats off)".to_string(), "—".to_string())
         };
         if *kind == "open" {
             for (k, v) in &c.progs {
@@ -777,7 +788,7 @@ fn report(
         }
         let _ = writeln!(
             o,
-            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {bpf} |",
+            "| {kind} {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {bpf} | {:.1} | {own_bpf} |",
             i + 1,
             b.ok,
             c.assembled,
@@ -791,6 +802,7 @@ fn report(
             (c.cpu_ns as f64 - c.idle_ns_per_s * c.wall_s).max(0.0) / 1e3 / b.ok.max(1) as f64,
             c.cpu_ns as f64 / c.events.max(1.0),
             c.wakeups as f64 / c.events.max(1.0),
+            c.own_cpu_s * 1e6 / b.ok.max(1) as f64,
         );
     }
     let open_ok: usize = open.iter().map(|p| p.1.ok).sum();

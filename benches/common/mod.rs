@@ -197,7 +197,7 @@ impl Agent {
         }
         Ok(body
             .lines()
-            .filter(|l| l.starts_with("llmslo_agent_"))
+            .filter(|l| l.starts_with("llmslo_agent_") || l.starts_with("process_"))
             .filter_map(|l| {
                 let (k, v) = l.rsplit_once(' ')?;
                 Some((k.to_string(), v.parse().ok()?))
