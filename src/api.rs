@@ -366,11 +366,11 @@ fn render_health(s: &Shared, out: &mut String) {
         &rows,
     );
     crate::selfcost::render_programs(&verifier, s.bpf_stats.is_some(), out);
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_sub(s.started.elapsed());
-    crate::selfcost::render_process(&crate::selfcost::process(), start.as_secs_f64(), out);
+    crate::selfcost::render_process(
+        &crate::selfcost::process(),
+        crate::selfcost::process_start_unix(),
+        out,
+    );
     let j = &h.assembler.sidecar;
     write_counter(
         out,

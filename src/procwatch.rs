@@ -132,11 +132,6 @@ fn run(
         .load()
         .map_err(|e| crate::caps::explain_load_error("process exec/exit programs", &e))?;
     let (links, progs) = attach_all(skel.object(), "exec", |_| true)?;
-    shared
-        .verifier
-        .write()
-        .expect("verifier lock")
-        .extend(crate::loader::verifier_stats(skel.object(), "exec"));
     let lost_count: &u64 = &skel
         .maps
         .bss_data
@@ -177,6 +172,12 @@ fn run(
         Err(e) => tracing::debug!(error = %e, "no stop eventfd: polling every 100 ms"),
     }
     shared.execs.watching();
+    // Listed once the watcher runs: a start that failed leaves no entry (and no fd kept).
+    shared
+        .verifier
+        .write()
+        .expect("verifier lock")
+        .extend(crate::loader::verifier_stats(skel.object(), "exec"));
     let _ = ready.try_send(Ok(progs));
     let mut lost = 0;
     while !shared.stop.load(Ordering::Relaxed) {

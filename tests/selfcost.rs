@@ -46,12 +46,26 @@ fn proc_cpu_s(pid: u32) -> f64 {
     (f[11] + f[12]) as f64 / hz
 }
 
+/// Whether some process holds a BPF_ENABLE_STATS handle (an `anon_inode:bpf-stats` fd).
+fn accounting_held_elsewhere() -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+            fds.flatten().any(|f| {
+                std::fs::read_link(f.path())
+                    .is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-stats")
+            })
+        })
+    })
+}
+
 #[test]
 fn the_agent_reports_its_bpf_run_time_and_its_process() {
     if !kernel_tests_enabled("the_agent_reports_its_bpf_run_time_and_its_process") {
         return;
     }
-    let sysctl_was_on = llm_slo_agent::selfcost::sysctl_on();
     let sp = server_pod(
         "selfcost",
         CgroupDriver::Systemd,
@@ -128,8 +142,9 @@ fn the_agent_reports_its_bpf_run_time_and_its_process() {
     );
     let fds = metric(&m, "process_open_fds ").unwrap();
     let now_fds = common::fds(pid) as f64;
+    // Apart by the run-queue counters' schedstat files of the server's threads, kept open.
     assert!(
-        fds >= 10.0 && (fds - now_fds).abs() <= 8.0,
+        fds >= 10.0 && (fds - now_fds).abs() <= 32.0,
         "process_open_fds {fds} against {now_fds} in /proc/{pid}/fd"
     );
     assert!(metric(&m, "process_max_fds ").unwrap() >= fds);
@@ -146,8 +161,11 @@ fn the_agent_reports_its_bpf_run_time_and_its_process() {
     assert!(agent.stop(), "clean exit");
 
     // Without it (and with the sysctl off) nothing is counted: the agent's handle went with it.
-    if sysctl_was_on {
-        eprintln!("kernel.bpf_stats_enabled=1 on this machine: the accounting-off half is skipped");
+    if llm_slo_agent::selfcost::sysctl_on() || accounting_held_elsewhere() {
+        eprintln!(
+            "the kernel's BPF run-time accounting is on (sysctl, or a BPF_ENABLE_STATS handle \
+             held by another process): the accounting-off half is skipped"
+        );
         return;
     }
     let agent = Agent::start(&target);

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::event::{EventKind, Inside, NetStamps, SockEvent};
-use crate::record::{RequestRecord, TokenTimes, Ts};
+use crate::record::{RequestRecord, Ts};
 
 use super::arm::StreamArm;
 use super::body::Body;
@@ -24,8 +24,8 @@ const FIFO_MAX: usize = 64;
 /// Token timestamps kept per record (the count and the last one are kept regardless).
 const TOKENS_MAX: usize = 1 << 17;
 const PATH_MAX: usize = 256;
-/// The most packed token-time bytes reserved for a request from its connection's last
-/// response (~5,000 tokens): longer ones grow their vector past it.
+/// The most packed token-time bytes reserved for a response from its connection's last one
+/// (4,000–5,000 tokens at 3–4 bytes a token): longer ones grow their vector past it.
 const TOKEN_BYTES_KEPT: usize = 16 * 1024;
 /// Reads of a connection that predates us which may be skipped as mid-request before its
 /// traffic is declared not HTTP.
@@ -164,9 +164,9 @@ pub(crate) struct Conn {
     arm: ArmState,
     /// The packed size of the token times of the last response this slot completed (its
     /// connection's, or on a reused slot the previous connection's, likely to the same
-    /// server): a request's are reserved when it starts, so that like responses grow no
-    /// vector token by token. Capped (TOKEN_BYTES_KEPT); `finish` trims what a shorter one
-    /// leaves unused.
+    /// server): a streamed response reserves that and an eighth more when its head arrives,
+    /// so that like responses grow no vector token by token. Capped (TOKEN_BYTES_KEPT);
+    /// `finish` trims what a shorter one leaves unused.
     token_bytes: usize,
 }
 
@@ -343,7 +343,6 @@ impl Conn {
             method,
             path,
             request_bytes: st.bytes,
-            token_ns: TokenTimes::with_capacity(self.token_bytes),
             ..Default::default()
         };
         rec.timestamps.set(Ts::ReadFirst, st.read_first);

@@ -24,13 +24,10 @@ impl TokenTimes {
         TokenTimes::default()
     }
 
-    /// Room for `bytes` of packed differences (`packed_bytes` of a like request's times), so
-    /// that pushing them allocates nothing.
-    pub fn with_capacity(bytes: usize) -> TokenTimes {
-        TokenTimes {
-            deltas: Vec::with_capacity(bytes),
-            ..TokenTimes::default()
-        }
+    /// Room for `bytes` more of packed differences (`packed_bytes` of a like response's
+    /// times), so that pushing them allocates nothing.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.deltas.reserve(bytes);
     }
 
     /// Bytes the packed differences take.

@@ -74,6 +74,12 @@ impl Conn {
                     }
                     front.rec.status = Some(h.status);
                     front.rec.streaming = h.event_stream;
+                    if h.event_stream {
+                        front
+                            .rec
+                            .token_ns
+                            .reserve(self.token_bytes + self.token_bytes / 8);
+                    }
                     front.rec.timestamps.set(Ts::RespFirst, self.resp_head_ts);
                     match Body::new(h.framing(front.head_method)) {
                         None => self.complete_front(sink),
