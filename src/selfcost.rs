@@ -108,18 +108,24 @@ pub fn process() -> Process {
     p
 }
 
+/// When `pid` started, in clock ticks after boot (field 22 of /proc/<pid>/stat); None when
+/// there is no such process.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// When this process started (Unix seconds): its start in clock ticks after boot
-/// (/proc/self/stat) plus the boot time (/proc/stat `btime`), read once; a fixed value, as
+/// ([`start_ticks`]) plus the boot time (/proc/stat `btime`), read once; a fixed value, as
 /// restart alerts (`changes(process_start_time_seconds[…])`) expect. The first call's wall
 /// clock if they cannot be read.
 pub fn process_start_unix() -> f64 {
     static START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *START.get_or_init(|| {
         let from_proc = || -> Option<f64> {
-            let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-            // Fields after the command (which may hold spaces); starttime is field 22.
-            let rest = stat.get(stat.rfind(')')? + 2..)?;
-            let ticks: f64 = rest.split_ascii_whitespace().nth(19)?.parse().ok()?;
+            let ticks = start_ticks(std::process::id())? as f64;
             let btime: f64 = std::fs::read_to_string("/proc/stat")
                 .ok()?
                 .lines()

@@ -279,7 +279,6 @@ fn ifname(ifindex: i32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// Field 22 of /proc/<pid>/stat; None when there is no such process.
 /// True when `pid` is another process than this one and still the process that started at
 /// `start`: the holder of a ledger or note is alive (a reused pid is not). Our own pid in a
 /// file we did not write is a previous container's agent.
@@ -287,12 +286,7 @@ pub(super) fn another_live_agent(pid: u32, start: u64) -> bool {
     pid != std::process::id() && start_time(pid).is_some_and(|t| t == start)
 }
 
-pub(super) fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+pub(super) use crate::selfcost::start_ticks as start_time;
 
 #[cfg(test)]
 mod tests {
