@@ -439,7 +439,7 @@ fn bpf_thread(
     };
     let mut runq = runq.map(|root| crate::runq::RunQueue::new(&root, shared.forget_after));
     *shared.programs.write().expect("programs lock") = progs;
-    // The exec watcher adds its programs' too.
+    // The exec watcher adds its own programs to the list.
     shared
         .verifier
         .write()
