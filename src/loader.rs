@@ -28,6 +28,7 @@ pub const STAT_NAMES: [&str; types::llmslo_stat::LLMSLO_ST_MAX.0 as usize] = [
     "conn_map_deletes",
     "token_writes_counted",
     "token_records",
+    "stream_slots_busy",
 ];
 
 /// Indexes of the connection map's counters in [`STAT_NAMES`].
@@ -352,6 +353,11 @@ impl L7 {
             .conns
             .set_max_entries(conn_entries)
             .context("sizing the connection map")?;
+        let stream_slots = stream_slots_from_env()?;
+        open.maps
+            .streams
+            .set_max_entries(stream_slots)
+            .context("sizing the stream table")?;
         let rodata = open
             .maps
             .rodata_data
@@ -363,6 +369,7 @@ impl L7 {
             rodata.runq_on = 1;
         }
         rodata.cgroup_window = cgroup_window_from_env()?;
+        rodata.stream_slots_mask = stream_slots - 1;
         for mut prog in open.open_object_mut().progs_mut() {
             let section = prog.section().to_string_lossy().into_owned();
             if let Some(load) = hooks.loads(&section) {
@@ -418,6 +425,30 @@ pub const ENV_CGROUP_WINDOW: &str = "LLMSLO_CGROUP_WINDOW";
 
 /// `CGROUP_BITS` in l7.bpf.c: the bitmap's size in bits.
 pub const CGROUP_WINDOW_MAX: u32 = 4 * 1024 * 1024;
+
+/// The number of slots in the kernel's table of counted streams (`streams` in l7.bpf.c: a
+/// connection whose two slots are both held by others is not counted in the kernel, and
+/// `llmslo_agent_bpf_stat_total{stat="stream_slots_busy"}` says so). A power of two from 2 to
+/// 65,536; default [`STREAM_SLOTS_DEFAULT`]. For tests, which need slots held by others without
+/// opening thousands of streams.
+pub const ENV_STREAM_SLOTS: &str = "LLMSLO_STREAM_SLOTS";
+
+/// 4,096 slots of 1,128 bytes: 4.6 MB of kernel memory.
+pub const STREAM_SLOTS_DEFAULT: u32 = 4096;
+
+fn stream_slots_from_env() -> Result<u32> {
+    parse_stream_slots(std::env::var(ENV_STREAM_SLOTS).ok().as_deref())
+}
+
+fn parse_stream_slots(v: Option<&str>) -> Result<u32> {
+    match v {
+        None | Some("") => Ok(STREAM_SLOTS_DEFAULT),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (2..=65536).contains(&n) && n.is_power_of_two() => Ok(n),
+            _ => anyhow::bail!("{ENV_STREAM_SLOTS}={v}: expected a power of two from 2 to 65536"),
+        },
+    }
+}
 
 fn cgroup_window_from_env() -> Result<u32> {
     match std::env::var(ENV_CGROUP_WINDOW).ok().as_deref() {
@@ -855,6 +886,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stream_slots_are_a_power_of_two_from_2_to_65536() {
+        assert_eq!(parse_stream_slots(None).unwrap(), STREAM_SLOTS_DEFAULT);
+        assert_eq!(parse_stream_slots(Some("")).unwrap(), STREAM_SLOTS_DEFAULT);
+        assert_eq!(parse_stream_slots(Some("2")).unwrap(), 2);
+        assert_eq!(parse_stream_slots(Some("65536")).unwrap(), 65536);
+        for bad in ["0", "1", "3", "4095", "131072", "-2", "x"] {
+            let e = parse_stream_slots(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(ENV_STREAM_SLOTS), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn stat_names_match_the_c_enum() {
         use types::llmslo_stat as S;
         assert_eq!(STAT_NAMES.len(), S::LLMSLO_ST_MAX.0 as usize);
@@ -866,6 +909,10 @@ mod tests {
         assert_eq!(
             STAT_NAMES[S::LLMSLO_ST_SYSCALL_ERR.0 as usize],
             "syscall_error"
+        );
+        assert_eq!(
+            STAT_NAMES[S::LLMSLO_ST_STREAM_BUSY.0 as usize],
+            "stream_slots_busy"
         );
     }
 

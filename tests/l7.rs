@@ -829,7 +829,8 @@ fn responses_of_changing_shape_swap_arms_without_losing_a_token() {
         return;
     }
     let models = ["synth-llm", "synth-llm-lora-b", "lora-c"].map(String::from);
-    let (counted, tokens, _) = counted_token_writes_with("kswap", 2, 2, 60, 40, &models, &[]);
+    let (counted, tokens, _, _) =
+        counted_token_writes_with("kswap", 2, 2, 60, 40, &models, &[], &[]);
     assert!(
         counted >= 0.1 * tokens,
         "the kernel counted {counted} of {tokens} token writes"
@@ -847,8 +848,8 @@ fn counted_token_writes(
     requests: usize,
     max_tokens: u32,
 ) -> (f64, f64) {
-    let (counted, tokens, _) =
-        counted_token_writes_with(name, decode_ms, conns, requests, max_tokens, &[], &[]);
+    let (counted, tokens, _, _) =
+        counted_token_writes_with(name, decode_ms, conns, requests, max_tokens, &[], &[], &[]);
     (counted, tokens)
 }
 
@@ -866,8 +867,8 @@ fn token_writes_whose_varying_bytes_hold_a_quote_or_backslash_come_as_events() {
     ) {
         return;
     }
-    let (counted, tokens, server) =
-        counted_token_writes_with("kesc", 2, 2, 100, 8, &[], &["--escaped-ids"]);
+    let (counted, tokens, server, _) =
+        counted_token_writes_with("kesc", 2, 2, 100, 8, &[], &["--escaped-ids"], &[]);
     let plain: Vec<&testbed::ServerRecord> = server
         .values()
         .filter(|s| !s.completion_id.as_deref().unwrap_or("\\").contains('\\'))
@@ -890,8 +891,47 @@ fn token_writes_whose_varying_bytes_hold_a_quote_or_backslash_come_as_events() {
     );
 }
 
+/// The kernel's table of counted streams with two slots (`LLMSLO_STREAM_SLOTS=2`: every
+/// connection hashes to the same pair) and four keep-alive connections streaming at once: two
+/// hold the slots for their lives, the other two's arms find both held
+/// (`stream_slots_busy`) and their token writes come as events. Every token of every response
+/// still reaches its record at its write's time, and the kernel counts about half the writes
+/// (two connections of four; each response's last token, with the finish reason, is an event):
+/// with slots for all, it counts nearly all of them (`token_writes_counted_in_the_kernel_…`).
+#[test]
+fn connections_without_a_stream_slot_send_their_token_writes_as_events() {
+    if !kernel_tests_enabled("connections_without_a_stream_slot_send_their_token_writes_as_events")
+    {
+        return;
+    }
+    let (counted, tokens, _, m) = counted_token_writes_with(
+        "kslot",
+        2,
+        4,
+        48,
+        24,
+        &[],
+        &[],
+        &[("LLMSLO_STREAM_SLOTS", "2")],
+    );
+    let busy = common::metric(
+        &m,
+        "llmslo_agent_bpf_stat_total{stat=\"stream_slots_busy\"}",
+    );
+    assert!(
+        busy.is_some_and(|b| b >= 2.0),
+        "arms that found both slots held: {busy:?}"
+    );
+    assert!(
+        counted >= 0.2 * tokens && counted <= 0.7 * tokens,
+        "the kernel counted {counted} of {tokens} token writes with two slots for four connections"
+    );
+}
+
 /// [`counted_token_writes`], the requests taking `models` in turn (none: the default model),
-/// the server given `server_args` too; also returns the server's log by request id.
+/// the server given `server_args` too, the agent `agent_env`; also returns the server's log by
+/// request id and the agent's metrics once the load was assembled.
+#[allow(clippy::too_many_arguments)]
 fn counted_token_writes_with(
     name: &str,
     decode_ms: u32,
@@ -900,7 +940,8 @@ fn counted_token_writes_with(
     max_tokens: u32,
     models: &[String],
     server_args: &[&str],
-) -> (f64, f64, BTreeMap<String, testbed::ServerRecord>) {
+    agent_env: &[(&str, &str)],
+) -> (f64, f64, BTreeMap<String, testbed::ServerRecord>, String) {
     let decode = decode_ms.to_string();
     let sp = server_pod(
         name,
@@ -908,7 +949,10 @@ fn counted_token_writes_with(
         "llmslo-synth-server",
         &[&["--decode-ms", &decode][..], server_args].concat(),
     );
-    let agent = agent_for(&sp);
+    let agent = Agent::start_env(
+        &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
+        agent_env,
+    );
     let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
     cfg.connections = conns;
     cfg.requests = requests;
@@ -998,5 +1042,5 @@ fn counted_token_writes_with(
         ),
         Some(0.0)
     );
-    (counted, tokens, server)
+    (counted, tokens, server, m)
 }

@@ -669,31 +669,99 @@ struct {
 } stream_arms SEC(".maps");
 
 /* The connections whose token writes the kernel counts: the arm and the open batch in one
- * entry, so that a counted write asks one map (each lookup is a cache miss or two on a busy
- * node: they were 40 % of sock_send's time). Written by the kernel only, so userspace's arm
- * writes never land on a batch being counted. A plain hash: an entry is never evicted with
- * counts in it; when it is full, writes go out as events. The socket's end removes its entry
- * (close(), TCP_CLOSE, an accept at its address). 4096 entries of 1,120 bytes. */
+ * entry, so that a counted write asks one map. Written by the kernel only, so userspace's arm
+ * writes never land on a batch being counted. A direct-mapped table, two ways: a connection's
+ * entry is one of the two slots its socket's address hashes to, and the slot says whose it is
+ * (`owner`). An array's lookup is an address computed in place (the verifier inlines it), so a
+ * counted write's first memory access is its slot's first line; a hash map's was its bucket, then
+ * the element, two dependent cache misses (37 % of sock_send's time). A connection whose two slots
+ * are held by others is not counted (LLMSLO_ST_STREAM_BUSY: its writes go out as events); a slot
+ * whose owner has counted nothing for STREAM_IDLE_NS may be taken (a socket whose end was not
+ * seen does not hold it for ever; a live one is armed again by its next response). The socket's
+ * end frees its slot (close(), TCP_CLOSE, an accept at its address). 4096 slots of 1,128 bytes by
+ * default (LLMSLO_STREAM_SLOTS: loader.rs sizes the map and sets the mask). */
+struct stream_slot {
+	__u64 owner; /* the socket's address; 0: free */
+	struct llmslo_stream st;
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, struct llmslo_stream);
+	__type(key, __u32);
+	__type(value, struct stream_slot);
 } streams SEC(".maps");
 
-/* Where an entry of `streams` is put together before its insert (larger than the stack). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct llmslo_stream);
-} stream_build SEC(".maps");
+/* The table's size less one (a power of two, at least 2); set by the loader with the map's size. */
+const volatile __u32 stream_slots_mask = 4095;
 
-/* Drops the connection `key`'s arm and counting state (its batch already sent). */
+#define STREAM_IDLE_NS (10ULL * 1000000000ULL)
+
+/* The first of the socket `key`'s two slots (the second is its neighbour, `^ 1`). Socket
+ * addresses are at least 64-byte aligned: the bits above go through a multiplicative hash. */
+static __always_inline __u32 stream_slot_of(__u64 key)
+{
+	return ((key >> 6) * 0x9E3779B97F4A7C15ULL >> 32) & stream_slots_mask;
+}
+
+/* The slot of the socket `key`, if it has one. */
+static __always_inline struct stream_slot *stream_slot_find(__u64 key)
+{
+	__u32 i = stream_slot_of(key);
+	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
+	if (e && e->owner == key)
+		return e;
+	i ^= 1;
+	e = bpf_map_lookup_elem(&streams, &i);
+	if (e && e->owner == key)
+		return e;
+	return NULL;
+}
+
+/* The counting state of the socket `key`, if it has a slot. */
+static __always_inline struct llmslo_stream *stream_of(__u64 key)
+{
+	struct stream_slot *e = stream_slot_find(key);
+	return e ? &e->st : NULL;
+}
+
+/* Takes the slot `i` for the socket `key` if it is free or idle (see `streams`): its batch is
+ * then empty. */
+static __always_inline struct stream_slot *stream_claim_at(__u32 i, __u64 key, __u64 now)
+{
+	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
+	if (!e)
+		return NULL;
+	__u64 old = e->owner;
+	if (old && (e->st.acc.n || now - e->st.acc.last_exit < STREAM_IDLE_NS))
+		return NULL;
+	if (__sync_val_compare_and_swap(&e->owner, old, key) != old)
+		return NULL;
+	e->st.acc.n = 0;
+	e->st.acc.last_exit = now;
+	return e;
+}
+
+/* A socket's address as the number the maps' keys and the stream table's hash need: one the
+ * verifier knows as a pointer (accept's, close()'s) allows no arithmetic; read through a helper,
+ * it is a plain number. For the cold paths only. */
+static __always_inline __u64 sock_key(const struct sock *sk)
+{
+	__u64 p = (__u64)sk, key = 0;
+	bpf_probe_read_kernel(&key, sizeof(key), &p);
+	return key;
+}
+
+/* Drops the connection `key`'s arm and counting state (its batch already sent): its slot is
+ * freed unless another connection took it meanwhile. */
 static __always_inline void stream_drop(__u64 key)
 {
 	bpf_map_delete_elem(&stream_arms, &key);
-	bpf_map_delete_elem(&streams, &key);
+	struct stream_slot *e = stream_slot_find(key);
+	if (e) {
+		e->st.acc.n = 0;
+		__sync_val_compare_and_swap(&e->owner, key, 0);
+	}
 }
 
 /* Byte `i` of the copied payload; the mask keeps every index provably inside data[]. */
@@ -849,7 +917,7 @@ __noinline int llmslo_token_judge(struct scratch *s, struct llmslo_stream_arm *a
 static __always_inline int tokens_flush(__u64 key, const struct conn_tuple *t, struct conn_info *ci)
 {
 	ci->tokens_pending = 0;
-	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	struct llmslo_stream *st = stream_of(key);
 	if (!st)
 		return 0;
 	struct llmslo_tokens *acc = &st->acc;
@@ -922,7 +990,7 @@ __noinline int llmslo_token_append(struct scratch *s)
 	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
 	if (ret > LLMSLO_TAKE_MAX || s->hdr.head_len != ret)
 		return 0;
-	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	struct llmslo_stream *st = stream_of(key);
 	if (!st || !llmslo_token_judge(s, &st->arm, ret))
 		return 0;
 	struct llmslo_tokens *acc = &st->acc;
@@ -945,7 +1013,7 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 	__u64 key = s->hdr.sock_id, ret = s->hdr.ret, enter = s->hdr.ts_enter, now = s->hdr.ts_exit;
 	if (ret > LLMSLO_TAKE_MAX)
 		return 0;
-	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
+	struct llmslo_stream *st = stream_of(key);
 	if (!st)
 		return 0;
 	struct llmslo_tokens *acc = &st->acc;
@@ -972,26 +1040,26 @@ __noinline int llmslo_token_take(struct scratch *s, struct conn_info *ci, struct
 }
 
 /* The arm userspace wrote for the connection `key`, if there is one: moved into its `streams`
- * entry (made when it has none), whose batch is closed. */
+ * slot (taken when it has none), whose batch is closed. */
 __noinline int llmslo_stream_adopt(__u64 key)
 {
 	struct llmslo_stream_arm *arm = bpf_map_lookup_elem(&stream_arms, &key);
 	if (!arm)
 		return 0;
-	struct llmslo_stream *st = bpf_map_lookup_elem(&streams, &key);
-	if (st) {
-		bpf_probe_read_kernel(&st->arm, sizeof(st->arm), arm);
-	} else {
-		__u32 zero = 0;
-		struct llmslo_stream *b = bpf_map_lookup_elem(&stream_build, &zero);
-		if (!b)
-			return 0;
-		b->acc.n = 0;
-		bpf_probe_read_kernel(&b->arm, sizeof(b->arm), arm);
-		/* Full: the arm stays where it is, and the writes go out as events. */
-		if (bpf_map_update_elem(&streams, &key, b, BPF_NOEXIST))
-			return 0;
+	struct stream_slot *e = stream_slot_find(key);
+	if (!e) {
+		__u64 now = bpf_ktime_get_ns();
+		__u32 i = stream_slot_of(key);
+		e = stream_claim_at(i, key, now);
+		if (!e)
+			e = stream_claim_at(i ^ 1, key, now);
 	}
+	if (!e) {
+		/* Both slots held: the arm stays where it is, and the writes go out as events. */
+		bump(LLMSLO_ST_STREAM_BUSY);
+		return 0;
+	}
+	bpf_probe_read_kernel(&e->st.arm, sizeof(e->st.arm), arm);
 	bpf_map_delete_elem(&stream_arms, &key);
 	return 1;
 }
@@ -1215,7 +1283,7 @@ static __always_inline int exit_accept_common(long ret)
 	fill_hdr(&s->hdr, &a, sk, &t, bpf_ktime_get_ns(), 0);
 
 	/* Data that arrived before accept was stamped by sk_data_ready through listen_ports; keep it. */
-	__u64 key = (__u64)sk;
+	__u64 key = sock_key(sk);
 	struct conn_info fresh = { .tuple = t };
 	if (bpf_map_update_elem(&conns, &key, &fresh, BPF_NOEXIST) == 0) {
 		bump(LLMSLO_ST_CONN_INSERT); /* nothing was stamped yet */
@@ -1270,7 +1338,7 @@ static __always_inline int close_common(__u32 fd)
 	struct sock *sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
-	__u64 key = (__u64)sk;
+	__u64 key = sock_key(sk);
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &key);
 	if (!ci)
 		return 0; /* not a connection we follow */

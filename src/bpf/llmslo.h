@@ -51,7 +51,9 @@ enum llmslo_stat {
 	LLMSLO_ST_CONN_DELETE = 13,  /* connection map: entries removed at close() */
 	LLMSLO_ST_TOKEN_WRITES = 14, /* token writes counted in the kernel instead of sent as events */
 	LLMSLO_ST_TOKEN_RECORDS = 15, /* LLMSLO_EV_TOKENS records sent (each also counted in EVENTS) */
-	LLMSLO_ST_MAX = 16,
+	LLMSLO_ST_STREAM_BUSY = 16,  /* an arm not taken: both of its connection's slots in `streams` held by
+				      * others (its token writes go out as events; tried again at each) */
+	LLMSLO_ST_MAX = 17,
 };
 
 struct llmslo_event_hdr {
