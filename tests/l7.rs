@@ -928,6 +928,123 @@ fn connections_without_a_stream_slot_send_their_token_writes_as_events() {
     );
 }
 
+/// One streamed chat request of `tokens` tokens on the open connection `c`, its response read
+/// to the end of its body; the connection stays open.
+fn stream_once(c: &mut std::net::TcpStream, tokens: u32) {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({
+        "model": "synth-llm",
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": true,
+        "max_tokens": tokens,
+    })
+    .to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: pod\r\nContent-Type: application/json\r\n\
+         Accept: text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).expect("send");
+    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+    let head = loop {
+        let n = c.read(&mut chunk).expect("read");
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(h) = testbed::http::parse_head(&buf).expect("response head") {
+            break h;
+        }
+    };
+    assert_eq!(head.status().unwrap(), 200);
+    assert!(matches!(
+        head.response_framing(200).unwrap(),
+        testbed::http::BodyFraming::Chunked
+    ));
+    let mut dec = testbed::http::ChunkedDecoder::default();
+    let mut out = Vec::new();
+    let mut rest = buf[head.len..].to_vec();
+    loop {
+        dec.feed(&rest, &mut out).expect("chunked body");
+        if dec.is_done() {
+            break;
+        }
+        let n = c.read(&mut chunk).expect("read");
+        assert!(n > 0, "the server closed the connection mid-body");
+        rest = chunk[..n].to_vec();
+    }
+}
+
+/// A slot whose connection has counted nothing for 10 s may be taken (`STREAM_IDLE_NS` in
+/// l7.bpf.c): with two slots, two keep-alive connections armed and then left open and idle (as a
+/// client's pooled connections are between requests) do not keep two later connections from
+/// being counted. Without the reclaim those find both slots held and count nothing.
+#[test]
+fn idle_connections_give_up_their_stream_slots() {
+    if !kernel_tests_enabled("idle_connections_give_up_their_stream_slots") {
+        return;
+    }
+    let sp = server_pod(
+        "kidle",
+        CgroupDriver::Systemd,
+        "llmslo-synth-server",
+        &["--decode-ms", "2"],
+    );
+    let agent = Agent::start_env(
+        &["--no-auto", "--target-cgroup", sp.cg.cgroup_path()],
+        &[("LLMSLO_STREAM_SLOTS", "2")],
+    );
+    let stat = |m: &str, s: &str| {
+        common::metric(m, &format!("llmslo_agent_bpf_stat_total{{stat=\"{s}\"}}")).unwrap_or(0.0)
+    };
+    // Two connections armed and counting: a few responses each, the first arming them.
+    let mut idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let c =
+                std::net::TcpStream::connect_timeout(&sp.pod.addr(PORT), Duration::from_secs(5))
+                    .expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c
+        })
+        .collect();
+    for _ in 0..4 {
+        for c in idle.iter_mut() {
+            stream_once(c, 24);
+        }
+    }
+    let m = agent.wait_metrics(Duration::from_secs(10), |m| {
+        stat(m, "token_writes_counted") >= 40.0
+    });
+    let before = stat(&m, "token_writes_counted");
+    // Both slots now held by connections that stay open and idle past the reclaim age.
+    std::thread::sleep(Duration::from_millis(10_500));
+    let mut cfg = LoadConfig::new(sp.pod.addr(PORT));
+    cfg.connections = 2;
+    cfg.requests = 16;
+    cfg.streaming_ratio = 1.0;
+    cfg.max_tokens = Some(24);
+    cfg.deadline = Duration::from_secs(30);
+    let client = testbed::loadgen::run(&cfg).expect("load");
+    assert!(client.iter().all(|c| c.status == 200 && c.error.is_none()));
+    let m = agent.wait_metrics(Duration::from_secs(10), |m| {
+        common::metric(m, "llmslo_agent_requests_assembled_total").is_some_and(|n| n >= 24.0)
+            && stat(m, "token_writes_counted") > before
+    });
+    let later = stat(&m, "token_writes_counted") - before;
+    eprintln!(
+        "kidle: counted {before} on the first two connections, {later} of 384 on the two later ones; busy {}",
+        stat(&m, "stream_slots_busy")
+    );
+    // 16 responses of 24 tokens; each connection's first response is mostly events (until its
+    // arm arrives) and every response's last token is one.
+    assert!(
+        later >= 0.4 * 384.0,
+        "the later connections counted {later} of 384 token writes"
+    );
+    // The idle connections still work (their next response comes as events or counted again).
+    for c in idle.iter_mut() {
+        stream_once(c, 4);
+    }
+}
+
 /// [`counted_token_writes`], the requests taking `models` in turn (none: the default model),
 /// the server given `server_args` too, the agent `agent_env`; also returns the server's log by
 /// request id and the agent's metrics once the load was assembled.
