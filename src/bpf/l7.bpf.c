@@ -675,13 +675,14 @@ struct {
  * (`owner`). An array's lookup is an address computed in place (the verifier inlines it), so a
  * counted write's first memory access is its slot's first line; a hash map's was its bucket, then
  * the element, two dependent cache misses (37 % of sock_send's time). A connection whose two slots
- * are held by others is not counted (LLMSLO_ST_STREAM_BUSY: its writes go out as events); a slot
- * whose owner has counted nothing for STREAM_IDLE_NS may be taken (a socket whose end was not
- * seen does not hold it for ever; a live one is armed again by its next response). The socket's
- * end frees its slot (close(), TCP_CLOSE, an accept at its address). 4096 slots of 1,128 bytes by
+ * are held by others is not counted (LLMSLO_ST_STREAM_BUSY, at each of its writes that finds its
+ * arm waiting: they go out as events); a slot whose owner has counted nothing for STREAM_IDLE_NS
+ * and has no batch open may be taken (a connection left open and idle does not hold it for ever;
+ * a live one is armed again by its next response). The socket's end frees its slot (close(),
+ * TCP_CLOSE, an accept at its address). 4096 slots of 1,128 bytes by
  * default (LLMSLO_STREAM_SLOTS: loader.rs sizes the map and sets the mask). */
 struct stream_slot {
-	__u64 owner; /* the socket's address; 0: free */
+	__u64 owner; /* the socket's address; 0: free; address | 1: being claimed by it */
 	struct llmslo_stream st;
 };
 
@@ -725,20 +726,39 @@ static __always_inline struct llmslo_stream *stream_of(__u64 key)
 	return e ? &e->st : NULL;
 }
 
+/* Whether the slot `e`, held by another socket, may be taken at `now`: its owner has counted
+ * nothing for STREAM_IDLE_NS and has no batch open. Signed: a stamp another CPU took just after
+ * ours is recent, not centuries old. */
+static __always_inline bool stream_slot_idle(const struct stream_slot *e, __u64 now)
+{
+	return !e->st.acc.n && (__s64)(now - e->st.acc.last_exit) >= (__s64)STREAM_IDLE_NS;
+}
+
 /* Takes the slot `i` for the socket `key` if it is free or idle (see `streams`): its batch is
- * then empty. */
+ * then empty. In two steps, so that no other claimer can take a slot being set up nor the
+ * owner it replaces count into it: the owner becomes `key | 1` (addresses are aligned: no
+ * socket's; the old owner's writes no longer find it), the slot is checked again and set up,
+ * then the owner becomes `key`. A write of the old owner that found the slot just before and
+ * counts just after the check is the one race left (an owner idle for 10 s that writes in the
+ * instant it loses its slot). */
 static __always_inline struct stream_slot *stream_claim_at(__u32 i, __u64 key, __u64 now)
 {
 	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
 	if (!e)
 		return NULL;
 	__u64 old = e->owner;
-	if (old && (e->st.acc.n || now - e->st.acc.last_exit < STREAM_IDLE_NS))
+	if ((old & 1) || (old && !stream_slot_idle(e, now)))
 		return NULL;
-	if (__sync_val_compare_and_swap(&e->owner, old, key) != old)
+	if (__sync_val_compare_and_swap(&e->owner, old, key | 1) != old)
 		return NULL;
+	if (old && !stream_slot_idle(e, now)) {
+		/* Its owner counted in the meantime: it keeps the slot. */
+		__sync_val_compare_and_swap(&e->owner, key | 1, old);
+		return NULL;
+	}
 	e->st.acc.n = 0;
 	e->st.acc.last_exit = now;
+	__sync_val_compare_and_swap(&e->owner, key | 1, key);
 	return e;
 }
 
@@ -752,16 +772,21 @@ static __always_inline __u64 sock_key(const struct sock *sk)
 	return key;
 }
 
-/* Drops the connection `key`'s arm and counting state (its batch already sent): its slot is
- * freed unless another connection took it meanwhile. */
+/* Drops the connection `key`'s arm and frees its slot (its batch already sent), unless another
+ * connection took it meanwhile: the compare-and-swap frees only the slot `key` still owns, and
+ * leaves its batch to the claim that takes it next (which empties it). Both slots are looked
+ * at: two threads writing the same socket's first response may each have claimed one. */
 static __always_inline void stream_drop(__u64 key)
 {
 	bpf_map_delete_elem(&stream_arms, &key);
-	struct stream_slot *e = stream_slot_find(key);
-	if (e) {
-		e->st.acc.n = 0;
+	__u32 i = stream_slot_of(key);
+	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
+	if (e && e->owner == key)
 		__sync_val_compare_and_swap(&e->owner, key, 0);
-	}
+	i ^= 1;
+	e = bpf_map_lookup_elem(&streams, &i);
+	if (e && e->owner == key)
+		__sync_val_compare_and_swap(&e->owner, key, 0);
 }
 
 /* Byte `i` of the copied payload; the mask keeps every index provably inside data[]. */
@@ -1706,8 +1731,8 @@ int sock_closed(struct trace_event_raw_inet_sock_set_state *ctx)
 		/* The arm describes this connection's responses, not the next socket's here. */
 		stream_drop(key);
 	} else if (port_bit(ctx->sport)) {
-		/* A target's connection whose entry the LRU evicted: its counting entry (a plain
-		 * hash, never evicted) would otherwise stay until the address is accepted again. */
+		/* A target's connection whose entry the LRU evicted: its stream slot, if it holds
+		 * one, is freed now rather than when it has been idle for STREAM_IDLE_NS. */
 		stream_drop(key);
 	}
 	return 0;
