@@ -108,13 +108,33 @@ pub fn process() -> Process {
     p
 }
 
-/// When `pid` started, in clock ticks after boot (field 22 of /proc/<pid>/stat); None when
+/// The fields of /proc/<pid>/stat from field 3 (the state) on, as numbers (0 for one that is
+/// not: the state letter); `fields[n - 3]` is field `n` as proc(5) numbers them. None when
 /// there is no such process.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+pub fn stat_fields(pid: u32) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from its end.
     let rest = stat.get(stat.rfind(')')? + 2..)?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    Some(
+        rest.split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// When `pid` started, in clock ticks after boot (field 22 of /proc/<pid>/stat); None when
+/// there is no such process.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(22 - 3).copied()
+}
+
+/// The CPU time `pid` has had, user and system (fields 14 and 15 of /proc/<pid>/stat: clock
+/// ticks, rounded down by the kernel), in seconds; None when there is no such process.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((f.get(14 - 3)? + f.get(15 - 3)?) as f64 / hz)
 }
 
 /// When this process started (Unix seconds): its start in clock ticks after boot
@@ -244,6 +264,17 @@ mod tests {
             .collect();
         let after = process();
         assert!(after.cpu_s > before.cpu_s, "{before:?} {after:?}");
+        // /proc's figure is the same time in clock ticks, rounded down: at most a tick (10 ms)
+        // under getrusage's per thread, of which the test harness runs a few.
+        let proc_s = cpu_seconds(std::process::id()).unwrap();
+        let later = process();
+        assert!(
+            proc_s <= later.cpu_s + 0.01 && proc_s > after.cpu_s - 0.1,
+            "/proc/self/stat {proc_s} s, getrusage {} .. {} s",
+            after.cpu_s,
+            later.cpu_s
+        );
+        assert!(cpu_seconds(u32::MAX).is_none() && start_ticks(u32::MAX).is_none());
         assert!(after.rss_bytes > 0 && after.vsize_bytes >= after.rss_bytes, "{after:?}");
         assert!(after.open_fds >= before.open_fds + 32, "{before:?} {after:?}");
         assert!(after.max_fds >= after.open_fds, "{after:?}");

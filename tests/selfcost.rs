@@ -31,21 +31,6 @@ fn series(exposition: &str, name: &str, program: &str) -> Option<f64> {
     )
 }
 
-/// The agent's user + system CPU seconds as /proc/<pid>/stat has them (clock ticks, rounded
-/// down by the kernel).
-fn proc_cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command (which may hold spaces) start at field 3; utime is field 14.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (f[11] + f[12]) as f64 / hz
-}
-
 /// Whether some process holds a BPF_ENABLE_STATS handle (an `anon_inode:bpf-stats` fd).
 fn accounting_held_elsewhere() -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -129,7 +114,7 @@ fn the_agent_reports_its_bpf_run_time_and_its_process() {
 
     // The process series agree with the kernel's view of the agent's process.
     let cpu = metric(&m, "process_cpu_seconds_total ").unwrap();
-    let after = proc_cpu_s(pid);
+    let after = llm_slo_agent::selfcost::cpu_seconds(pid).expect("the agent's /proc stat");
     assert!(
         cpu > 0.0 && cpu <= after + 0.02,
         "process_cpu_seconds_total {cpu} against /proc/{pid}/stat {after} read after it"
