@@ -303,7 +303,9 @@ pub fn tree() -> String {
 }
 
 /// Replaces the text between the `<!-- {name}:begin -->` and `<!-- {name}:end -->` markers of
-/// docs/BENCHMARKS.md (appends the markers when missing).
+/// docs/BENCHMARKS.md (appends the markers when missing). Refuses when the text there has a
+/// section heading the report does not: a section written by hand between the markers would
+/// be lost (it belongs above them).
 pub fn write_doc(name: &str, report: &str) -> Result<PathBuf> {
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
@@ -311,7 +313,21 @@ pub fn write_doc(name: &str, report: &str) -> Result<PathBuf> {
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let block = format!("{begin}\n{report}\n{end}");
     let new = match (text.find(&begin), text.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{block}{}", &text[..a], &text[b + end.len()..]),
+        (Some(a), Some(b)) if b > a => {
+            let kept: Vec<&str> = report.lines().filter(|l| l.starts_with("### ")).collect();
+            let lost: Vec<&str> = text[a..b]
+                .lines()
+                .filter(|l| l.starts_with("### ") && !kept.contains(l))
+                .collect();
+            if !lost.is_empty() {
+                bail!(
+                    "{}: the {name} markers hold sections this report would overwrite; move \
+                     them above {begin}: {lost:?}",
+                    path.display()
+                );
+            }
+            format!("{}{block}{}", &text[..a], &text[b + end.len()..])
+        }
         _ => format!("{text}\n{block}\n"),
     };
     std::fs::write(&path, new)?;
