@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const BLOCK: Duration = Duration::from_secs(3);
 const PAIRS: usize = 4;
 
@@ -126,14 +128,12 @@ fn main() {
     );
     println!("{md}");
     if std::env::var("LLMSLO_BENCH_WRITE").as_deref() == Ok("1") {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/BENCHMARKS.md");
-        let doc = std::fs::read_to_string(path).unwrap_or_default();
-        let (b, e) = ("<!-- tc:begin -->", "<!-- tc:end -->");
-        let new = match (doc.find(b), doc.find(e)) {
-            (Some(i), Some(j)) if i < j => format!("{}{b}\n{md}{}", &doc[..i], &doc[j..]),
-            _ => format!("{doc}\n{b}\n{md}{e}\n"),
-        };
-        std::fs::write(path, new).unwrap();
-        println!("results written to {path}");
+        match common::write_doc("tc", md.trim_end()) {
+            Ok(p) => println!("results written to {}", p.display()),
+            Err(e) => {
+                eprintln!("could not write the results: {e:#}");
+                std::process::exit(1);
+            }
+        }
     }
 }
