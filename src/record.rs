@@ -321,6 +321,14 @@ impl Serialize for Stages {
 mod tokens;
 pub use tokens::TokenTimes;
 
+/// An address as the JSON record has it: `ip:port` (IPv6 in brackets), or `""`.
+fn addr_or_empty<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str(""),
+    }
+}
+
 pub fn ns_to_ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -338,9 +346,12 @@ pub struct RequestRecord {
     pub labels: std::collections::BTreeMap<String, String>,
     pub pid: u32,
     pub comm: String,
-    /// Client address (the connection's peer) and server address.
-    pub src: String,
-    pub dst: String,
+    /// Client address (the connection's peer) and server address; in JSON as `ip:port`
+    /// (`""` when unknown), formatted only when a record is serialized.
+    #[serde(serialize_with = "addr_or_empty")]
+    pub src: Option<SocketAddr>,
+    #[serde(serialize_with = "addr_or_empty")]
+    pub dst: Option<SocketAddr>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub model: Option<String>,
@@ -436,8 +447,6 @@ impl RequestRecord {
             .map(s)
             .sum::<usize>()
             + self.comm.capacity()
-            + self.src.capacity()
-            + self.dst.capacity()
             + labels
             + self
                 .gpu

@@ -711,7 +711,7 @@ fn synthetic(id: u64) -> Arc<RequestRecord> {
         streaming: true,
         output_tokens: Some(2),
         token_ns: vec![5_000_000, 6_000_000].into(),
-        dst: "10.0.0.1:8000".into(),
+        dst: "10.0.0.1:8000".parse().ok(),
         ..Default::default()
     };
     for (t, v) in [

@@ -532,8 +532,8 @@ fn emit(id: &Ident, p: Pending, aborted: bool, sink: &mut Sink<'_>) {
     rec.id = *sink.next_id;
     rec.aborted = aborted;
     rec.comm = String::from_utf8_lossy(&id.comm[..id.comm_len]).into_owned();
-    rec.src = id.remote.to_string();
-    rec.dst = id.local.to_string();
+    rec.src = Some(id.remote);
+    rec.dst = Some(id.local);
     rec.sock_id = id.sock_id;
     rec.conn_addrs = Some((id.local, id.remote));
     rec.conn_seq = p.seq;

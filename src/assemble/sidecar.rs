@@ -296,7 +296,7 @@ fn merge(front: RequestRecord, app: RequestRecord, link: &Link) -> RequestRecord
     r.sidecar = Some(SidecarInfo {
         pid: link.sidecar_tgid,
         comm: front.comm.clone(),
-        upstream: r.src.clone(),
+        upstream: r.src.map(|a| a.to_string()).unwrap_or_default(),
         outbound_first_token_ms: None,
     });
     r.src = front.src;

@@ -111,7 +111,7 @@ fn a_request_through_a_sidecar_is_one_record_with_both_sidecar_stages() {
     assert_eq!((sc.pid, sc.comm.as_str()), (NGINX, "nginx"));
     assert_eq!(sc.upstream, u.local.to_string());
     assert_eq!(r.pid, 4242, "the app's request");
-    assert_eq!(r.src, f.remote.to_string(), "the real client");
+    assert_eq!(r.src, Some(f.remote), "the real client");
     let ts = &r.timestamps;
     assert_eq!(ts.get(Ts::SidecarRead), Some(sidecar_read));
     assert_eq!(ts.get(Ts::SidecarWrite), Some(sidecar_write));
@@ -176,7 +176,7 @@ fn requests_multiplexed_over_an_upstream_pool_join_by_content_not_by_time() {
         } else {
             (&f2, &u1)
         };
-        assert_eq!(r.src, client.remote.to_string());
+        assert_eq!(r.src, Some(client.remote));
         assert_eq!(sc.upstream, up.local.to_string());
         assert_eq!(r.token_ns.len() as u32, r.output_events, "{r:?}");
     }
@@ -219,10 +219,7 @@ fn identical_requests_pair_in_the_order_the_sidecar_read_and_forwarded_them() {
     }
     assert_eq!(s.recs.len(), 3);
     for r in &s.recs {
-        let i = fronts
-            .iter()
-            .position(|f| r.src == f.remote.to_string())
-            .unwrap();
+        let i = fronts.iter().position(|f| r.src == Some(f.remote)).unwrap();
         assert_eq!(
             r.sidecar.as_ref().unwrap().upstream,
             ups[2 - i].local.to_string()

@@ -87,9 +87,19 @@ fn streaming_case(style: Style) {
         (r.pid, r.comm.as_str(), r.cgroup_id, r.sock_id),
         (4242, "vllm-server", 99, SOCK)
     );
+    // In the JSON record as `ip:port` strings; `""` where a record has none.
+    let json = serde_json::to_value(r).unwrap();
     assert_eq!(
-        (r.src.as_str(), r.dst.as_str()),
-        ("10.0.0.9:51234", "10.0.0.2:8000")
+        (&json["src"], &json["dst"]),
+        (
+            &serde_json::json!("10.0.0.9:51234"),
+            &serde_json::json!("10.0.0.2:8000")
+        )
+    );
+    let none = serde_json::to_value(crate::record::RequestRecord::default()).unwrap();
+    assert_eq!(
+        (&none["src"], &none["dst"]),
+        (&serde_json::json!(""), &serde_json::json!(""))
     );
     assert_eq!(r.origin, Some("sock_queued"));
     assert!(r.ttft_ms.is_some() && r.e2e_ms.is_some() && r.stages.get(Stage::Decode).is_some());

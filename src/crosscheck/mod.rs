@@ -205,7 +205,7 @@ impl Crosscheck {
         if own.is_empty() {
             return false;
         }
-        let Ok(client) = rec.src.parse::<std::net::SocketAddr>() else {
+        let Some(client) = rec.src else {
             return false;
         };
         let client = canonical(client);
@@ -377,8 +377,8 @@ mod tests {
 
     fn rec(src: &str, dst: &str) -> RequestRecord {
         RequestRecord {
-            src: src.into(),
-            dst: dst.into(),
+            src: src.parse().ok(),
+            dst: dst.parse().ok(),
             ..Default::default()
         }
     }

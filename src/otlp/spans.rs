@@ -126,8 +126,8 @@ fn kv(k: &'static str, v: impl Into<Value>) -> KeyValue {
     KeyValue::new(k, v)
 }
 
-fn host_port(addr: &str) -> Option<(String, i64)> {
-    let a: std::net::SocketAddr = addr.parse().ok()?;
+fn host_port(addr: Option<std::net::SocketAddr>) -> Option<(String, i64)> {
+    let a = addr?;
     Some((a.ip().to_string(), a.port() as i64))
 }
 
@@ -177,11 +177,11 @@ fn root_attributes(rec: &RequestRecord, why: KeptBecause) -> Vec<KeyValue> {
     if let Some(s) = rec.status {
         a.push(kv("http.response.status_code", s as i64));
     }
-    if let Some((h, p)) = host_port(&rec.dst) {
+    if let Some((h, p)) = host_port(rec.dst) {
         a.push(kv("server.address", h));
         a.push(kv("server.port", p));
     }
-    if let Some((h, p)) = host_port(&rec.src) {
+    if let Some((h, p)) = host_port(rec.src) {
         a.push(kv("client.address", h));
         a.push(kv("client.port", p));
     }

@@ -27,11 +27,7 @@ fn classes(r: &RequestRecord) -> [(&'static str, String); 6] {
         Some(256..=1023) => "256-1024",
         Some(_) => ">=1024",
     };
-    let client = r
-        .src
-        .rsplit_once(':')
-        .map_or(r.src.as_str(), |(ip, _)| ip)
-        .to_string();
+    let client = r.src.map(|a| a.ip().to_string()).unwrap_or_default();
     [
         ("prompt_size", prompt.to_string()),
         ("output_length", out.to_string()),
@@ -292,7 +288,7 @@ mod tests {
             streaming: true,
             model: Some("m".into()),
             path: Some("/v1/chat/completions".into()),
-            src: format!("10.0.0.{}:1000", id % 3),
+            src: Some(format!("10.0.0.{}:1000", id % 3).parse().unwrap()),
             ..Default::default()
         };
         let ms = 1_000_000;
