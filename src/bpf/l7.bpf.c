@@ -776,17 +776,19 @@ static __always_inline __u64 sock_key(const struct sock *sk)
  * connection took it meanwhile: the compare-and-swap frees only the slot `key` still owns, and
  * leaves its batch to the claim that takes it next (which empties it). Both slots are looked
  * at: two threads writing the same socket's first response may each have claimed one. */
+static __always_inline void stream_free_at(__u32 i, __u64 key)
+{
+	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
+	if (e && e->owner == key)
+		__sync_val_compare_and_swap(&e->owner, key, 0);
+}
+
 static __always_inline void stream_drop(__u64 key)
 {
 	bpf_map_delete_elem(&stream_arms, &key);
 	__u32 i = stream_slot_of(key);
-	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
-	if (e && e->owner == key)
-		__sync_val_compare_and_swap(&e->owner, key, 0);
-	i ^= 1;
-	e = bpf_map_lookup_elem(&streams, &i);
-	if (e && e->owner == key)
-		__sync_val_compare_and_swap(&e->owner, key, 0);
+	stream_free_at(i, key);
+	stream_free_at(i ^ 1, key);
 }
 
 /* Byte `i` of the copied payload; the mask keeps every index provably inside data[]. */
