@@ -772,10 +772,8 @@ static __always_inline __u64 sock_key(const struct sock *sk)
 	return key;
 }
 
-/* Drops the connection `key`'s arm and frees its slot (its batch already sent), unless another
- * connection took it meanwhile: the compare-and-swap frees only the slot `key` still owns, and
- * leaves its batch to the claim that takes it next (which empties it). Both slots are looked
- * at: two threads writing the same socket's first response may each have claimed one. */
+/* Frees the slot `i` if the socket `key` holds it: the compare-and-swap frees only a slot `key`
+ * still owns, and leaves its batch to the claim that takes it next (which empties it). */
 static __always_inline void stream_free_at(__u32 i, __u64 key)
 {
 	struct stream_slot *e = bpf_map_lookup_elem(&streams, &i);
@@ -783,6 +781,9 @@ static __always_inline void stream_free_at(__u32 i, __u64 key)
 		__sync_val_compare_and_swap(&e->owner, key, 0);
 }
 
+/* Drops the connection `key`'s arm and frees its slot (its batch already sent), unless another
+ * connection took it meanwhile. Both slots are looked at: two threads writing the same socket's
+ * first response may each have claimed one. */
 static __always_inline void stream_drop(__u64 key)
 {
 	bpf_map_delete_elem(&stream_arms, &key);
